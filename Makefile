@@ -1,0 +1,27 @@
+# Two commands do all set-up on a fresh machine (each creates/refreshes .venv first):
+#   make demo   the main job end to end on the embedded defaults
+#   make test   the test suite (fast and slow tests; `make test-fast` skips the slow ones)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast lint
+
+setup: $(VENV)/.setup-stamp
+
+$(VENV)/.setup-stamp: scripts/setup.sh pyproject.toml
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m llmrec demo
+
+# pytest exits 5 when nothing was collected: not a failure of the project.
+test: setup
+	$(PY) -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff check llmrec tests bench && $(VENV)/bin/ruff format --check llmrec tests bench
