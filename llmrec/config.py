@@ -45,7 +45,7 @@ class ModelConfig(BaseModel):
     name_or_path: str = "smollm2-135m-instruct"
     """Base LLM: the packaged SmolLM2-135M-Instruct alias, a local HF folder, or a hub id."""
     quantization: Literal["none", "nf4", "int8"] = "none"
-    """Load the frozen base through bitsandbytes: nf4 (QLoRA) or int8 saves memory, costs speed on CPU."""
+    """Frozen base through bitsandbytes: nf4 (QLoRA) or int8 save memory, cost speed on CPU."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the base weights."""
     cache_dir: Path | None = None
@@ -81,7 +81,15 @@ class LoraConfig(BaseModel):
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     """Dropout on the LoRA input during training."""
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    target_modules: list[str] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
     """Linear layers that get a LoRA update."""
 
 
@@ -128,7 +136,10 @@ class AppConfig(BaseSettings):
     """Everything `llmrec` needs; one section per concern."""
 
     model_config = SettingsConfigDict(
-        env_prefix="LLMREC_", env_nested_delimiter="__", extra="forbid", use_attribute_docstrings=True
+        env_prefix="LLMREC_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        use_attribute_docstrings=True,
     )
 
     data: DataConfig = DataConfig()

@@ -25,9 +25,7 @@ def ndcg_at_k(ranked: Sequence[str], target: str, k: int) -> float:
     return 1.0 / math.log2(top.index(target) + 2)
 
 
-def mean_metrics(
-    rankings: Iterable[tuple[Sequence[str], str]], k: int = 10
-) -> dict[str, float]:
+def mean_metrics(rankings: Iterable[tuple[Sequence[str], str]], k: int = 10) -> dict[str, float]:
     """Mean HR@k and NDCG@k over (ranked item ids, target item id) pairs."""
     hr, ndcg = [], []
     for ranked, target in rankings:

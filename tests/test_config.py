@@ -22,7 +22,11 @@ def test_layers_in_order(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("override", "field"),
-    [("eval.bogus=1", "eval.bogus"), ("lora.r=0", "lora.r"), ("model.quantization=fp4", "model.quantization")],
+    [
+        ("eval.bogus=1", "eval.bogus"),
+        ("lora.r=0", "lora.r"),
+        ("model.quantization=fp4", "model.quantization"),
+    ],
 )
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

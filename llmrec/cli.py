@@ -1,0 +1,222 @@
+"""The `llmrec` command: one entry point for data, model, training, evaluation and demo.
+
+Every subcommand takes ``--config FILE.yaml`` and trailing ``section.field=value``
+overrides (``llmrec evaluate eval.n_users=50 lora.r=4``); ``llmrec config show``
+prints the merged result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from llmrec.config import AppConfig, ConfigError, load_config
+
+app = typer.Typer(
+    help="llmrec: a personal, federated, generative recommender (one LLM, one LoRA per user).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Inspect the interaction data and its split.", no_args_is_help=True)
+model_app = typer.Typer(help="Prepare and inspect base models.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the merged configuration.", no_args_is_help=True)
+dev_app = typer.Typer(help="Developer tools (tiny test models).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
+app.add_typer(config_app, name="config")
+app.add_typer(dev_app, name="dev")
+
+console = Console()
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (sections as in `config show`)."),
+]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Overrides like eval.n_users=50 (applied last).")
+]
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False):
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config(path: Path | None, overrides: list[str] | None) -> AppConfig:
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="config") from err
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+    """Print the configuration after defaults, YAML, environment and overrides."""
+    cfg = _config(config, overrides)
+    console.print(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+
+
+@data_app.command("stats")
+def data_stats(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+    """Load the data set, validate it, and print its size and split."""
+    from llmrec.data import DataError, dataset_stats, leave_last_out
+    from llmrec.runtime import dataset_from_config
+
+    cfg = _config(config, overrides)
+    try:
+        ds = dataset_from_config(cfg)
+    except DataError as err:
+        raise typer.BadParameter(str(err), param_hint="data") from err
+    split = leave_last_out(ds.histories)
+    stats = dataset_stats(ds) | {
+        "train interactions": sum(map(len, split.train.values())),
+        "users with a test item": len(split.test),
+    }
+    table = Table(title=f"data set {ds.name}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in stats.items():
+        table.add_row(str(key), f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@model_app.command("prepare")
+def model_prepare(
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a valid cache exists.")] = False,
+) -> None:
+    """Turn the packaged SmolLM2 GGUF into a cached HF folder once (reused after)."""
+    from llmrec.model import BASE_MODEL_ALIAS, prepare_base_model, resolve_model_path
+
+    cfg = _config(config, overrides)
+    if cfg.model.name_or_path == BASE_MODEL_ALIAS:
+        path = prepare_base_model(cfg.model.cache_dir, force=force)
+    else:
+        path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+    console.print(f"base model ready: [bold]{path}[/bold]")
+
+
+@app.command()
+def finetune(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+    """Train the centralized LoRA on the training split (upper bound without privacy)."""
+    from llmrec.data import leave_last_out
+    from llmrec.evaluate import train_centralized
+    from llmrec.runtime import dataset_from_config, load_base
+
+    cfg = _config(config, overrides)
+    ds = dataset_from_config(cfg)
+    model, tokenizer = load_base(cfg)
+    adapter = train_centralized(cfg, ds, leave_last_out(ds.histories), model, tokenizer)
+    console.print(f"adapter written to [bold]{adapter}[/bold]")
+
+
+@app.command()
+def recommend(
+    user: Annotated[str, typer.Option("--user", "-u", help="User id in the data set.")],
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+    adapter: Annotated[Path | None, typer.Option(help="PEFT LoRA adapter folder.")] = None,
+    context: Annotated[
+        str | None, typer.Option(help='Free-text request, e.g. "something light".')
+    ] = None,
+) -> None:
+    """Recommend the top-k unseen catalog items for one user's full history."""
+    from llmrec.runtime import attach_adapter, build_recommender, dataset_from_config, load_base
+
+    cfg = _config(config, overrides)
+    ds = dataset_from_config(cfg)
+    if user not in ds.histories:
+        raise typer.BadParameter(
+            f"unknown user {user!r} in data set {ds.name}", param_hint="--user"
+        )
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise typer.BadParameter(f"{adapter} is not a PEFT adapter folder", param_hint="--adapter")
+    model, tokenizer = load_base(cfg)
+    if adapter is not None:
+        model = attach_adapter(model, adapter)
+    rec = build_recommender(cfg, ds, model, tokenizer)
+    history = ds.histories[user]
+    table = Table(
+        title=f"user {user}: {len(history)} items seen, last: {ds.catalog.display(history[-1])}"
+    )
+    for col in ("#", "item_id", "title", "log-prob"):
+        table.add_column(col)
+    for rank, r in enumerate(rec.recommend(history, k=cfg.recommend.k, context=context), 1):
+        table.add_row(str(rank), r.item_id, r.title, f"{r.score:.2f}")
+    console.print(table)
+
+
+@app.command()
+def evaluate(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+    """HR@k / NDCG@k of every method on one seeded user sample; writes JSON and a PNG chart."""
+    from llmrec.evaluate import REPORT_JSON, REPORT_PNG
+    from llmrec.evaluate import evaluate as run_eval
+
+    cfg = _config(config, overrides)
+    report = run_eval(cfg)
+    print_report(report)
+    console.print(
+        f"written: {cfg.eval.results_dir / REPORT_JSON}, {cfg.eval.results_dir / REPORT_PNG}"
+    )
+
+
+def print_report(report) -> None:
+    """The metric table as a rich table."""
+    k = report.k
+    table = Table(
+        title=f"{report.dataset}: {report.users} users (seed {report.seed}), "
+        "leave-last-out, full ranking"
+    )
+    for col in ("method", f"HR@{k}", f"NDCG@{k}", "seconds"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    for name, row in report.results.items():
+        table.add_row(
+            name,
+            f"{row[f'HR@{k}']:.4f}",
+            f"{row[f'NDCG@{k}']:.4f}",
+            str(report.seconds.get(name, "")),
+        )
+    console.print(table)
+
+
+@app.command()
+def demo(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+    """The main job end to end on the embedded defaults: data, base model, LoRA, evaluation."""
+    cfg = _config(config, overrides)
+    console.rule("1/3 data")
+    data_stats(config, overrides)
+    console.rule("2/3 base model")
+    model_prepare(config, overrides, force=False)
+    console.rule("3/3 centralized LoRA + evaluation against the baselines")
+    evaluate(config, overrides)
+    console.print(f"[green]demo done[/green]: see {cfg.eval.results_dir}")
+
+
+@dev_app.command("make-tiny-model")
+def make_tiny_model(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the tiny model into.")],
+    seed: Annotated[int, typer.Option(help="Initialization seed.")] = 0,
+) -> None:
+    """Build a 2-layer Llama with the real SmolLM2 tokenizer, for fast tests and servers."""
+    from llmrec.model import build_tiny_model
+
+    console.print(f"tiny model: {build_tiny_model(out_dir, seed=seed)}")
+
+
+if __name__ == "__main__":
+    app()
