@@ -13,7 +13,7 @@ import numpy as np
 from llmrec.data import Catalog
 
 
-def _top_k(scores: np.ndarray, catalog: Catalog, seen: Sequence[str], k: int) -> list[str]:
+def top_k(scores: np.ndarray, catalog: Catalog, seen: Sequence[str], k: int) -> list[str]:
     """Top-k catalog ids by score with the seen items masked out (ties broken by id order)."""
     scores = scores.astype(np.float64, copy=True)
     for item_id in seen:
@@ -35,7 +35,7 @@ class Popularity:
 
     def recommend(self, history: Sequence[str], k: int = 10) -> list[str]:
         """The k most popular items the user has not seen."""
-        return _top_k(self.counts, self.catalog, history, k)
+        return top_k(self.counts, self.catalog, history, k)
 
 
 class ItemKNN:
@@ -72,4 +72,4 @@ class ItemKNN:
         """Items most similar to the user's history, unseen ones only."""
         idx = [self.catalog.index(i) for i in history]
         scores = self.sim[idx].sum(axis=0) if idx else np.zeros(len(self.catalog))
-        return _top_k(scores, self.catalog, history, k)
+        return top_k(scores, self.catalog, history, k)

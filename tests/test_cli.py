@@ -1,0 +1,86 @@
+"""The `llmrec` command: help, clear errors naming the bad field, and the main job on the real
+135M model (slow)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmrec.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_subcommand():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("data", "model", "finetune", "recommend", "evaluate", "demo", "config"):
+        assert name in result.output
+
+
+def test_bad_override_names_the_field():
+    result = runner.invoke(app, ["config", "show", "lora.r=0"])
+    assert result.exit_code == 2
+    assert "lora.r" in result.output
+
+
+def test_config_show_reflects_overrides():
+    result = runner.invoke(app, ["config", "show", "eval.n_users=7"])
+    assert result.exit_code == 0
+    assert "n_users: 7" in result.output
+
+
+def test_data_stats_on_own_files(tmp_path):
+    tiny = Path(__file__).parent / "fixtures" / "tiny"
+    args = ["data", "stats", "data.name=generic"]
+    ok = runner.invoke(
+        app,
+        [
+            *args,
+            f"data.interactions={tiny / 'interactions.csv'}",
+            f"data.catalog={tiny / 'catalog.csv'}",
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "users" in ok.output
+    bad = tmp_path / "interactions.csv"
+    bad.write_text("user_id,item_id,timestamp\n1,m1,yesterday\n")
+    err = runner.invoke(
+        app, [*args, f"data.interactions={bad}", f"data.catalog={tiny / 'catalog.csv'}"]
+    )
+    assert err.exit_code == 2
+    assert "timestamp" in err.output and "line 2" in err.output
+
+
+def test_unknown_user_is_a_clear_error():
+    result = runner.invoke(app, ["recommend", "--user", "no-such-user"])
+    assert result.exit_code == 2
+    assert "no-such-user" in result.output
+
+
+@pytest.mark.slow
+def test_main_job_on_the_real_model(tmp_path):
+    """data -> model -> centralized LoRA -> evaluation table, on a few users (minutes on CPU)."""
+    cmd = [
+        sys.executable, "-m", "llmrec", "evaluate",
+        "model.dtype=bfloat16",
+        "eval.n_users=4",
+        "finetune.n_users=8",
+        "finetune.examples_per_user=1",
+        "finetune.batch_size=4",
+        f"eval.results_dir={tmp_path / 'results'}",
+        f"finetune.output_dir={tmp_path / 'centralized'}",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "results" / "eval.json").read_text())
+    assert set(report["results"]) == {"popularity", "itemknn", "zero-shot", "centralized"}
+    assert report["users"] == 4
+    for row in report["results"].values():
+        assert 0.0 <= row["NDCG@10"] <= row["HR@10"] <= 1.0
+    assert (tmp_path / "results" / "eval.png").stat().st_size > 0
+    assert (tmp_path / "centralized" / "adapter" / "adapter_model.safetensors").exists()
+    assert "NDCG@10" in done.stdout
