@@ -88,7 +88,7 @@ def main() -> None:
     for dtype in args.dtypes:
         pts = [r for r in rows if r["dtype"] == dtype]
         ax.plot([r["beam_width"] for r in pts], [r["median_s"] for r in pts], "o-", label=dtype)
-    ax.set(xlabel="beam width", ylabel="median seconds / request", title="Trie-constrained decoding")
+    ax.set(xlabel="beam width", ylabel="median s / request", title="Trie-constrained decoding")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
