@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -123,6 +126,69 @@ def finetune(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     model, tokenizer = load_base(cfg)
     adapter = train_centralized(cfg, ds, leave_last_out(ds.histories), model, tokenizer)
     console.print(f"adapter written to [bold]{adapter}[/bold]")
+
+
+TRAINING_SCRIPT = Path(__file__).resolve().parent.parent / "training" / "federated.py"
+"""The federated training entry; found in the repository (llmrec is installed editable)."""
+
+
+def train_command(
+    config: Path | None,
+    overrides: list[str],
+    num_processes: int = 1,
+    resume: bool = False,
+    accelerate_config: Path | None = None,
+    cuda: bool = False,
+) -> list[str]:
+    """The ``accelerate launch`` command line that ``llmrec train`` runs.
+
+    An accelerate config file, when given, decides the launcher. Otherwise N > 1 processes
+    use ``--multi_gpu`` (torchrun; on a host without CUDA the script falls back to CPU
+    processes over gloo, whereas accelerate's ``--cpu`` would start a single process).
+    """
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config is not None:
+        cmd += ["--config_file", str(accelerate_config)]
+    else:
+        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if num_processes > 1:
+            cmd += ["--multi_gpu", "--num_processes", str(num_processes)]
+        else:
+            cmd += ["--num_processes", "1"] + ([] if cuda else ["--cpu"])
+    cmd.append(str(TRAINING_SCRIPT))
+    if config is not None:
+        cmd += ["--config", str(config)]
+    if resume:
+        cmd.append("--resume")
+    return cmd + list(overrides)
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+    num_processes: Annotated[
+        int, typer.Option("--num-processes", "-n", min=1, help="Processes to spread clients over.")
+    ] = 1,
+    resume: Annotated[bool, typer.Option(help="Continue after the last complete round.")] = False,
+    accelerate_config: Annotated[
+        Path | None, typer.Option(help="An accelerate config YAML (e.g. training/accelerate/).")
+    ] = None,
+) -> None:
+    """Federated shared + personal LoRA training: runs `accelerate launch training/federated.py`."""
+    import torch
+
+    _config(config, overrides)  # a bad config fails here, before any process starts
+    if not TRAINING_SCRIPT.is_file():
+        raise typer.BadParameter(
+            f"{TRAINING_SCRIPT} not found: install the repository editable (pip install -e .)",
+            param_hint="train",
+        )
+    cmd = train_command(
+        config, overrides or [], num_processes, resume, accelerate_config, torch.cuda.is_available()
+    )
+    console.print(f"[dim]$ {shlex.join(cmd)}[/dim]")
+    raise typer.Exit(subprocess.call(cmd))
 
 
 @app.command()

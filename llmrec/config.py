@@ -46,8 +46,8 @@ class ModelConfig(BaseModel):
     """Base LLM: the packaged SmolLM2-135M-Instruct alias, a local HF folder, or a hub id."""
     quantization: Literal["none", "nf4", "int8"] = "none"
     """Frozen base through bitsandbytes: nf4 (QLoRA) or int8 save memory, cost speed on CPU."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute dtype of the base weights."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Base weight dtype; auto = bfloat16 where the CPU/GPU computes it natively, else float32."""
     cache_dir: Path | None = None
     """Where prepared base models live (default: $LLMREC_CACHE or ~/.cache/llmrec)."""
 
@@ -112,6 +112,105 @@ class FinetuneConfig(BaseModel):
     """Where the adapter, loss log and loss curve are written."""
 
 
+class DPConfig(BaseModel):
+    model_config = _DOCS
+
+    enabled: bool = False
+    """Client-level DP-FedAvg on the shared adapter (clip, uniform mean, Gaussian noise)."""
+    clip_norm: float = Field(1.0, gt=0)
+    """L2 bound C on each client's shared delta: lower bounds influence, biases large updates."""
+    noise_multiplier: float = Field(1.0, ge=0)
+    """Noise std in units of C / clients: higher spends less epsilon per round, trains slower."""
+    delta: float = Field(1e-5, gt=0, lt=1)
+    """The delta of (epsilon, delta); keep it below 1 / number of users."""
+    seed: int | None = None
+    """Noise seed, for tests ONLY (whoever knows it can remove the noise); None = OS entropy."""
+
+
+class DecouplingConfig(BaseModel):
+    model_config = _DOCS
+
+    gate: Literal["none", "adapter", "module"] = "module"
+    """Per-user learned balance g in (0, 2): update = (2-g)*shared + g*personal; one g per
+    user ("adapter") or per user and adapted module ("module"); folded into B at export."""
+    gate_learning_rate: float = Field(0.05, gt=0)
+    """AdamW learning rate of the gate logits: a few local steps must be able to move them."""
+    prox_mu: float = Field(0.0, ge=0)
+    """FedProx weight on ||shared - downloaded shared||^2: keeps clients' shared drift small, so
+    what is peculiar to a user has to go into the personal adapter."""
+    personal_l2: float = Field(0.0, ge=0)
+    """L2 weight on the personal adapter: pushes what users have in common into the shared one."""
+
+
+class FedConfig(BaseModel):
+    model_config = _DOCS
+
+    n_users: int = Field(32, ge=0)
+    """Cohort: a seeded sample of users with a validation item (0 = all such users)."""
+    rounds: int = Field(5, ge=1)
+    """Federated rounds (one aggregation of the shared adapter each)."""
+    clients_per_round: int = Field(8, ge=1)
+    """Clients sampled per round: more averages more evenly, costs linearly more compute."""
+    local_steps: int = Field(4, ge=1)
+    """Optimizer steps each client takes per round; more steps drift further from the others."""
+    local_batch_size: int = Field(4, ge=1)
+    """Examples per local optimizer step."""
+    examples_per_user: int = Field(8, ge=1)
+    """Next-item examples per client, from the end of its training history."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """AdamW learning rate of both LoRA adapters on the client."""
+    shared_rank: int = Field(8, ge=0, le=256)
+    """Rank of the shared adapter (0 = personal-only ablation: local training, no federation)."""
+    personal_rank: int = Field(4, ge=0, le=256)
+    """Rank of the personal adapter (0 = shared-only ablation: plain FedAvg)."""
+    shared_alpha: float = Field(16.0, gt=0)
+    """lora_alpha of the shared adapter (scale = alpha / rank)."""
+    personal_alpha: float = Field(8.0, gt=0)
+    """lora_alpha of the personal adapter (scale = alpha / rank)."""
+    target_modules: list[str] | None = None
+    """Linear layers both adapters adapt; None = the lora section's target_modules."""
+    aggregation: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    """Rule for the shared deltas: fedavg weights by example count; the robust rules do not."""
+    trim_ratio: float = Field(0.1, ge=0.0, lt=0.5)
+    """Fraction cut from each end per coordinate by trimmed_mean."""
+    max_update_norm: float | None = Field(10.0, gt=0)
+    """Reject (never average) a shared delta whose L2 norm exceeds this; None = no bound.
+    Ignored with DP on, where clipping bounds every client instead."""
+    dp: DPConfig = DPConfig()
+    """Differential privacy of the shared adapter."""
+    decoupling: DecouplingConfig = DecouplingConfig()
+    """How shared and personal knowledge are kept apart."""
+    client_timeout_s: float = Field(600.0, gt=0)
+    """Straggler budget: a client still training after this many seconds is dropped."""
+    val_users: int = Field(16, ge=0)
+    """Fixed seeded sample of cohort users whose validation HR@10 is measured (0 = none)."""
+    val_every: int = Field(1, ge=1)
+    """Rounds between validations (the last round is always validated): beam search is slow."""
+    seed: int = 0
+    """Seed of the cohort, client selection, initialization and local training."""
+    output_dir: Path = Path("outputs/federated")
+    """Round checkpoints, client-side personal states, metrics and curves."""
+    store_dir: Path = Path("adapters")
+    """Adapter store the final shared and per-user adapters are published to."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FedConfig:
+        if self.shared_rank + self.personal_rank == 0:
+            raise ValueError("shared_rank and personal_rank cannot both be 0")
+        if self.n_users and self.clients_per_round > self.n_users:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) exceeds n_users ({self.n_users})"
+            )
+        if self.n_users and self.val_users > self.n_users:
+            raise ValueError(f"val_users ({self.val_users}) exceeds n_users ({self.n_users})")
+        if self.dp.enabled and self.shared_rank == 0:
+            raise ValueError("dp.enabled needs a shared adapter (shared_rank > 0)")
+        if self.dp.enabled and self.aggregation != "fedavg":
+            # private_mean is a uniform mean; a median/trimmed mean has another sensitivity.
+            raise ValueError("dp.enabled replaces the aggregation rule: set aggregation=fedavg")
+        return self
+
+
 class EvalConfig(BaseModel):
     model_config = _DOCS
 
@@ -156,6 +255,15 @@ class AppConfig(BaseSettings):
     """Centralized LoRA training."""
     eval: EvalConfig = EvalConfig()
     """Evaluation protocol."""
+    fed: FedConfig = FedConfig()
+    """Federated shared + personal LoRA training."""
+
+    @model_validator(mode="after")
+    def _fed_targets_default_to_lora(self) -> AppConfig:
+        # One place decides the federated adapters' modules: an explicit fed list, else lora's.
+        if self.fed.target_modules is None:
+            self.fed.target_modules = list(self.lora.target_modules)
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -135,7 +135,8 @@ def train_centralized(cfg: AppConfig, dataset: Dataset, split: Split, model, tok
         {u: split.train[u] for u in users}, dataset.catalog, prompts, cfg.finetune.examples_per_user
     )
     log.info("centralized LoRA: %d examples from %d users", len(examples), len(users))
-    mixed = "bf16" if cfg.model.dtype == "bfloat16" else "no"
+    # Autocast to the base's dtype so the fp32 LoRA matmuls run at bf16 speed too.
+    mixed = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "no"
     return train_lora(model, tokenizer, examples, cfg.lora, cfg.finetune, mixed_precision=mixed)
 
 

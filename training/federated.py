@@ -1,0 +1,554 @@
+"""Federated training of shared + personal LoRA adapters: the ``accelerate launch`` entry.
+
+Run from the repository root (CPU, one process; ``--resume`` continues an interrupted run,
+``a.b=c`` overrides any config field)::
+
+    accelerate launch --config_file training/accelerate/cpu.yaml training/federated.py \
+        --config training/configs/ml100k.yaml [--resume] [fed.rounds=3 ...]
+
+Several processes (clients are spread over them; results do not depend on how many)::
+
+    accelerate launch --multi_gpu --num_processes 2 training/federated.py --config ...
+
+On a host without CUDA that starts two CPU processes talking over gloo: accelerate's
+``--cpu --num_processes 2`` starts only ONE process (its multi-CPU launcher needs mpirun).
+``llmrec train --config ... [--num-processes N] [--resume]`` builds these commands for you.
+
+One round r (DESIGN.md, "Flow of data")::
+
+    select clients (seeded by r) -> client i runs on process i % world
+      -> client_update: shared (downloaded) + its own personal adapter, trained on its own
+         history; the new personal state stays in output_dir/clients/<user>/
+      -> gather the uploads (shared delta + example count) on every process
+      -> main: server_update (reject malformed/oversized, aggregate or DP) -> broadcast
+      -> validation HR@10 on a fixed user sample (sharded) -> main writes round-XXXX/
+
+Files under ``fed.output_dir``: ``round-XXXX/`` (the shared adapter after round XXXX as a
+PEFT folder + ``round.json``; written to a temp folder, fsynced, renamed), ``clients/<user>/
+personal-rXXXX.safetensors`` (client side, versioned by round, so a round redone on resume
+reads exactly what the uninterrupted run read), ``metrics.json``, ``*.png`` curves,
+``export.json``. After the last round the shared adapter and every trained user's stacked
+adapter are published to the adapter store ``fed.store_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list, gather_object
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from llmrec.config import AppConfig, ConfigError, load_config
+from llmrec.data import Split, leave_last_out, user_sort_key
+from llmrec.federated import (
+    ClientResult,
+    Slots,
+    State,
+    build_slots,
+    client_update,
+    derive_seed,
+    init_personal_state,
+    init_shared_state,
+    personal_weight_mean,
+    select_clients,
+    server_update,
+    shard,
+    shared_weights,
+    state_bytes,
+    user_weights,
+)
+from llmrec.finetune import Example, next_item_examples, sample_users
+from llmrec.lora import read_adapter, write_adapter
+from llmrec.metrics import mean_metrics
+from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
+from llmrec.plots import plot_curve
+from llmrec.privacy import PrivacyAccountant, secure_generator
+from llmrec.prompts import PromptBuilder
+from llmrec.recommender import Recommender
+from llmrec.runtime import dataset_from_config
+from llmrec.store import DEFAULT_MAX_RANK, AdapterStore, module_shapes_for
+
+logger = get_logger(__name__)
+
+RUN_JSON = "run.json"
+ROUND_JSON = "round.json"
+SHARED_DIR = "shared"
+CLIENTS_DIR = "clients"
+METRICS_JSON = "metrics.json"
+EXPORT_JSON = "export.json"
+LOSS_PNG = "loss.png"
+VAL_PNG = "val_hr.png"
+VAL_K = 10
+_ROUND_RE = re.compile(r"^round-(\d{4,})$")
+_PERSONAL_RE = re.compile(r"^personal-r(\d{4,})\.safetensors$")
+
+ClientFn = Callable[[Slots, str, list[Example], State, State, int], ClientResult]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def round_dir(output_dir: Path, round: int) -> Path:
+    return output_dir / f"round-{round:04d}"
+
+
+def personal_path(output_dir: Path, user_id: str, round: int) -> Path:
+    return output_dir / CLIENTS_DIR / user_id / f"personal-r{round:04d}.safetensors"
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or directory (a directory: so the renames inside it are durable)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_file_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Create ``path`` through a temp file beside it + fsync + ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync(path.parent)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    _write_file_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _write_dir_atomic(final: Path, fill: Callable[[Path], None]) -> None:
+    """Build a folder in a hidden temp folder, fsync it, rename it to ``final``.
+
+    A reader (or ``--resume``) therefore sees a round folder whole or not at all.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        fill(tmp)
+        for dirpath, _dirs, files in os.walk(tmp):
+            for name in files:
+                _fsync(Path(dirpath) / name)
+            _fsync(Path(dirpath))
+        if final.exists():  # a leftover of an aborted run we are replacing: same content
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def completed_rounds(output_dir: Path) -> list[int]:
+    """Rounds whose folder is complete (temp folders of a crashed write are hidden)."""
+    if not output_dir.is_dir():
+        return []
+    rounds = []
+    for entry in output_dir.iterdir():
+        m = _ROUND_RE.fullmatch(entry.name)
+        if m and (entry / ROUND_JSON).is_file():
+            rounds.append(int(m[1]))
+    return sorted(rounds)
+
+
+def personal_versions(output_dir: Path, user_id: str) -> list[int]:
+    """Rounds for which ``user_id`` holds a personal state, ascending."""
+    folder = output_dir / CLIENTS_DIR / user_id
+    if not folder.is_dir():
+        return []
+    return sorted(int(m[1]) for p in folder.iterdir() if (m := _PERSONAL_RE.fullmatch(p.name)))
+
+
+def load_personal(output_dir: Path, user_id: str, before: int) -> State | None:
+    """The user's latest personal state from a round < ``before`` (None: never trained).
+
+    Versions >= ``before`` belong to a round being (re)done and are ignored, which is what
+    makes a resumed round read the same state the uninterrupted run read.
+    """
+    older = [v for v in personal_versions(output_dir, user_id) if v < before]
+    return load_file(personal_path(output_dir, user_id, older[-1])) if older else None
+
+
+def save_personal(output_dir: Path, user_id: str, round: int, state: State) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    _write_file_atomic(personal_path(output_dir, user_id, round), lambda t: save_file(tensors, t))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def eligible_users(split: Split) -> list[str]:
+    """Users who can be clients: a validation item and at least two training items."""
+    users = [u for u in split.valid if len(split.train[u]) >= 2]
+    return sorted(users, key=user_sort_key)
+
+
+def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite float entries of a metrics record (for manifests, which refuse NaN)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if math.isfinite(float(value)):
+                out[key] = float(value)
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_update) -> dict:
+    """Federated rounds from round 1 (or after the last complete one) to ``fed.rounds``.
+
+    ``client_fn`` is the client update (a test can wrap it to inject failures). Returns the
+    metrics written to ``metrics.json``.
+    """
+    fed = cfg.fed
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main, world, rank = (
+        accelerator.is_main_process,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    out = Path(fed.output_dir)
+
+    dataset = dataset_from_config(cfg)
+    split = leave_last_out(dataset.histories)
+    cohort = sample_users(eligible_users(split), fed.n_users, fed.seed)
+    if len(cohort) < fed.clients_per_round:
+        raise ValueError(f"{len(cohort)} eligible users, fewer than clients_per_round")
+    val_users = sample_users(cohort, fed.val_users, derive_seed(fed.seed, "val"))
+
+    done = completed_rounds(out)
+    if done and not resume:
+        raise FileExistsError(
+            f"{out} holds rounds {done[0]}..{done[-1]}: pass --resume or use a new fed.output_dir"
+        )
+    start = (done[-1] + 1) if (resume and done) else 1
+    run_record = {
+        "config": json.loads(cfg.model_dump_json()),
+        "cohort": cohort,
+        "val_users": val_users,
+        "world_size": world,
+    }
+    if resume and (out / RUN_JSON).is_file():
+        before = json.loads((out / RUN_JSON).read_text())
+        if before.get("cohort") != cohort:
+            raise ValueError(
+                "--resume with another cohort: fed.n_users, fed.seed or the data changed"
+            )
+    if main and not (resume and (out / RUN_JSON).is_file()):
+        _write_json(out / RUN_JSON, run_record)
+
+    base_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+    model, tokenizer = load_model(
+        base_path,
+        quantization=cfg.model.quantization,
+        dtype=cfg.model.dtype,
+        device=str(accelerator.device),
+    )
+    full_model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    slots = build_slots(model, fed, tokenizer.pad_token_id)
+    prompts = PromptBuilder(
+        tokenizer,
+        max_history_items=cfg.prompts.max_history_items,
+        max_prompt_tokens=cfg.prompts.max_prompt_tokens,
+    )
+    examples: dict[str, list[Example]] = {}
+
+    def examples_of(user_id: str) -> list[Example]:
+        if user_id not in examples:  # tokenized once per process
+            examples[user_id] = next_item_examples(
+                {user_id: split.train[user_id]}, dataset.catalog, prompts, fed.examples_per_user
+            )
+        return examples[user_id]
+
+    if start == 1:
+        shared = init_shared_state(slots, fed.seed)
+        history: list[dict] = []
+    else:
+        last = round_dir(out, start - 1)
+        shared = read_adapter(last / SHARED_DIR).state if fed.shared_rank else {}
+        history = [json.loads((round_dir(out, r) / ROUND_JSON).read_text()) for r in done]
+        logger.info("resuming after round %d", start - 1, main_process_only=True)
+
+    accountant = None
+    if fed.dp.enabled and fed.dp.noise_multiplier > 0:
+        sample_rate = fed.clients_per_round / len(cohort)
+        accountant = PrivacyAccountant(fed.dp.noise_multiplier, sample_rate, fed.dp.delta)
+        for _ in range(history[-1]["dp_steps"] if history else 0):
+            accountant.step()  # replay the rounds already spent
+    if fed.dp.enabled and fed.dp.seed is not None and main:
+        logger.warning(
+            "dp.seed is set: the noise is reproducible, so there is NO privacy (tests only)"
+        )
+
+    recommender: Recommender | None = None
+    bar = tqdm(total=fed.rounds, initial=start - 1, desc="rounds", disable=not main)
+    for r in range(start, fed.rounds + 1):
+        t0 = time.perf_counter()
+        selected = select_clients(cohort, fed.clients_per_round, fed.seed, r)
+        uploads, failed = [], {}
+        mine = shard(selected, rank, world)
+        for user_id in tqdm(mine, desc=f"round {r} clients", leave=False, disable=not main):
+            # A version of this round left by a crashed attempt must not outlive a failure now.
+            personal_path(out, user_id, r).unlink(missing_ok=True)
+            personal = load_personal(out, user_id, before=r)
+            if personal is None:
+                personal = init_personal_state(slots, fed.seed, user_id)
+            try:
+                result = client_fn(slots, user_id, examples_of(user_id), shared, personal, r)
+            except Exception as err:  # one client's failure never ends a round
+                failed[user_id] = f"{type(err).__name__}: {err}"
+                logger.warning(
+                    "round %d: client %s dropped: %s",
+                    r,
+                    user_id,
+                    failed[user_id],
+                    main_process_only=False,
+                )
+                continue
+            save_personal(out, user_id, r, result.personal_state)  # stays on the client
+            uploads.append(result.upload())
+
+        gathered = gather_object([(uploads, failed)])
+        all_uploads = sorted(
+            (u for ups, _ in gathered for u in ups), key=lambda u: user_sort_key(u.user_id)
+        )
+        all_failed = {k: v for _, f in gathered for k, v in f.items()}
+
+        outcome = None
+        if main:
+            generator = None
+            if fed.dp.enabled:
+                generator = (
+                    torch.Generator().manual_seed(derive_seed(fed.dp.seed, "dp", r))
+                    if fed.dp.seed is not None
+                    else secure_generator()
+                )
+            outcome = server_update(shared, all_uploads, fed, generator)
+            if outcome.noised and accountant is not None:
+                accountant.step()
+        # The main process's result is the one truth (DP noise is drawn there only).
+        box = [outcome.shared_state if main else None]
+        broadcast_object_list(box)
+        shared = box[0]
+
+        val = None
+        if fed.val_users and (r % fed.val_every == 0 or r == fed.rounds):
+            if recommender is None:
+                recommender = Recommender(
+                    slots.model, tokenizer, dataset.catalog, prompts, cfg.recommend.beam_width
+                )
+            pairs = _validate(
+                slots, recommender, split, out, shard(val_users, rank, world), shared, r
+            )
+            pairs = sorted(gather_object(pairs), key=lambda p: user_sort_key(p[0]))
+            val = mean_metrics([(ranked, target) for _, ranked, target in pairs], VAL_K)
+
+        if main:
+            down = state_bytes(shared)
+            record = {
+                "round": r,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "selected": selected,
+                "failed": all_failed,
+                "accepted": outcome.accepted,
+                "rejected": outcome.rejected,
+                "train_loss": _mean([u.loss for u in all_uploads]),
+                "update_norm_mean": _mean(list(outcome.norms.values())),
+                "bytes_down_per_client": down,
+                "bytes_up_per_client": down,  # a delta has the shared adapter's shape
+                "full_model_bytes": full_model_bytes,
+                "comm_ratio": down / full_model_bytes,
+                f"val_HR@{VAL_K}": val[f"HR@{VAL_K}"] if val else None,
+                f"val_NDCG@{VAL_K}": val[f"NDCG@{VAL_K}"] if val else None,
+                "dp_steps": accountant.rounds if accountant else 0,
+                "epsilon": accountant.epsilon if accountant else None,
+            }
+            if fed.dp.enabled and accountant is None:
+                logger.warning(
+                    "dp.noise_multiplier=0: updates are clipped but epsilon is unbounded"
+                )
+
+            def fill(tmp: Path, record: dict = record, shared: State = shared) -> None:
+                if fed.shared_rank:
+                    write_adapter(shared_weights(shared, fed, slots.base_model), tmp / SHARED_DIR)
+                _write_json(tmp / ROUND_JSON, record)
+
+            _write_dir_atomic(round_dir(out, r), fill)
+            history.append(record)
+            _write_metrics(out, history, fed.val_every)
+            # Older personal versions are no longer needed: round r is on disk for good.
+            for user_id in selected:
+                if user_id not in all_failed:
+                    for v in personal_versions(out, user_id):
+                        if v < r:
+                            personal_path(out, user_id, v).unlink(missing_ok=True)
+            logger.info(
+                "round %d: loss %s, val HR@%d %s, accepted %d/%d, %.1f s",
+                r,
+                f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "-",
+                VAL_K,
+                f"{val[f'HR@{VAL_K}']:.3f}" if val else "-",
+                len(outcome.accepted),
+                len(selected),
+                record["seconds"],
+            )
+        bar.update()
+        accelerator.wait_for_everyone()
+    bar.close()
+
+    if main:
+        _export(cfg, out, cohort, shared, slots, base_path, history)
+    accelerator.wait_for_everyone()
+    return {"rounds": history}
+
+
+def _validate(
+    slots: Slots,
+    recommender: Recommender,
+    split: Split,
+    out: Path,
+    users: list[str],
+    shared: State,
+    r: int,
+) -> list[tuple[str, list[str], str]]:
+    """(user, top-k ranked item ids, validation item) with each user's own shared + personal."""
+    slots.model.eval()
+    pairs = []
+    for user_id in users:
+        personal = load_personal(out, user_id, before=r + 1)
+        if personal is None:
+            personal = init_personal_state(slots, slots.cfg.seed, user_id)
+        slots.load(shared, personal)
+        ranked = recommender.recommend(split.history_for_valid(user_id), k=VAL_K)
+        pairs.append((user_id, [x.item_id for x in ranked], split.valid[user_id]))
+    return pairs
+
+
+def _write_metrics(out: Path, history: list[dict], val_every: int) -> None:
+    """metrics.json and the curves, rewritten after every round."""
+    _write_json(out / METRICS_JSON, {"rounds": history})
+    losses = [h["train_loss"] for h in history if h["train_loss"] is not None]
+    if losses:
+        plot_curve(
+            {"mean client loss": losses}, out / LOSS_PNG, "round", "loss", "Federated training loss"
+        )
+    hrs = [h[f"val_HR@{VAL_K}"] for h in history if h[f"val_HR@{VAL_K}"] is not None]
+    if hrs:
+        plot_curve(
+            {f"val HR@{VAL_K}": hrs},
+            out / VAL_PNG,
+            f"validation (every {val_every} rounds and the last)",
+            f"HR@{VAL_K}",
+            "Validation HR, each user's own shared + personal adapter",
+        )
+
+
+def _export(
+    cfg: AppConfig,
+    out: Path,
+    cohort: list[str],
+    shared: State,
+    slots: Slots,
+    base_path: str,
+    history: list[dict],
+) -> None:
+    """Publish the shared adapter and each trained user's stacked adapter to the store."""
+    fed = cfg.fed
+    final = fed.rounds
+    previous = json.loads((out / EXPORT_JSON).read_text()) if (out / EXPORT_JSON).is_file() else {}
+    if previous.get("round") == final:
+        logger.info("round %d already exported to %s", final, fed.store_dir)
+        return
+    fingerprint = fingerprint_model_dir(base_path)
+    store = AdapterStore(
+        fed.store_dir,
+        max_rank=max(DEFAULT_MAX_RANK, fed.shared_rank + fed.personal_rank),
+        module_shapes=module_shapes_for(base_path),
+    )
+    metrics = _finite(history[-1]) if history else {}
+    record: dict[str, Any] = {"round": final, "base_fingerprint": fingerprint, "users": {}}
+    if fed.shared_rank:
+        ref = store.publish_shared(
+            shared_weights(shared, fed, slots.base_model),
+            base_fingerprint=fingerprint,
+            round=final,
+            metrics=metrics,
+        )
+        record["shared"] = ref.adapter_name
+    gates: list[float] = []
+    if fed.personal_rank:
+        for user_id in cohort:
+            personal = load_personal(out, user_id, before=final + 1)
+            if personal is None:  # never selected: served the shared adapter (cold start)
+                continue
+            weights = user_weights(shared, personal, fed, slots.base_model)
+            ref = store.publish(
+                user_id, weights, base_fingerprint=fingerprint, round=final, metrics=metrics
+            )
+            record["users"][user_id] = ref.adapter_name
+            g = personal_weight_mean(personal)
+            if g is not None:
+                gates.append(g)
+    if gates:
+        record["personal_weight_mean"] = sum(gates) / len(gates)
+    _write_json(out / EXPORT_JSON, record)
+    logger.info("exported shared + %d user adapters to %s", len(record["users"]), fed.store_dir)
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="YAML config (see training/configs/).")
+    parser.add_argument(
+        "--resume", action="store_true", help="Continue after the latest complete round."
+    )
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    run(cfg, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
