@@ -173,9 +173,10 @@ class FedConfig(BaseModel):
     """Rule for the shared deltas: fedavg weights by example count; the robust rules do not."""
     trim_ratio: float = Field(0.1, ge=0.0, lt=0.5)
     """Fraction cut from each end per coordinate by trimmed_mean."""
-    max_update_norm: float | None = Field(10.0, gt=0)
+    max_update_norm: float | None = Field(100.0, gt=0)
     """Reject (never average) a shared delta whose L2 norm exceeds this; None = no bound.
-    Ignored with DP on, where clipping bounds every client instead."""
+    AdamW moves a weight about lr per step, so an honest delta stays under
+    lr * local_steps * sqrt(shared weights) (~12 for ml100k.yaml). Ignored with DP on."""
     dp: DPConfig = DPConfig()
     """Differential privacy of the shared adapter."""
     decoupling: DecouplingConfig = DecouplingConfig()
@@ -220,9 +221,10 @@ class EvalConfig(BaseModel):
     """Seed of the user sample."""
     k: int = Field(10, ge=1)
     """Cut-off of HR@k and NDCG@k."""
-    methods: list[Literal["popularity", "itemknn", "zero-shot", "centralized"]] = [
+    methods: list[Literal["popularity", "itemknn", "sasrec", "zero-shot", "centralized"]] = [
         "popularity",
         "itemknn",
+        "sasrec",
         "zero-shot",
         "centralized",
     ]

@@ -24,6 +24,7 @@ from llmrec.config import AppConfig
 from llmrec.data import Dataset, Split, leave_last_out
 from llmrec.finetune import next_item_examples, sample_users, train_lora
 from llmrec.metrics import mean_metrics
+from llmrec.sasrec import SASRec
 from llmrec.plots import plot_metric_bars
 from llmrec.prompts import PromptBuilder
 from llmrec.runtime import attach_adapter, build_recommender, dataset_from_config, load_base
@@ -102,6 +103,8 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
         run("popularity", lambda: Popularity(dataset.catalog, split.train).recommend)
     if "itemknn" in methods:
         run("itemknn", lambda: ItemKNN(dataset.catalog, split.train).recommend)
+    if "sasrec" in methods:
+        run("sasrec", lambda: SASRec(dataset.catalog, split.train).recommend)
     if "zero-shot" in methods or "centralized" in methods:
         model, tokenizer = load_base(cfg)
         if "zero-shot" in methods:

@@ -362,7 +362,7 @@ def client_update(
             order += torch.randperm(len(examples), generator=gen).tolist()
         batch_ids, order = order[: cfg.local_batch_size], order[cfg.local_batch_size :]
         batch = collate([examples[i] for i in batch_ids], slots.pad_id)
-        loss = slots.model(**{k: v.to(device) for k, v in batch.items()}).loss
+        loss = slots.model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
         objective = loss
         if dec.prox_mu and slots.shared:
             drift = sum(((p - downloaded[k]) ** 2).sum() for k, p in slots.shared.items())

@@ -77,7 +77,7 @@ def test_main_job_on_the_real_model(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "results" / "eval.json").read_text())
-    assert set(report["results"]) == {"popularity", "itemknn", "zero-shot", "centralized"}
+    assert set(report["results"]) == {"popularity", "itemknn", "sasrec", "zero-shot", "centralized"}
     assert report["users"] == 4
     for row in report["results"].values():
         assert 0.0 <= row["NDCG@10"] <= row["HR@10"] <= 1.0
