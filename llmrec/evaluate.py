@@ -24,10 +24,10 @@ from llmrec.config import AppConfig
 from llmrec.data import Dataset, Split, leave_last_out
 from llmrec.finetune import next_item_examples, sample_users, train_lora
 from llmrec.metrics import mean_metrics
-from llmrec.sasrec import SASRec
 from llmrec.plots import plot_metric_bars
 from llmrec.prompts import PromptBuilder
 from llmrec.runtime import attach_adapter, build_recommender, dataset_from_config, load_base
+from llmrec.sasrec import SASRec
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,8 @@ def test_training_lowers_the_loss_and_saves_an_adapter(setup, tiny_model_dir, tm
     before = answer_logprob(model, examples[0])
     cfg = FinetuneConfig(epochs=4, batch_size=4, learning_rate=5e-3, output_dir=tmp_path)
     adapter = train_lora(model, tokenizer, examples, LoraConfig(r=4, alpha=8), cfg)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    log_lines = (tmp_path / "loss.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in log_lines]
     steps_per_epoch = len(losses) // 4
     assert sum(losses[-steps_per_epoch:]) < sum(losses[:steps_per_epoch])
     assert (tmp_path / "loss.png").stat().st_size > 0
