@@ -11,7 +11,6 @@ import json
 import logging
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +21,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from llmrec.config import AppConfig, ConfigError, load_config
+from llmrec.launch import TRAINING_SCRIPT, train_command
 
 app = typer.Typer(
     help="llmrec: a personal, federated, generative recommender (one LLM, one LoRA per user).",
@@ -126,41 +126,6 @@ def finetune(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     model, tokenizer = load_base(cfg)
     adapter = train_centralized(cfg, ds, leave_last_out(ds.histories), model, tokenizer)
     console.print(f"adapter written to [bold]{adapter}[/bold]")
-
-
-TRAINING_SCRIPT = Path(__file__).resolve().parent.parent / "training" / "federated.py"
-"""The federated training entry; found in the repository (llmrec is installed editable)."""
-
-
-def train_command(
-    config: Path | None,
-    overrides: list[str],
-    num_processes: int = 1,
-    resume: bool = False,
-    accelerate_config: Path | None = None,
-    cuda: bool = False,
-) -> list[str]:
-    """The ``accelerate launch`` command line that ``llmrec train`` runs.
-
-    An accelerate config file, when given, decides the launcher. Otherwise N > 1 processes
-    use ``--multi_gpu`` (torchrun; on a host without CUDA the script falls back to CPU
-    processes over gloo, whereas accelerate's ``--cpu`` would start a single process).
-    """
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if accelerate_config is not None:
-        cmd += ["--config_file", str(accelerate_config)]
-    else:
-        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if num_processes > 1:
-            cmd += ["--multi_gpu", "--num_processes", str(num_processes)]
-        else:
-            cmd += ["--num_processes", "1"] + ([] if cuda else ["--cpu"])
-    cmd.append(str(TRAINING_SCRIPT))
-    if config is not None:
-        cmd += ["--config", str(config)]
-    if resume:
-        cmd.append("--resume")
-    return cmd + list(overrides)
 
 
 @app.command()

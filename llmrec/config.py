@@ -138,8 +138,9 @@ class DecouplingConfig(BaseModel):
     prox_mu: float = Field(0.0, ge=0)
     """FedProx weight on ||shared - downloaded shared||^2: keeps clients' shared drift small, so
     what is peculiar to a user has to go into the personal adapter."""
-    personal_l2: float = Field(0.0, ge=0)
-    """L2 weight on the personal adapter: pushes what users have in common into the shared one."""
+    personal_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay of the personal B matrices (each step shrinks them by lr * decay;
+    B = 0 is no personal update): keeps a user's few examples from being memorized."""
 
 
 class FedConfig(BaseModel):
@@ -204,6 +205,8 @@ class FedConfig(BaseModel):
             )
         if self.n_users and self.val_users > self.n_users:
             raise ValueError(f"val_users ({self.val_users}) exceeds n_users ({self.n_users})")
+        if self.learning_rate * self.decoupling.personal_decay >= 1:
+            raise ValueError("learning_rate * decoupling.personal_decay must be < 1")
         if self.dp.enabled and self.shared_rank == 0:
             raise ValueError("dp.enabled needs a shared adapter (shared_rank > 0)")
         if self.dp.enabled and self.aggregation != "fedavg":
@@ -221,14 +224,24 @@ class EvalConfig(BaseModel):
     """Seed of the user sample."""
     k: int = Field(10, ge=1)
     """Cut-off of HR@k and NDCG@k."""
-    methods: list[Literal["popularity", "itemknn", "sasrec", "zero-shot", "centralized"]] = [
-        "popularity",
-        "itemknn",
-        "sasrec",
-        "zero-shot",
-        "centralized",
-    ]
-    """Methods compared side by side on the same users and split."""
+    methods: list[
+        Literal[
+            "popularity",
+            "itemknn",
+            "sasrec",
+            "zero-shot",
+            "centralized",
+            "shared-only",
+            "personal-only",
+            "ours",
+        ]
+    ] = ["popularity", "itemknn", "sasrec", "zero-shot", "centralized"]
+    """Methods compared side by side on the same users and split. The federated ones
+    (shared-only = plain FedAvg, personal-only = local training, ours = shared + personal)
+    train with the `fed` section and are evaluated on its cohort, which then becomes
+    every method's user sample."""
+    federated_dir: Path = Path("outputs/eval-federated")
+    """Where the federated methods' runs and adapter stores go (a finished run is reused)."""
     results_dir: Path = Path("results")
     """Where the metric table (JSON) and its bar chart (PNG) are written."""
 

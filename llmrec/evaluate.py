@@ -11,30 +11,47 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from llmrec.baselines import ItemKNN, Popularity
 from llmrec.config import AppConfig
 from llmrec.data import Dataset, Split, leave_last_out
+from llmrec.federated import adapter_for
 from llmrec.finetune import next_item_examples, sample_users, train_lora
+from llmrec.launch import train_command
 from llmrec.metrics import mean_metrics
+from llmrec.model import resolve_model_path
 from llmrec.plots import plot_metric_bars
 from llmrec.prompts import PromptBuilder
 from llmrec.runtime import attach_adapter, build_recommender, dataset_from_config, load_base
 from llmrec.sasrec import SASRec
+from llmrec.slot import AdapterSlot
+from llmrec.store import AdapterStore, module_shapes_for
 
 log = logging.getLogger(__name__)
 
 REPORT_JSON = "eval.json"
 REPORT_PNG = "eval.png"
 
-Ranker = Callable[[Sequence[str], int], list[str]]
+Ranker = Callable[[str, Sequence[str], int], list[str]]
+"""(user_id, input history, k) -> ranked item ids."""
+
+# The three federated methods differ only in the adapter split they train.
+FEDERATED = {
+    "shared-only": ["fed.personal_rank=0"],  # plain FedAvg: nothing stays personal
+    "personal-only": ["fed.shared_rank=0"],  # local training: nothing is federated
+    "ours": [],  # shared + personal
+}
+RUN_DIR = "run"
+STORE_DIR = "adapters"
 
 
 @dataclass
@@ -67,12 +84,17 @@ def rank_users(
     """Mean HR@k / NDCG@k of ``ranker`` over ``users``' test items."""
     rankings = []
     for user_id in tqdm(users, desc=f"eval {name}", leave=False):
-        rankings.append((ranker(split.history_for_test(user_id), k), split.test[user_id]))
+        rankings.append((ranker(user_id, split.history_for_test(user_id), k), split.test[user_id]))
     return mean_metrics(rankings, k)
 
 
 def _llm_ranker(recommender) -> Ranker:
-    return lambda history, k: [r.item_id for r in recommender.recommend(history, k=k)]
+    return lambda _user, history, k: [r.item_id for r in recommender.recommend(history, k=k)]
+
+
+def _shared_ranker(recommend: Callable[[Sequence[str], int], list[str]]) -> Ranker:
+    """A ranker that is the same for every user (the baselines)."""
+    return lambda _user, history, k: recommend(history, k)
 
 
 def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
@@ -80,7 +102,12 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
     dataset = dataset or dataset_from_config(cfg)
     split = leave_last_out(dataset.histories)
     k = cfg.eval.k
-    users = sample_users(sorted(split.test, key=_user_key), cfg.eval.n_users, cfg.eval.seed)
+    methods = cfg.eval.methods
+    runs = {m: federated_run(cfg, m) for m in methods if m in FEDERATED}
+    if runs:
+        users = _cohort(runs)
+    else:
+        users = sample_users(sorted(split.test, key=_user_key), cfg.eval.n_users, cfg.eval.seed)
     report = EvalReport(dataset.name, len(users), cfg.eval.seed, k)
     report.meta = {
         "model": cfg.model.name_or_path,
@@ -90,6 +117,7 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
         "max_history_items": cfg.prompts.max_history_items,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "user_sample": "federated cohort" if runs else "seeded sample of users with a test item",
     }
 
     def run(name: str, make_ranker: Callable[[], Ranker]) -> None:
@@ -98,13 +126,14 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
         report.seconds[name] = round(time.perf_counter() - start, 1)
         log.info("%s: %s", name, report.results[name])
 
-    methods = cfg.eval.methods
     if "popularity" in methods:
-        run("popularity", lambda: Popularity(dataset.catalog, split.train).recommend)
+        run(
+            "popularity", lambda: _shared_ranker(Popularity(dataset.catalog, split.train).recommend)
+        )
     if "itemknn" in methods:
-        run("itemknn", lambda: ItemKNN(dataset.catalog, split.train).recommend)
+        run("itemknn", lambda: _shared_ranker(ItemKNN(dataset.catalog, split.train).recommend))
     if "sasrec" in methods:
-        run("sasrec", lambda: SASRec(dataset.catalog, split.train).recommend)
+        run("sasrec", lambda: _shared_ranker(SASRec(dataset.catalog, split.train).recommend))
     if "zero-shot" in methods or "centralized" in methods:
         model, tokenizer = load_base(cfg)
         if "zero-shot" in methods:
@@ -120,6 +149,9 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
                 lambda: _llm_ranker(build_recommender(cfg, dataset, tuned, tokenizer)),
             )
             report.meta["centralized_adapter"] = str(adapter_dir)
+    for method, run_dir in runs.items():
+        run(method, lambda run_dir=run_dir: _store_ranker(cfg, dataset, run_dir, users))
+        report.meta[f"{method}_run"] = str(run_dir)
     write_report(report, Path(cfg.eval.results_dir))
     return report
 
@@ -141,6 +173,64 @@ def train_centralized(cfg: AppConfig, dataset: Dataset, split: Split, model, tok
     # Autocast to the base's dtype so the fp32 LoRA matmuls run at bf16 speed too.
     mixed = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "no"
     return train_lora(model, tokenizer, examples, cfg.lora, cfg.finetune, mixed_precision=mixed)
+
+
+def federated_run(cfg: AppConfig, method: str) -> Path:
+    """The finished federated run behind ``method``: trained now unless one exists already.
+
+    Runs `accelerate launch training/federated.py` in a child process (as `llmrec train`
+    does) with this config plus the method's adapter split; interrupted runs resume.
+    """
+    folder = Path(cfg.eval.federated_dir) / method
+    run_dir = folder / RUN_DIR
+    if (run_dir / "export.json").is_file():
+        log.info("%s: reusing the finished run in %s", method, run_dir)
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "config.yaml"
+    config_path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    overrides = FEDERATED[method] + [
+        f"fed.output_dir={run_dir}",
+        f"fed.store_dir={folder / STORE_DIR}",
+    ]
+    cmd = train_command(
+        config_path, overrides, resume=run_dir.is_dir(), cuda=torch.cuda.is_available()
+    )
+    log.info("%s: federated training in %s", method, run_dir)
+    subprocess.run(cmd, check=True)
+    return folder
+
+
+def _cohort(runs: dict[str, Path]) -> list[str]:
+    """The users every federated run trained on (they must agree to share a table)."""
+    cohorts = {
+        m: json.loads((d / RUN_DIR / "run.json").read_text())["cohort"] for m, d in runs.items()
+    }
+    first = next(iter(cohorts.values()))
+    if any(c != first for c in cohorts.values()):
+        raise ValueError(f"federated runs trained different cohorts: {sorted(cohorts)}")
+    return first
+
+
+def _store_ranker(cfg: AppConfig, dataset: Dataset, folder: Path, users: Sequence[str]) -> Ranker:
+    """Each user ranked with the adapter the store would serve them (own, else shared)."""
+    base_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+    store = AdapterStore(folder / STORE_DIR, module_shapes=module_shapes_for(base_path))
+    refs = {u: adapter_for(store, u) for u in users}
+    if any(ref is None for ref in refs.values()):
+        raise ValueError(f"{folder / STORE_DIR} holds no adapter for some users")
+    weights = {ref.adapter_name: store.load(ref) for ref in refs.values()}
+    first = next(iter(weights.values()))
+    model, tokenizer = load_base(cfg)
+    slot = AdapterSlot(model, max(w.r for w in weights.values()), first.target_modules)
+    recommender = build_recommender(cfg, dataset, slot.model, tokenizer)
+
+    def rank(user_id: str, history: Sequence[str], k: int) -> list[str]:
+        name = refs[user_id].adapter_name
+        slot.use(weights[name], name)
+        return [r.item_id for r in recommender.recommend(history, k=k)]
+
+    return rank
 
 
 def write_report(report: EvalReport, results_dir: Path) -> tuple[Path, Path]:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmrec import federated as F
-from llmrec.aggregate import fedavg
+from llmrec.aggregate import fedavg, update_norm
 from llmrec.config import ConfigError, load_config
 from llmrec.data import leave_last_out
 from llmrec.finetune import next_item_examples
@@ -204,6 +204,30 @@ def test_stacked_adapter_equals_both_slots(setup, tiny_model_dir, tmp_path):
     torch.testing.assert_close(served, both, atol=1e-5, rtol=0)
 
 
+def test_regularizers_shrink_what_they_target(setup):
+    cfg, slots, examples, _ = setup
+    shared = F.init_shared_state(slots, 0)
+    personal = F.init_personal_state(slots, 0, "1")
+
+    def run(**decoupling):
+        dec = cfg.fed.decoupling.model_copy(update=decoupling)
+        # enough steps for the weights to drift: the penalties act on the drift
+        slots.cfg = cfg.fed.model_copy(update={"decoupling": dec, "local_steps": 6})
+        try:
+            return F.client_update(slots, "1", examples("1"), shared, personal, 1)
+        finally:
+            slots.cfg = cfg.fed
+
+    def b_norm(state):
+        return sum(float((v**2).sum()) for k, v in state.items() if "lora_B" in k) ** 0.5
+
+    free = run()
+    prox = run(prox_mu=1e6)
+    assert update_norm(prox.shared_delta) < 0.5 * update_norm(free.shared_delta)
+    decayed = run(personal_decay=50.0)  # lr 0.01: B shrinks by half each step
+    assert b_norm(decayed.personal_state) < 0.5 * b_norm(free.personal_state)
+
+
 def _fake_update(user_id, shared, fill=None, scale=1e-3, n=4):
     delta = {
         k: torch.full_like(v, scale) if fill is None else torch.full_like(v, fill)
@@ -292,7 +316,7 @@ def test_fed_config_checks():
 
 
 def test_train_command_launches_accelerate():
-    from llmrec.cli import TRAINING_SCRIPT, train_command
+    from llmrec.launch import TRAINING_SCRIPT, train_command
 
     assert TRAINING_SCRIPT == SCRIPT
     one = train_command(Path("c.yaml"), ["fed.rounds=2"], 1, resume=True)

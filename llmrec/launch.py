@@ -1,0 +1,41 @@
+"""How the federated training application is launched (`accelerate launch`), for the CLI and
+the evaluation; llmrec never imports `training/`, it only starts it as a program."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+TRAINING_SCRIPT = Path(__file__).resolve().parent.parent / "training" / "federated.py"
+"""The federated training entry; found in the repository (llmrec is installed editable)."""
+
+
+def train_command(
+    config: Path | None,
+    overrides: list[str],
+    num_processes: int = 1,
+    resume: bool = False,
+    accelerate_config: Path | None = None,
+    cuda: bool = False,
+) -> list[str]:
+    """The ``accelerate launch`` command line that ``llmrec train`` runs.
+
+    An accelerate config file, when given, decides the launcher. Otherwise N > 1 processes
+    use ``--multi_gpu`` (torchrun; on a host without CUDA the script falls back to CPU
+    processes over gloo, whereas accelerate's ``--cpu`` would start a single process).
+    """
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config is not None:
+        cmd += ["--config_file", str(accelerate_config)]
+    else:
+        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if num_processes > 1:
+            cmd += ["--multi_gpu", "--num_processes", str(num_processes)]
+        else:
+            cmd += ["--num_processes", "1"] + ([] if cuda else ["--cpu"])
+    cmd.append(str(TRAINING_SCRIPT))
+    if config is not None:
+        cmd += ["--config", str(config)]
+    if resume:
+        cmd.append("--resume")
+    return cmd + list(overrides)
