@@ -17,11 +17,13 @@ demo: setup
 	$(PY) -m llmrec demo
 
 # pytest exits 5 when nothing was collected: not a failure of the project.
+# One OpenMP thread per process: the tests start child processes (accelerate, servers), and
+# oversubscribed OpenMP threads on 2 cores slowed torch here by an order of magnitude.
 test: setup
-	$(PY) -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not slow"; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check llmrec tests bench && $(VENV)/bin/ruff format --check llmrec tests bench

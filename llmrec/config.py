@@ -96,9 +96,9 @@ class LoraConfig(BaseModel):
 class FinetuneConfig(BaseModel):
     model_config = _DOCS
 
-    n_users: int = Field(0, ge=0)
-    """Training users (a seeded sample; 0 = all users)."""
-    examples_per_user: int = Field(4, ge=1)
+    n_users: int = Field(300, ge=0)
+    """Training users (a seeded sample; 0 = all users). CPU-sized by default."""
+    examples_per_user: int = Field(2, ge=1)
     """Next-item examples per user, taken from the end of their training history."""
     epochs: int = Field(1, ge=1)
     """Passes over the training examples."""
