@@ -25,8 +25,9 @@ mechanisms shaped what is here:
   adapter stays exactly what training computed.
 - Two regularizers are available too: FedProx (Li et al. 2020) ``prox_mu`` on the shared
   part (a client cannot drag the shared adapter towards itself, so its peculiarities must go
-  into the personal one) and ``personal_l2`` on the personal part (what users have in common
-  is cheaper to put into the shared one).
+  into the personal one) and ``personal_decay``, AdamW's decoupled weight decay on the
+  personal B matrices (a user's few examples are not memorized, and what users have in
+  common is cheaper to put into the shared one).
 
 The default (gate per module, no regularizers) is the one measured best on a small ML-100K
 cohort; see training/README.md for the figures and the command.
@@ -333,7 +334,7 @@ def client_update(
     Starts from the downloaded ``shared_state`` and the user's own ``personal_state``, takes
     ``local_steps`` AdamW steps (fresh optimizer: no optimizer state crosses rounds) on
     batches drawn from ``examples`` by a generator seeded from (seed, round, user_id), with the
-    FedProx and personal-L2 terms of ``cfg.decoupling``. Raises :class:`ClientTimeout` when
+    FedProx term and personal decay of ``cfg.decoupling``. Raises :class:`ClientTimeout` when
     ``cfg.client_timeout_s`` runs out (checked between steps) and ValueError without examples.
     """
     cfg = slots.cfg
@@ -347,9 +348,14 @@ def client_update(
     downloaded = {k: p.detach().clone() for k, p in slots.shared.items()}
 
     dec = cfg.decoupling
+    personal_b = [p for k, p in slots.personal.items() if "lora_B" in k]
+    personal_a = [p for k, p in slots.personal.items() if "lora_B" not in k]
     groups = [
         {"params": list(slots.shared.values()), "lr": cfg.learning_rate},
-        {"params": list(slots.personal.values()), "lr": cfg.learning_rate},
+        {"params": personal_a, "lr": cfg.learning_rate},
+        # Decoupled decay on B only (B = 0 is "no personal update"; A is a projection). As a
+        # loss term, Adam would rescale it away; AdamW's decay shrinks by lr * decay per step.
+        {"params": personal_b, "lr": cfg.learning_rate, "weight_decay": dec.personal_decay},
         {"params": list(slots.gates.values()), "lr": dec.gate_learning_rate},
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
@@ -367,9 +373,6 @@ def client_update(
         if dec.prox_mu and slots.shared:
             drift = sum(((p - downloaded[k]) ** 2).sum() for k, p in slots.shared.items())
             objective = objective + dec.prox_mu / 2 * drift
-        if dec.personal_l2 and slots.personal:
-            size = sum((p**2).sum() for p in slots.personal.values())
-            objective = objective + dec.personal_l2 / 2 * size
         objective.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
