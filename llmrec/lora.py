@@ -21,19 +21,18 @@ This module knows nothing about the store layout, manifests or the base model's 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from llmrec.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -300,22 +299,6 @@ def adapter_config_dict(weights: LoraWeights) -> dict[str, Any]:
     return out
 
 
-def _write_bytes_atomic(path: Path, write: Any) -> None:
-    """Create ``path`` via a temp file beside it + fsync + ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a serving process may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_adapter(weights: LoraWeights, path: str | Path) -> Path:
     """Write ``weights`` as a plain PEFT LoRA folder at ``path`` (created if missing).
 
@@ -328,11 +311,11 @@ def write_adapter(weights: LoraWeights, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     # Own, contiguous CPU copies: safetensors refuses views and tensors that share storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.state.items()}
-    _write_bytes_atomic(
+    write_atomic(
         path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
     )
     text = json.dumps(adapter_config_dict(weights), indent=2, sort_keys=True) + "\n"
-    _write_bytes_atomic(path / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, "utf-8"))
+    write_atomic(path / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, "utf-8"))
     return path
 
 

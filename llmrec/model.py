@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from llmrec.atomic import fsync_path, fsync_tree, write_json_atomic
+
 if TYPE_CHECKING:  # heavy imports stay lazy so `import llmrec` is fast
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -53,7 +55,6 @@ _HASH_CHUNK = 1 << 20
 # mkdtemp/mkstemp create private (0700/0600) entries; published folders must be readable by
 # other processes and users (a vLLM server, a shared cache), so they are opened up.
 _DIR_MODE = 0o755
-_FILE_MODE = 0o644
 # In-process memo for file hashes: fingerprint_model_dir is called per adapter export, and a
 # 540 MB safetensors file should be hashed once per process, not once per call.
 _FILE_HASH_MEMO: dict[tuple[str, int, int], str] = {}
@@ -89,48 +90,6 @@ def default_cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- atomic file helpers
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or directory (directories: so a rename inside them is durable)."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # some filesystems refuse to open directories; durability is best effort
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` before it is renamed into place."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via temp file + fsync + ``os.replace``: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; the result is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_path(path.parent)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -187,7 +146,7 @@ def _publish_dir(tmp: Path, final: Path) -> bool:
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         raise
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
     return True
 
 
@@ -197,7 +156,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         os.rename(final, trash)
     os.rename(tmp, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -248,7 +207,7 @@ def _gguf_sha256(gguf_path: Path, cache_dir: Path) -> str:
     table = _read_json(cache_file) or {}
     table[path_key] = {"size": size, "mtime_ns": mtime_ns, "sha256": sha}
     with contextlib.suppress(OSError):  # a read-only cache dir must not block loading
-        _write_json_atomic(cache_file, table)
+        write_json_atomic(cache_file, table, sort_keys=True)
     return sha
 
 
@@ -453,8 +412,8 @@ def prepare_base_model(
             _convert_gguf(gguf_path, tmp)
             marker = {**expected, "model_fingerprint": fingerprint_model_dir(tmp)}
             # The marker is written last: its presence certifies the rest of the folder.
-            _write_json_atomic(tmp / MARKER_FILE, marker)
-            _fsync_tree(tmp)
+            write_json_atomic(tmp / MARKER_FILE, marker, sort_keys=True)
+            fsync_tree(tmp)
             if final.exists() and (force or not _marker_matches(final, expected)):
                 if not force:
                     logger.warning("replacing stale or incomplete prepared folder %s", final)
@@ -665,11 +624,11 @@ def build_tiny_model(out_dir: Path, tokenizer_source: str | None = None, seed: i
             "source": source_name,
             "model_fingerprint": fingerprint_model_dir(tmp),
         }
-        _write_json_atomic(tmp / MARKER_FILE, marker)
-        _fsync_tree(tmp)
+        write_json_atomic(tmp / MARKER_FILE, marker, sort_keys=True)
+        fsync_tree(tmp)
         # rename(2) replaces an empty directory, so a pre-made empty out_dir is fine.
         os.replace(tmp, out_dir)
-        _fsync_path(out_dir.parent)
+        fsync_path(out_dir.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -41,6 +41,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from llmrec.atomic import FILE_MODE, fsync_path, write_text_atomic
 from llmrec.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -89,7 +90,6 @@ _ZIP_IGNORED = frozenset({"README.md"})  # peft's model card: harmless, dropped 
 _PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 _CHUNK = 1 << 20
 _DIR_MODE = 0o755
-_FILE_MODE = 0o644
 
 
 def validate_user_id(user_id: str, allow_shared: bool = False) -> str:
@@ -185,38 +185,6 @@ def _sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or a directory (a directory: so renames inside it are durable)."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # some filesystems refuse to open directories: best effort
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` via temp file + fsync + ``os.replace``: readers see old or new."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync(path.parent)
 
 
 @contextlib.contextmanager
@@ -556,7 +524,7 @@ class AdapterStore:
                     raise FileNotFoundError(f"{user_id} was deleted while publishing")
                 self._sweep_stale_tmp(user_dir)
                 version = self._rename_into_place(user_dir, tmp, fields)
-                _write_text_atomic(user_dir / CURRENT, _version_name(version) + "\n")
+                write_text_atomic(user_dir / CURRENT, _version_name(version) + "\n")
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -574,8 +542,8 @@ class AdapterStore:
         version = max(_version_dirs(user_dir), default=0) + 1
         for _ in range(_PUBLISH_RETRIES):
             manifest = AdapterManifest(version=version, **fields)
-            _write_text_atomic(tmp / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
-            _fsync(tmp)
+            write_text_atomic(tmp / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
+            fsync_path(tmp)
             final = user_dir / _version_name(version)
             if not final.exists():
                 try:
@@ -584,7 +552,7 @@ class AdapterStore:
                     if not final.is_dir():
                         raise
                 else:
-                    _fsync(user_dir)
+                    fsync_path(user_dir)
                     return version
             version = max(max(_version_dirs(user_dir), default=0), version) + 1
         raise RuntimeError(f"could not find a free version number in {user_dir}")
@@ -605,7 +573,7 @@ class AdapterStore:
         ref = self._ref(user_id, version, path)  # raises if missing or inconsistent
         self.load(ref)  # never make current what readers would refuse
         with _locked(user_dir):
-            _write_text_atomic(user_dir / CURRENT, _version_name(version) + "\n")
+            write_text_atomic(user_dir / CURRENT, _version_name(version) + "\n")
         return ref
 
     def prune(self, user_id: str, keep: int = 3) -> list[int]:
@@ -644,7 +612,7 @@ class AdapterStore:
         tombstone = self.root / f"{_TOMBSTONE_PREFIX}{user_id}-{time.monotonic_ns()}"
         with _locked(user_dir):  # let an in-flight publish finish first
             os.rename(user_dir, tombstone)
-        _fsync(self.root)
+        fsync_path(self.root)
         shutil.rmtree(tombstone, ignore_errors=True)
         # Tombstones of earlier deletes that crashed before their rmtree.
         for entry in self.root.iterdir():
@@ -674,10 +642,10 @@ class AdapterStore:
                 for name in _ZIP_MEMBERS:
                     info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
                     info.compress_type = zipfile.ZIP_DEFLATED
-                    info.external_attr = (stat.S_IFREG | _FILE_MODE) << 16
+                    info.external_attr = (stat.S_IFREG | FILE_MODE) << 16
                     with open(ref.path / name, "rb") as src, zf.open(info, "w") as dst:
                         shutil.copyfileobj(src, dst, _CHUNK)
-            os.chmod(tmp, _FILE_MODE)
+            os.chmod(tmp, FILE_MODE)
             os.replace(tmp, zip_path)
         except BaseException:
             with contextlib.suppress(OSError):

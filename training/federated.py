@@ -34,7 +34,6 @@ adapter are published to the adapter store ``fed.store_dir``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -55,6 +54,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from llmrec.atomic import fsync_path, fsync_tree, write_atomic, write_json_atomic
 from llmrec.config import AppConfig, ConfigError, load_config
 from llmrec.data import Split, leave_last_out, user_sort_key
 from llmrec.federated import (
@@ -113,38 +113,6 @@ def personal_path(output_dir: Path, user_id: str, round: int) -> Path:
     return output_dir / CLIENTS_DIR / user_id / f"personal-r{round:04d}.safetensors"
 
 
-def _fsync(path: Path) -> None:
-    """fsync a file or directory (a directory: so the renames inside it are durable)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_file_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Create ``path`` through a temp file beside it + fsync + ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync(path.parent)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    _write_file_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def _write_dir_atomic(final: Path, fill: Callable[[Path], None]) -> None:
     """Build a folder in a hidden temp folder, fsync it, rename it to ``final``.
 
@@ -154,14 +122,11 @@ def _write_dir_atomic(final: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         fill(tmp)
-        for dirpath, _dirs, files in os.walk(tmp):
-            for name in files:
-                _fsync(Path(dirpath) / name)
-            _fsync(Path(dirpath))
+        fsync_tree(tmp)
         if final.exists():  # a leftover of an aborted run we are replacing: same content
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -199,7 +164,7 @@ def load_personal(output_dir: Path, user_id: str, before: int) -> State | None:
 
 def save_personal(output_dir: Path, user_id: str, round: int, state: State) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    _write_file_atomic(personal_path(output_dir, user_id, round), lambda t: save_file(tensors, t))
+    write_atomic(personal_path(output_dir, user_id, round), lambda t: save_file(tensors, t))
 
 
 # --------------------------------------------------------------------------- the run
@@ -269,7 +234,7 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
         for stale in out.glob(".round-*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
     if main and not (resume and (out / RUN_JSON).is_file()):
-        _write_json(out / RUN_JSON, run_record)
+        write_json_atomic(out / RUN_JSON, run_record, allow_nan=False)
 
     base_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
     model, tokenizer = load_model(
@@ -416,7 +381,7 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
             def fill(tmp: Path, record: dict = record, shared: State = shared) -> None:
                 if fed.shared_rank:
                     write_adapter(shared_weights(shared, fed, slots.base_model), tmp / SHARED_DIR)
-                _write_json(tmp / ROUND_JSON, record)
+                write_json_atomic(tmp / ROUND_JSON, record, allow_nan=False)
 
             _write_dir_atomic(round_dir(out, r), fill)
             records.append(record)
@@ -484,7 +449,7 @@ def _validate(
 
 def _write_metrics(out: Path, records: list[dict], val_every: int) -> None:
     """metrics.json and the curves, rewritten after every round."""
-    _write_json(out / METRICS_JSON, {"rounds": records})
+    write_json_atomic(out / METRICS_JSON, {"rounds": records}, allow_nan=False)
     losses = [h["train_loss"] for h in records if h["train_loss"] is not None]
     if losses:
         plot_curve(
@@ -549,7 +514,7 @@ def _export(
                 gates.append(g)
     if gates:
         record["personal_weight_mean"] = sum(gates) / len(gates)
-    _write_json(out / EXPORT_JSON, record)
+    write_json_atomic(out / EXPORT_JSON, record, allow_nan=False)
     logger.info("exported shared + %d user adapters to %s", len(record["users"]), fed.store_dir)
 
 
