@@ -138,7 +138,7 @@ class DecouplingConfig(BaseModel):
     prox_mu: float = Field(0.0, ge=0)
     """FedProx weight on ||shared - downloaded shared||^2: keeps clients' shared drift small, so
     what is peculiar to a user has to go into the personal adapter."""
-    personal_decay: float = Field(0.0, ge=0)
+    personal_decay: float = Field(300.0, ge=0)
     """AdamW weight decay of the personal B matrices (each step shrinks them by lr * decay;
     B = 0 is no personal update): keeps a user's few examples from being memorized."""
 
