@@ -5,14 +5,17 @@ model can only spell items that exist, seen items are closed off in the trie,
 and each item's score is the log-probability of its full title. Because
 log-probabilities only fall as a beam grows, the search stops as soon as the
 k-th finished item beats every open beam, so the top-k it returns is exact
-within the beam. ``chat`` is the free-text path: the model writes an answer
+within the beam. The search itself (:func:`trie_beam_search`) is a generator that
+asks for next-token log-probabilities and knows nothing about models, so the
+local KV-cache scorer here and a remote vLLM server (``serving``) run the very
+same search with the same scores. ``chat`` is the free-text path: the model writes an answer
 and the grounder maps the titles it names onto catalog items.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +37,118 @@ class Recommendation:
     score: float
 
 
+@dataclass(frozen=True)
+class BeamStep:
+    """One round of the search: score every candidate token after every open beam.
+
+    ``paths[i]`` is beam i's tokens after the prompt (empty at the first step);
+    ``parents[i]`` is the row of the previous step it grew from (a KV-cache backend
+    reorders its cache by them and feeds ``paths[i][-1]``; a stateless backend sends
+    the prompt plus the whole path); ``candidates[i]`` are its open trie children.
+    """
+
+    paths: list[tuple[int, ...]]
+    parents: list[int]
+    candidates: list[list[int]]
+
+
+Scores = list[list[float]]
+"""Per beam, the full-vocabulary log-probability of each of its candidates, in order."""
+
+BeamSearch = Generator[BeamStep, Scores, list[tuple[float, str]]]
+
+
 @dataclass
 class _Beam:
     score: float
     node: TrieNode
-    token: int  # the last token, fed to the model at the next step
+    path: tuple[int, ...]
     parent: int  # row in the previous step's batch (for the KV cache)
+
+
+def trie_beam_search(
+    trie: TitleTrie, k: int, width: int, excluded: set[str] = frozenset()
+) -> BeamSearch:
+    """Trie-constrained beam search as a generator that knows nothing about models.
+
+    It yields a :class:`BeamStep` and is sent back the candidates' log-probabilities
+    (whatever computes them: a local model, a vLLM server); it returns the top ``k``
+    unexcluded items as ``(score, item_id)``, best first, where the score is the sum of
+    the log-probabilities of the item's tokens. Drive it with :func:`run_search`, or an
+    async loop around ``send`` where the scores come over the network.
+    """
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    blocked = trie.exclusion(excluded)
+    beams = [_Beam(0.0, trie.root, (), 0)]
+    finished: list[tuple[float, str]] = []
+    width = max(width, k)
+    while beams:
+        children = [trie.open_children(b.node, blocked) for b in beams]
+        scores = yield BeamStep(
+            [b.path for b in beams], [b.parent for b in beams], [list(c) for c in children]
+        )
+        candidates = [
+            _Beam(beam.score + s, child[t], (*beam.path, t), row)
+            for row, (beam, child, row_scores) in enumerate(
+                zip(beams, children, scores, strict=True)
+            )
+            for t, s in zip(child, row_scores, strict=True)
+        ]
+        candidates.sort(key=lambda b: b.score, reverse=True)
+        beams = []
+        for cand in candidates:
+            if not cand.node.children:  # a leaf: the title is complete
+                finished += [(cand.score, i) for i in trie.open_items(cand.node, excluded)]
+            elif len(beams) < width:
+                beams.append(cand)
+        if len(finished) >= k:
+            kth = sorted((s for s, _ in finished), reverse=True)[k - 1]
+            # Scores only decrease as beams grow: an open beam below the k-th is hopeless.
+            beams = [b for b in beams if b.score > kth]
+    finished.sort(key=lambda f: f[0], reverse=True)
+    return finished[:k]
+
+
+def run_search(search: BeamSearch, score: Callable[[BeamStep], Scores]) -> list[tuple[float, str]]:
+    """Drive a :func:`trie_beam_search` with a synchronous scorer; returns its result."""
+    try:
+        step = next(search)
+        while True:
+            step = search.send(score(step))
+    except StopIteration as done:
+        return done.value
+
+
+class KVCacheScorer:
+    """Scores beam steps with a local causal LM, reusing its KV cache across steps.
+
+    The first step runs the prompt; every later step reorders the cache by the beams'
+    parents and feeds only their last token, so a step costs one token per beam.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompt_ids: Sequence[int]):
+        self.model = model
+        self.prompt_ids = list(prompt_ids)
+        self._cache = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, step: BeamStep) -> Scores:
+        """Full-vocabulary log-probabilities of ``step``'s candidates."""
+        if self._cache is None:
+            ids = torch.tensor([self.prompt_ids], device=self.device)
+            out = self.model(input_ids=ids, use_cache=True)
+        else:
+            self._cache.reorder_cache(torch.tensor(step.parents, device=self.device))
+            ids = torch.tensor([[p[-1]] for p in step.paths], device=self.device)
+            out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True)
+        self._cache = out.past_key_values
+        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return [logp[row, tokens].tolist() for row, tokens in enumerate(step.candidates)]
 
 
 class Recommender:
@@ -70,7 +179,6 @@ class Recommender:
         """Display titles of a history of item ids (unknown ids are skipped)."""
         return [self.catalog.display(i) for i in history if i in self.catalog]
 
-    @torch.inference_mode()
     def recommend(
         self,
         history: Sequence[str],
@@ -84,53 +192,13 @@ class Recommender:
         ``exclude`` adds items never to return (e.g. "never show me X");
         ``exclude_seen=False`` allows items from the history itself.
         """
-        if k < 1:
-            raise ValueError("k must be at least 1")
         excluded = set(exclude) | (set(history) if exclude_seen else set())
-        blocked = self.trie.exclusion(excluded)
         prompt = self.prompts.recommend_prompt_ids(self.history_titles(history), context)
-        out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        beams = [_Beam(0.0, self.trie.root, -1, 0)]
-        finished: list[tuple[float, str]] = []
-        width = max(self.beam_width, k)
-        while beams:
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            candidates: list[_Beam] = []
-            for row, beam in enumerate(beams):
-                children = self.trie.open_children(beam.node, blocked)
-                if not children:
-                    continue
-                tokens = list(children)
-                scores = logp[row, tokens].tolist()
-                candidates += [
-                    _Beam(beam.score + s, children[t], t, row)
-                    for t, s in zip(tokens, scores, strict=True)
-                ]
-            candidates.sort(key=lambda b: b.score, reverse=True)
-            beams = []
-            for cand in candidates:
-                if not cand.node.children:  # a leaf: the title is complete
-                    finished += [(cand.score, i) for i in self.trie.open_items(cand.node, excluded)]
-                elif len(beams) < width:
-                    beams.append(cand)
-            if len(finished) >= k:
-                kth = sorted((s for s, _ in finished), reverse=True)[k - 1]
-                # Scores only decrease as beams grow: an open beam below the k-th is hopeless.
-                beams = [b for b in beams if b.score > kth]
-            if not beams:
-                break
-            cache.reorder_cache(torch.tensor([b.parent for b in beams], device=self.device))
-            out = self.model(
-                input_ids=torch.tensor([[b.token] for b in beams], device=self.device),
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache, logits = out.past_key_values, out.logits[:, -1]
-        finished.sort(key=lambda f: f[0], reverse=True)
+        search = trie_beam_search(self.trie, k, self.beam_width, excluded)
+        ranked = run_search(search, KVCacheScorer(self.model, prompt))
         return [
             Recommendation(item_id, self.catalog.display(item_id), score)
-            for score, item_id in finished[:k]
+            for score, item_id in ranked
         ]
 
     @torch.inference_mode()
