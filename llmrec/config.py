@@ -98,12 +98,14 @@ class FinetuneConfig(BaseModel):
 
     n_users: int = Field(300, ge=0)
     """Training users (a seeded sample; 0 = all users). CPU-sized by default."""
-    examples_per_user: int = Field(2, ge=1)
-    """Next-item examples per user, taken from the end of their training history."""
+    targets_per_user: int = Field(20, ge=1)
+    """Next-item targets per user, taken from the end of their training history."""
+    targets_per_example: int = Field(20, ge=1)
+    """Consecutive targets one training sequence scores (one forward pass for all)."""
     epochs: int = Field(1, ge=1)
     """Passes over the training examples."""
     batch_size: int = Field(8, ge=1)
-    """Examples per optimizer step."""
+    """Sequences per optimizer step."""
     learning_rate: float = Field(1e-3, gt=0)
     """AdamW learning rate for the LoRA weights."""
     seed: int = 0
@@ -155,9 +157,11 @@ class FedConfig(BaseModel):
     local_steps: int = Field(4, ge=1)
     """Optimizer steps each client takes per round; more steps drift further from the others."""
     local_batch_size: int = Field(4, ge=1)
-    """Examples per local optimizer step."""
-    examples_per_user: int = Field(8, ge=1)
-    """Next-item examples per client, from the end of its training history."""
+    """Sequences per local optimizer step."""
+    targets_per_user: int = Field(32, ge=1)
+    """Next-item targets per client, from the end of its training history."""
+    targets_per_example: int = Field(8, ge=1)
+    """Consecutive targets one training sequence scores (one forward pass for all)."""
     learning_rate: float = Field(1e-3, gt=0)
     """AdamW learning rate of both LoRA adapters on the client."""
     shared_rank: int = Field(8, ge=0, le=256)
@@ -171,7 +175,8 @@ class FedConfig(BaseModel):
     target_modules: list[str] | None = None
     """Linear layers both adapters adapt; None = the lora section's target_modules."""
     aggregation: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
-    """Rule for the shared deltas: fedavg weights by example count; the robust rules do not."""
+    """Rule for the shared deltas: fedavg weights by next-item target count; the robust
+    rules do not."""
     trim_ratio: float = Field(0.1, ge=0.0, lt=0.5)
     """Fraction cut from each end per coordinate by trimmed_mean."""
     max_update_norm: float | None = Field(100.0, gt=0)

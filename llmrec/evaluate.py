@@ -167,9 +167,18 @@ def train_centralized(cfg: AppConfig, dataset: Dataset, split: Split, model, tok
         sorted(split.train, key=_user_key), cfg.finetune.n_users, cfg.finetune.seed
     )
     examples = next_item_examples(
-        {u: split.train[u] for u in users}, dataset.catalog, prompts, cfg.finetune.examples_per_user
+        {u: split.train[u] for u in users},
+        dataset.catalog,
+        prompts,
+        per_user=cfg.finetune.targets_per_user,
+        per_example=cfg.finetune.targets_per_example,
     )
-    log.info("centralized LoRA: %d examples from %d users", len(examples), len(users))
+    log.info(
+        "centralized LoRA: %d sequences, %d targets from %d users",
+        len(examples),
+        sum(e.targets for e in examples),
+        len(users),
+    )
     # Autocast to the base's dtype so the fp32 LoRA matmuls run at bf16 speed too.
     mixed = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "no"
     return train_lora(model, tokenizer, examples, cfg.lora, cfg.finetune, mixed_precision=mixed)

@@ -393,7 +393,7 @@ def client_update(
     return ClientResult(
         user_id=user_id,
         shared_delta=delta,
-        n_examples=len(examples),
+        n_examples=sum(e.targets for e in examples),
         personal_state=slots.personal_state(),
         loss=sum(losses) / len(losses),
         seconds=time.perf_counter() - start,

@@ -3,7 +3,8 @@
 One adapter for everybody, trained with peft on next-item examples from all
 users' training histories, through accelerate (the same code runs one CPU
 process or several GPUs). The loss is on the answer tokens only, exactly the
-tokens the trie decoder scores, so training and ranking agree.
+tokens the trie decoder scores, so training and ranking agree; one sequence scores
+several consecutive items of a history.
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class Example:
-    """Token ids of one prompt + answer, with labels masking the prompt."""
+    """Token ids of one prompt + answer, with labels masking all but the target titles."""
 
     input_ids: list[int]
     labels: list[int]
+    targets: int = 1
+    """Next-item targets it scores: the weight of this example's user in aggregation."""
 
 
 def next_item_examples(
@@ -48,17 +51,36 @@ def next_item_examples(
     catalog: Catalog,
     prompts: PromptBuilder,
     per_user: int,
+    per_example: int = 1,
     min_context: int = 1,
 ) -> list[Example]:
-    """Examples "items before t -> item t" for the last ``per_user`` positions of each history."""
+    """Next-item examples for the last ``per_user`` positions of each history.
+
+    Consecutive positions share one sequence, ``per_example`` of them at a time: the prompt
+    lists the items before the first, then each target title follows the ones before it,
+    and only the titles (with their newline) carry a loss. One forward pass thus trains
+    ``per_example`` "items before t -> item t" predictions, the same tokens
+    ``recommend_prompt_ids(items[:t]) + target_ids(items[t])`` that decoding sees, except
+    that later targets see more than ``max_history_items`` items before them.
+    """
+    if per_example < 1:
+        raise ValueError("per_example must be at least 1")
     examples = []
     for user_id in histories:
-        items = list(histories[user_id])
-        first = max(min_context, len(items) - per_user)
-        for t in range(first, len(items)):
-            prompt = prompts.recommend_prompt_ids([catalog.display(i) for i in items[:t]])
-            target = prompts.target_ids(catalog.display(items[t]))
-            examples.append(Example(prompt + target, [IGNORE_INDEX] * len(prompt) + target))
+        titles = [catalog.display(i) for i in histories[user_id]]
+        first = max(min_context, len(titles) - per_user)
+        for start in range(first, len(titles), per_example):
+            stop = min(start + per_example, len(titles))
+            ids = prompts.recommend_prompt_ids(titles[:start])
+            labels = [IGNORE_INDEX] * len(ids)
+            for t in range(start, stop):
+                if t > start:  # the bullet opening the next line is not a prediction
+                    ids += prompts.bullet_ids
+                    labels += [IGNORE_INDEX] * len(prompts.bullet_ids)
+                target = prompts.target_ids(titles[t])
+                ids += target
+                labels += target
+            examples.append(Example(ids, labels, stop - start))
     return examples
 
 

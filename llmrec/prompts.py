@@ -1,10 +1,15 @@
 """Prompt rendering: histories as chat messages, and the exact tokens training and decoding see.
 
 The wording lives in ``prompts/*.jinja`` (data, not code); this module only fills the
-templates and turns them into token ids through the tokenizer's own chat template. Its
-contract: ``recommend_prompt_ids(history) + target_ids(title)`` are exactly the tokens of
-the whole chat rendered with ``title`` as the assistant answer, so the LoRA is trained on
-the same tokens that trie-constrained decoding later walks.
+templates and turns them into token ids through the tokenizer's own chat template.
+
+The recommendation prompt puts the history in the assistant's turn, one "- Title (Year)"
+line per item, and ends with the bullet of the next line: the answer is the next title.
+So one training sequence scores every item of a user's history as the next item after the
+ones before it (many targets per forward pass, which a CPU needs), and decoding continues
+the very same list. Its contract: ``recommend_prompt_ids(history) + target_ids(title)``
+are exactly the tokens of the chat whose assistant answer lists the history then ``title``,
+so the LoRA is trained on the same tokens that trie-constrained decoding later walks.
 
 Prompts are token-budget aware: the most recent history items are kept and the oldest
 dropped until the rendered prompt fits ``max_prompt_tokens``.
@@ -31,8 +36,8 @@ RECOMMEND_USER = "recommend_user.jinja"
 CHAT_SYSTEM = "chat_system.jinja"
 EXPLAIN = "explain.jinja"
 
-# Any text the assistant might write; only its end-of-turn tokens matter (see _end_of_turn_id).
-_PROBE_ANSWER = "Probe (2000)"
+# Each history item is one "- Title (Year)" line of the assistant's answer.
+ITEM_BULLET = "-"
 
 
 @cache
@@ -106,71 +111,71 @@ class PromptBuilder:
         # the chat template would tokenize them as real turn boundaries.
         specials = sorted(_special_token_strings(tokenizer), key=len, reverse=True)
         self._specials_re = re.compile("|".join(map(re.escape, specials))) if specials else None
-        self.eot_id = self._end_of_turn_id()
-        bare = len(self._chat_ids(self._recommend_messages([], None)))
+        self.bullet_ids = self._encode(ITEM_BULLET)
+        self.newline_ids = self._encode("\n")
+        bare = len(self._head_ids(None)) + len(self.bullet_ids)
         if bare > max_prompt_tokens:
             raise ValueError(
                 f"max_prompt_tokens={max_prompt_tokens} cannot hold the bare recommendation "
                 f"prompt ({bare} tokens with no history and no context)"
             )
 
-    # ----- messages -------------------------------------------------------------------
+    # ----- the recommendation prompt ---------------------------------------------------
 
     def recommend_messages(
         self, history_titles: Sequence[str], context: str | None = None
     ) -> list[dict[str, str]]:
-        """Chat messages asking for the next item after the most recent history items.
+        """The recommendation prompt as chat messages, for chat APIs (e.g. vLLM's).
 
-        No token budget here (see ``recommend_prompt_ids``); only ``max_history_items``.
+        The last message is the partial assistant answer (the history list ending with the
+        bullet of the next line): render it with ``continue_final_message=True``. No token
+        budget here (see ``recommend_prompt_ids``); only ``max_history_items``.
         """
         titles = self._recent(history_titles)
-        return self._recommend_messages(titles, self._clean(context) if context else None)
+        ctx = self._clean(context) if context else None
+        listed = "".join(f"{ITEM_BULLET} {title}\n" for title in titles)
+        partial = {"role": "assistant", "content": listed + ITEM_BULLET}
+        return [*self._request_messages(ctx), partial]
 
     def recommend_prompt_ids(
         self, history_titles: Sequence[str], context: str | None = None
     ) -> list[int]:
-        """Token ids of the recommendation prompt, ending with the assistant generation prompt.
+        """Token ids of the recommendation prompt: the request, then the history as the
+        assistant's list, ending with the bullet the next title follows.
 
-        Keeps the most recent items that fit ``max_prompt_tokens`` (binary search over the
-        number kept, so a long history costs a few renders). If even no items plus the
-        context overflow, the context is cut at the end and a warning is logged.
+        Keeps the most recent items that fit ``max_prompt_tokens``. If even no items plus
+        the context overflow, the context is cut at the end and a warning is logged.
         """
         titles = self._recent(history_titles)
         ctx = self._clean(context) if context else None
-        budget = self.max_prompt_tokens
-
-        def encode(n_items: int, ctx: str | None) -> list[int]:
-            kept = titles[len(titles) - n_items :] if n_items else []
-            return self._chat_ids(self._recommend_messages(kept, ctx))
-
-        # Each listed item costs at least two tokens ("-" and its title), so more than
-        # budget // 2 items can never fit: skip rendering them at all.
-        hi = min(len(titles), budget // 2)
-        ids = encode(hi, ctx)
-        if len(ids) <= budget:
-            return ids
-        best = encode(0, ctx)
-        if len(best) > budget:
-            return self._truncate_context(ctx or "")
-        lo = 0  # invariant: lo items fit (ids in best), hi items do not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            ids = encode(mid, ctx)
-            if len(ids) <= budget:
-                lo, best = mid, ids
-            else:
-                hi = mid
-        if lo < len(titles):
-            log.debug("prompt budget %d: kept %d of %d history items", budget, lo, len(titles))
-        return best
+        head = self._head_ids(ctx)
+        if len(head) + len(self.bullet_ids) > self.max_prompt_tokens:
+            head = self._truncate_context(ctx or "")
+        room = self.max_prompt_tokens - len(head) - len(self.bullet_ids)
+        lines: list[list[int]] = []
+        for title in reversed(titles):  # most recent first, until the budget is spent
+            line = self.bullet_ids + self.target_ids(title)
+            if len(line) > room:
+                break
+            lines.append(line)
+            room -= len(line)
+        if len(lines) < len(titles):
+            log.debug(
+                "prompt budget %d: kept %d of %d history items",
+                self.max_prompt_tokens,
+                len(lines),
+                len(titles),
+            )
+        return head + [t for line in reversed(lines) for t in line] + self.bullet_ids
 
     def target_ids(self, title: str) -> list[int]:
-        """Tokens of ``title`` as the assistant answer: the title, then the end-of-turn token.
+        """Tokens of ``title`` as one line of the list: the title, then the newline.
 
-        Equals what the chat template produces after the generation prompt (minus any
-        text the template appends after the end-of-turn token, e.g. a newline).
+        Contract (while the budget keeps every item): ``recommend_prompt_ids(h + [x]) ==
+        recommend_prompt_ids(h) + target_ids(x) + bullet_ids``. The newline never occurs
+        inside a cleaned title, so no title's target is a prefix of another's.
         """
-        return self._encode(self._clean(title)) + [self.eot_id]
+        return self._encode(" " + self._clean(title)) + self.newline_ids
 
     def chat_system(
         self, history_titles: Sequence[str], excluded_titles: Sequence[str] = ()
@@ -202,29 +207,32 @@ class PromptBuilder:
 
     # ----- internals ------------------------------------------------------------------
 
-    def _recommend_messages(self, titles: list[str], context: str | None) -> list[dict[str, str]]:
-        # titles and context are already cleaned and capped
+    def _request_messages(self, context: str | None) -> list[dict[str, str]]:
+        # context is already cleaned
         return [
             {"role": "system", "content": self._render(RECOMMEND_SYSTEM)},
-            {
-                "role": "user",
-                "content": self._render(RECOMMEND_USER, history=titles, context=context),
-            },
+            {"role": "user", "content": self._render(RECOMMEND_USER, context=context)},
         ]
 
+    def _head_ids(self, context: str | None) -> list[int]:
+        """The request rendered through the chat template, up to the assistant's turn."""
+        return self._chat_ids(self._request_messages(context))
+
     def _truncate_context(self, context: str) -> list[int]:
-        """Prompt with no history and the longest context prefix (in tokens) that fits."""
+        """Request ids with the longest context prefix (in tokens) that leaves room for the
+        bullet."""
         ctx_ids = self._encode(context)
+        budget = self.max_prompt_tokens - len(self.bullet_ids)
 
         def encode(n_tokens: int) -> list[int]:
             cut = self.tokenizer.decode(ctx_ids[:n_tokens]).strip() if n_tokens else ""
-            return self._chat_ids(self._recommend_messages([], cut or None))
+            return self._head_ids(cut or None)
 
         lo, hi, best = 0, len(ctx_ids), encode(0)  # 0 fits (checked at init), hi does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
             ids = encode(mid)
-            if len(ids) <= self.max_prompt_tokens:
+            if len(ids) <= budget:
                 lo, best = mid, ids
             else:
                 hi = mid
@@ -260,24 +268,6 @@ class PromptBuilder:
         return _as_id_list(
             self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         )
-
-    def _end_of_turn_id(self) -> int:
-        """The token the chat template closes an assistant turn with.
-
-        Read off the template itself (``<|im_end|>`` for ChatML/SmolLM2/Qwen,
-        ``<|eot_id|>`` for Llama 3), so any chat model gets the right training target;
-        the tokenizer's eos is the fallback.
-        """
-        messages = self._recommend_messages([], None)
-        messages.append({"role": "assistant", "content": _PROBE_ANSWER})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        at = text.rfind(_PROBE_ANSWER)
-        suffix = self._encode(text[at + len(_PROBE_ANSWER) :]) if at >= 0 else []
-        if suffix:
-            return suffix[0]
-        if self.tokenizer.eos_token_id is None:
-            raise ValueError("cannot tell the end-of-turn token: no chat-template suffix, no eos")
-        return int(self.tokenizer.eos_token_id)
 
 
 def _special_token_strings(tokenizer: Any) -> set[str]:

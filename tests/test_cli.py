@@ -69,7 +69,7 @@ def test_main_job_on_the_real_model(tmp_path):
         "model.dtype=bfloat16",
         "eval.n_users=4",
         "finetune.n_users=8",
-        "finetune.examples_per_user=1",
+        "finetune.targets_per_user=2",
         "finetune.batch_size=4",
         f"eval.results_dir={tmp_path / 'results'}",
         f"finetune.output_dir={tmp_path / 'centralized'}",

@@ -28,12 +28,40 @@ def test_examples_mask_the_prompt(setup, tiny_dataset):
     first = examples[0]
     n_answer = sum(label != IGNORE_INDEX for label in first.labels)
     answer = [t for t, label in zip(first.input_ids, first.labels, strict=True) if label != -100]
-    assert answer[-1] == prompts.eot_id
+    assert answer[-1:] == prompts.newline_ids
     assert n_answer == len(answer) and n_answer < len(first.input_ids)
     batch = collate(examples[:3], tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     # Padding carries neither attention nor loss.
     assert ((batch["attention_mask"] == 0) <= (batch["labels"] == IGNORE_INDEX)).all()
+
+
+def test_a_sequence_scores_consecutive_targets_as_decoding_sees_them(setup, tiny_dataset):
+    """Each target of a sequence sits after exactly the prompt that decoding would build."""
+    _, _, prompts, _ = setup
+    split = leave_last_out(tiny_dataset.histories)
+    user = max(split.train, key=lambda u: len(split.train[u]))
+    items = list(split.train[user])
+    titles = [tiny_dataset.catalog.display(i) for i in items]
+    unbounded = PromptBuilder(prompts.tokenizer, max_history_items=1000, max_prompt_tokens=4000)
+    examples = next_item_examples({user: items}, tiny_dataset.catalog, unbounded, 5, 3)
+    assert [e.targets for e in examples] == [3, 2]  # the last 5 positions, 3 then 2
+    for example, start in zip(examples, (len(items) - 5, len(items) - 2), strict=True):
+        for j in range(example.targets):
+            t = start + j
+            prefix = unbounded.recommend_prompt_ids(titles[:t])
+            target = unbounded.target_ids(titles[t])
+            assert example.input_ids[: len(prefix) + len(target)] == prefix + target
+            assert example.labels[len(prefix) : len(prefix) + len(target)] == target
+        labeled = [label for label in example.labels if label != IGNORE_INDEX]
+        expected = [tok for t in titles[start : start + example.targets]
+                    for tok in unbounded.target_ids(t)]  # fmt: skip
+        assert labeled == expected  # bullets and the prompt carry no loss
+    # One target per example: the plain "items before t -> item t" pairs.
+    singles = next_item_examples({user: items}, tiny_dataset.catalog, unbounded, 5)
+    assert [e.targets for e in singles] == [1] * 5
+    with pytest.raises(ValueError, match="per_example"):
+        next_item_examples({user: items}, tiny_dataset.catalog, unbounded, 5, 0)
 
 
 def answer_logprob(model, example) -> float:

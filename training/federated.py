@@ -255,7 +255,11 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
     def examples_of(user_id: str) -> list[Example]:
         if user_id not in examples:  # tokenized once per process
             examples[user_id] = next_item_examples(
-                {user_id: split.train[user_id]}, dataset.catalog, prompts, fed.examples_per_user
+                {user_id: split.train[user_id]},
+                dataset.catalog,
+                prompts,
+                per_user=fed.targets_per_user,
+                per_example=fed.targets_per_example,
             )
         return examples[user_id]
 
