@@ -8,6 +8,7 @@ items); learned methods are fitted on the training split only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -21,11 +22,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from llmrec.atomic import write_json_atomic, write_text_atomic
 from llmrec.baselines import ItemKNN, Popularity
 from llmrec.config import AppConfig
 from llmrec.data import Dataset, Split, leave_last_out
 from llmrec.federated import adapter_for
-from llmrec.finetune import next_item_examples, sample_users, train_lora
+from llmrec.finetune import ADAPTER_DIR, next_item_examples, sample_users, train_lora
 from llmrec.launch import train_command
 from llmrec.metrics import mean_metrics
 from llmrec.model import resolve_model_path
@@ -52,6 +54,10 @@ FEDERATED = {
 }
 RUN_DIR = "run"
 STORE_DIR = "adapters"
+TRAINED_WITH = "trained_with.json"
+# What a trained adapter depends on; a finished run trained with the same is reused.
+CENTRALIZED_SECTIONS = ("data", "model", "prompts", "lora", "finetune")
+FEDERATED_SECTIONS = ("data", "model", "prompts", "lora", "recommend", "fed")
 
 
 @dataclass
@@ -140,9 +146,10 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
             run("zero-shot", lambda: _llm_ranker(build_recommender(cfg, dataset, model, tokenizer)))
         if "centralized" in methods:
             start = time.perf_counter()
-            adapter_dir = train_centralized(cfg, dataset, split, model, tokenizer)
-            report.seconds["centralized-train"] = round(time.perf_counter() - start, 1)
-            model, tokenizer = load_base(cfg)  # a fresh base: training wrapped the old one
+            adapter_dir, reused = centralized_adapter(cfg, dataset, split, model, tokenizer)
+            if not reused:
+                report.seconds["centralized-train"] = round(time.perf_counter() - start, 1)
+                model, tokenizer = load_base(cfg)  # a fresh base: training wrapped the old one
             tuned = attach_adapter(model, adapter_dir)
             run(
                 "centralized",
@@ -154,6 +161,35 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
         report.meta[f"{method}_run"] = str(run_dir)
     write_report(report, Path(cfg.eval.results_dir))
     return report
+
+
+def training_inputs(cfg: AppConfig, sections: Sequence[str]) -> dict:
+    """The config sections a training run depends on, minus where its outputs go."""
+    dumped = json.loads(cfg.model_dump_json(include=set(sections)))
+    for section in ("finetune", "fed"):
+        for key in ("output_dir", "store_dir"):
+            dumped.get(section, {}).pop(key, None)
+    return dumped
+
+
+def _fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def centralized_adapter(
+    cfg: AppConfig, dataset: Dataset, split: Split, model, tokenizer
+) -> tuple[Path, bool]:
+    """The centralized adapter for ``cfg``: reused when ``finetune.output_dir`` holds one
+    trained with the same inputs, else trained now. Returns (adapter dir, reused)."""
+    out_dir = Path(cfg.finetune.output_dir)
+    inputs = training_inputs(cfg, CENTRALIZED_SECTIONS)
+    marker = out_dir / TRAINED_WITH
+    if marker.is_file() and json.loads(marker.read_text()) == inputs:
+        log.info("centralized: reusing the adapter trained with this config in %s", out_dir)
+        return out_dir / ADAPTER_DIR, True
+    adapter_dir = train_centralized(cfg, dataset, split, model, tokenizer)
+    write_json_atomic(marker, inputs, sort_keys=True)
+    return adapter_dir, False
 
 
 def train_centralized(cfg: AppConfig, dataset: Dataset, split: Split, model, tokenizer) -> Path:
@@ -188,16 +224,20 @@ def federated_run(cfg: AppConfig, method: str) -> Path:
     """The finished federated run behind ``method``: trained now unless one exists already.
 
     Runs `accelerate launch training/federated.py` in a child process (as `llmrec train`
-    does) with this config plus the method's adapter split; interrupted runs resume.
+    does) with this config plus the method's adapter split; interrupted runs resume. Each
+    run's folder is named by the fingerprint of what it was trained with, so a changed
+    config trains anew instead of reusing a stale run (and deletes nothing).
     """
-    folder = Path(cfg.eval.federated_dir) / method
+    inputs = training_inputs(cfg, FEDERATED_SECTIONS)
+    folder = Path(cfg.eval.federated_dir) / f"{method}-{_fingerprint(inputs)}"
     run_dir = folder / RUN_DIR
     if (run_dir / "export.json").is_file():
         log.info("%s: reusing the finished run in %s", method, run_dir)
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "config.yaml"
-    config_path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    dumped = yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+    write_text_atomic(config_path, dumped)
     overrides = FEDERATED[method] + [
         f"fed.output_dir={run_dir}",
         f"fed.store_dir={folder / STORE_DIR}",

@@ -1,0 +1,63 @@
+"""Evaluation bookkeeping: a trained adapter is reused only for the config it was trained with."""
+
+from pathlib import Path
+
+import pytest
+
+from llmrec.config import load_config
+from llmrec.data import leave_last_out
+from llmrec.evaluate import CENTRALIZED_SECTIONS, centralized_adapter, training_inputs
+from llmrec.runtime import load_base
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tiny"
+
+
+@pytest.fixture
+def cfg_for(tiny_model_dir, tmp_path):
+    def make(*overrides: str):
+        return load_config(
+            None,
+            [
+                "data.name=generic",
+                f"data.interactions={FIXTURES / 'interactions.csv'}",
+                f"data.catalog={FIXTURES / 'catalog.csv'}",
+                f"model.name_or_path={tiny_model_dir}",
+                "model.dtype=float32",
+                "prompts.max_history_items=4",
+                "lora.r=2",
+                "lora.target_modules=[q_proj,v_proj]",
+                "finetune.n_users=4",
+                "finetune.targets_per_user=2",
+                "finetune.batch_size=4",
+                f"finetune.output_dir={tmp_path / 'centralized'}",
+                *overrides,
+            ],
+        )
+
+    return make
+
+
+def test_training_inputs_leave_out_where_outputs_go(cfg_for, tmp_path):
+    base = training_inputs(cfg_for(), CENTRALIZED_SECTIONS)
+    moved = training_inputs(cfg_for(f"finetune.output_dir={tmp_path / 'x'}"), CENTRALIZED_SECTIONS)
+    assert base == moved
+    assert base != training_inputs(cfg_for("finetune.learning_rate=0.01"), CENTRALIZED_SECTIONS)
+    assert "eval" not in base  # evaluating differently does not retrain
+
+
+def test_centralized_adapter_is_reused_only_for_the_same_config(cfg_for, tiny_dataset):
+    split = leave_last_out(tiny_dataset.histories)
+
+    def adapter(cfg):
+        model, tokenizer = load_base(cfg)
+        return centralized_adapter(cfg, tiny_dataset, split, model, tokenizer)
+
+    cfg = cfg_for()
+    first, reused = adapter(cfg)
+    assert not reused and (first / "adapter_model.safetensors").is_file()
+    written = (first / "adapter_model.safetensors").stat().st_mtime_ns
+    again, reused = adapter(cfg)
+    assert reused and again == first
+    assert (first / "adapter_model.safetensors").stat().st_mtime_ns == written
+    _, reused = adapter(cfg_for("finetune.learning_rate=0.01"))
+    assert not reused  # another config: trained anew, not a stale adapter
