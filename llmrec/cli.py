@@ -213,16 +213,21 @@ def print_report(report) -> None:
         title=f"{report.dataset}: {report.users} users (seed {report.seed}), "
         "leave-last-out, full ranking"
     )
-    for col in ("method", f"HR@{k}", f"NDCG@{k}", "seconds"):
+    for col in ("method", f"HR@{k}", f"NDCG@{k}", "test NLL", "seconds"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for name, row in report.results.items():
         table.add_row(
             name,
             f"{row[f'HR@{k}']:.4f}",
             f"{row[f'NDCG@{k}']:.4f}",
+            f"{row['NLL']:.3f}" if "NLL" in row else "-",  # LLM methods only
             str(report.seconds.get(name, "")),
         )
     console.print(table)
+    for key, value in report.meta.items():
+        if key.startswith("ours_beats_"):
+            other = key.removeprefix("ours_beats_")
+            console.print(f"ours gives the test item a lower NLL than {other} for {value}")
 
 
 @app.command()

@@ -45,6 +45,8 @@ REPORT_PNG = "eval.png"
 
 Ranker = Callable[[str, Sequence[str], int], list[str]]
 """(user_id, input history, k) -> ranked item ids."""
+Scorer = Callable[[str, Sequence[str], str], float]
+"""(user_id, input history, item id) -> log-probability of the item (LLM methods)."""
 
 # The three federated methods differ only in the adapter split they train.
 FEDERATED = {
@@ -71,6 +73,8 @@ class EvalReport:
     results: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     meta: dict[str, object] = field(default_factory=dict)
+    test_nll: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per LLM method, each user's negative log-likelihood of their test item."""
 
     def to_json(self) -> dict:
         return {
@@ -81,6 +85,7 @@ class EvalReport:
             "results": self.results,
             "seconds": self.seconds,
             "meta": self.meta,
+            "test_nll": self.test_nll,
         }
 
 
@@ -94,8 +99,28 @@ def rank_users(
     return mean_metrics(rankings, k)
 
 
-def _llm_ranker(recommender) -> Ranker:
-    return lambda _user, history, k: [r.item_id for r in recommender.recommend(history, k=k)]
+def test_nll(scorer: Scorer, split: Split, users: Sequence[str]) -> dict[str, float]:
+    """Each user's negative log-likelihood of their test item under ``scorer``.
+
+    Finer than HR@k on a few users: it moves even when the item stays outside the top k,
+    so it shows per user whether an adapter fits that user better than another."""
+    return {
+        u: round(-scorer(u, split.history_for_test(u), split.test[u]), 4)
+        for u in tqdm(users, desc="test NLL", leave=False)
+    }
+
+
+def users_better(ours: dict[str, float], other: dict[str, float]) -> str:
+    """For how many users ``ours`` gives their test item a lower NLL, as "n/N users"."""
+    wins = sum(ours[u] < other[u] for u in ours)
+    return f"{wins}/{len(ours)} users"
+
+
+def _llm_methods(recommender) -> tuple[Ranker, Scorer]:
+    return (
+        lambda _user, history, k: [r.item_id for r in recommender.recommend(history, k=k)],
+        lambda _user, history, item: recommender.item_logprob(history, item),
+    )
 
 
 def _shared_ranker(recommend: Callable[[Sequence[str], int], list[str]]) -> Ranker:
@@ -126,9 +151,15 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
         "user_sample": "federated cohort" if runs else "seeded sample of users with a test item",
     }
 
-    def run(name: str, make_ranker: Callable[[], Ranker]) -> None:
+    def run(name: str, make_ranker: Callable[[], Ranker | tuple[Ranker, Scorer]]) -> None:
         start = time.perf_counter()
-        report.results[name] = rank_users(name, make_ranker(), split, users, k)
+        made = make_ranker()
+        ranker, scorer = made if isinstance(made, tuple) else (made, None)
+        report.results[name] = rank_users(name, ranker, split, users, k)
+        if scorer is not None:
+            report.test_nll[name] = test_nll(scorer, split, users)
+            values = report.test_nll[name].values()
+            report.results[name]["NLL"] = round(sum(values) / len(values), 4)
         report.seconds[name] = round(time.perf_counter() - start, 1)
         log.info("%s: %s", name, report.results[name])
 
@@ -143,7 +174,8 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
     if "zero-shot" in methods or "centralized" in methods:
         model, tokenizer = load_base(cfg)
         if "zero-shot" in methods:
-            run("zero-shot", lambda: _llm_ranker(build_recommender(cfg, dataset, model, tokenizer)))
+            base = build_recommender(cfg, dataset, model, tokenizer)
+            run("zero-shot", lambda: _llm_methods(base))
         if "centralized" in methods:
             start = time.perf_counter()
             adapter_dir, reused = centralized_adapter(cfg, dataset, split, model, tokenizer)
@@ -153,12 +185,17 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
             tuned = attach_adapter(model, adapter_dir)
             run(
                 "centralized",
-                lambda: _llm_ranker(build_recommender(cfg, dataset, tuned, tokenizer)),
+                lambda: _llm_methods(build_recommender(cfg, dataset, tuned, tokenizer)),
             )
             report.meta["centralized_adapter"] = str(adapter_dir)
     for method, run_dir in runs.items():
-        run(method, lambda run_dir=run_dir: _store_ranker(cfg, dataset, run_dir, users))
+        run(method, lambda run_dir=run_dir: _store_methods(cfg, dataset, run_dir, users))
         report.meta[f"{method}_run"] = str(run_dir)
+    for other in ("shared-only", "personal-only"):
+        if "ours" in report.test_nll and other in report.test_nll:
+            report.meta[f"ours_beats_{other}"] = users_better(
+                report.test_nll["ours"], report.test_nll[other]
+            )
     write_report(report, Path(cfg.eval.results_dir))
     return report
 
@@ -261,7 +298,9 @@ def _cohort(runs: dict[str, Path]) -> list[str]:
     return first
 
 
-def _store_ranker(cfg: AppConfig, dataset: Dataset, folder: Path, users: Sequence[str]) -> Ranker:
+def _store_methods(
+    cfg: AppConfig, dataset: Dataset, folder: Path, users: Sequence[str]
+) -> tuple[Ranker, Scorer]:
     """Each user ranked with the adapter the store would serve them (own, else shared)."""
     base_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
     store = AdapterStore(folder / STORE_DIR, module_shapes=module_shapes_for(base_path))
@@ -274,12 +313,19 @@ def _store_ranker(cfg: AppConfig, dataset: Dataset, folder: Path, users: Sequenc
     slot = AdapterSlot(model, max(w.r for w in weights.values()), first.target_modules)
     recommender = build_recommender(cfg, dataset, slot.model, tokenizer)
 
-    def rank(user_id: str, history: Sequence[str], k: int) -> list[str]:
+    def use(user_id: str) -> None:
         name = refs[user_id].adapter_name
         slot.use(weights[name], name)
+
+    def rank(user_id: str, history: Sequence[str], k: int) -> list[str]:
+        use(user_id)
         return [r.item_id for r in recommender.recommend(history, k=k)]
 
-    return rank
+    def score(user_id: str, history: Sequence[str], item_id: str) -> float:
+        use(user_id)
+        return recommender.item_logprob(history, item_id)
+
+    return rank, score
 
 
 def write_report(report: EvalReport, results_dir: Path) -> tuple[Path, Path]:

@@ -202,6 +202,20 @@ class Recommender:
         ]
 
     @torch.inference_mode()
+    def item_logprob(
+        self, history: Sequence[str], item_id: str, context: str | None = None
+    ) -> float:
+        """Log-probability of ``item_id``'s title as the next item: the very score the beam
+        search would give it (no beam pruning), in one forward pass."""
+        prompt = self.prompts.recommend_prompt_ids(self.history_titles(history), context)
+        target = self.prompts.target_ids(self.catalog.display(item_id))
+        ids = torch.tensor([prompt + target], device=self.device)
+        logp = torch.log_softmax(
+            self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1
+        )
+        return logp.gather(1, torch.tensor(target, device=self.device)[:, None]).sum().item()
+
+    @torch.inference_mode()
     def generate(
         self, messages: list[dict], max_new_tokens: int = 96, temperature: float = 0.0
     ) -> str:

@@ -61,3 +61,24 @@ def test_centralized_adapter_is_reused_only_for_the_same_config(cfg_for, tiny_da
     assert (first / "adapter_model.safetensors").stat().st_mtime_ns == written
     _, reused = adapter(cfg_for("finetune.learning_rate=0.01"))
     assert not reused  # another config: trained anew, not a stale adapter
+
+
+def test_item_logprob_is_the_beam_search_score(cfg_for, tiny_dataset):
+    """The test-item NLL column scores exactly what the ranking scores."""
+    from llmrec.runtime import build_recommender
+
+    cfg = cfg_for("recommend.beam_width=40")
+    model, tokenizer = load_base(cfg)
+    recommender = build_recommender(cfg, tiny_dataset, model, tokenizer)
+    history = tiny_dataset.histories[next(iter(tiny_dataset.histories))][:5]
+    ranked = recommender.recommend(history, k=5)
+    for rec in ranked:
+        assert recommender.item_logprob(history, rec.item_id) == pytest.approx(rec.score, abs=1e-4)
+
+
+def test_users_better_counts_lower_nll():
+    from llmrec.evaluate import users_better
+
+    assert users_better({"a": 1.0, "b": 3.0, "c": 2.0}, {"a": 2.0, "b": 2.0, "c": 2.0}) == (
+        "1/3 users"
+    )
