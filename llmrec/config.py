@@ -156,8 +156,8 @@ class FedConfig(BaseModel):
     """Clients sampled per round: more averages more evenly, costs linearly more compute."""
     local_steps: int = Field(4, ge=1)
     """Optimizer steps each client takes per round; more steps drift further from the others."""
-    local_batch_size: int = Field(4, ge=1)
-    """Sequences per local optimizer step."""
+    local_batch_size: int = Field(1, ge=1)
+    """Sequences per local optimizer step (each scores targets_per_example items)."""
     targets_per_user: int = Field(32, ge=1)
     """Next-item targets per client, from the end of its training history."""
     targets_per_example: int = Field(8, ge=1)
