@@ -254,5 +254,27 @@ def make_tiny_model(
     console.print(f"tiny model: {build_tiny_model(out_dir, seed=seed)}")
 
 
+PLUGIN_GROUP = "llmrec.commands"
+"""Entry-point group of CLI plugins: each entry is a function called with the Typer app."""
+
+
+def _load_plugins() -> None:
+    """Add the commands of installed plugins (e.g. ``serve`` from the serving application).
+
+    The library never imports them: a plugin registers itself through its package's entry
+    points. One that fails to load is reported and skipped, so the rest of the CLI works.
+    """
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=PLUGIN_GROUP):
+        try:
+            entry.load()(app)
+        except Exception as err:  # a broken plugin must not take the whole CLI down
+            logging.getLogger(__name__).warning("llmrec plugin %r not loaded: %s", entry.name, err)
+
+
+_load_plugins()
+
+
 if __name__ == "__main__":
     app()

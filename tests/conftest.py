@@ -26,3 +26,80 @@ def tiny_dataset():
     from llmrec.data import load_generic
 
     return load_generic(FIXTURES / "tiny" / "interactions.csv", FIXTURES / "tiny" / "catalog.csv")
+
+
+def _random_lora(shapes, targets, rank: int, seed: int, base: str):
+    """A LoRA with weights big enough to move the tiny model's outputs visibly."""
+    import torch
+
+    from llmrec.lora import LoraWeights
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for module, (out_f, in_f) in sorted(shapes.items()):
+        if module.rsplit(".", 1)[-1] in targets:
+            state[f"base_model.model.{module}.lora_A.weight"] = (
+                torch.randn(rank, in_f, generator=gen) * 0.5
+            )
+            state[f"base_model.model.{module}.lora_B.weight"] = (
+                torch.randn(out_f, rank, generator=gen) * 0.5
+            )
+    return LoraWeights(state, rank, float(2 * rank), tuple(targets), base)
+
+
+@pytest.fixture(scope="module")
+def serving_world(tmp_path_factory, tiny_model_dir):
+    """An adapter store with users 1 and 2 (own adapters) and a shared adapter, keys for
+    users 1, 2, 3 (3 has no adapter: cold start) and an admin, and the config overrides
+    that serve them on the tiny model and the tiny data set. ``publish(user, seed)`` adds a
+    version. One per test module: tests that publish use users of their own."""
+    from types import SimpleNamespace
+
+    from llmrec.model import fingerprint_model_dir
+    from llmrec.store import AdapterStore, module_shapes_for
+    from serving.keys import KeyStore
+
+    tmp_path = tmp_path_factory.mktemp("serving")
+    targets = ("q_proj", "v_proj")
+    shapes = module_shapes_for(tiny_model_dir)
+    fingerprint = fingerprint_model_dir(tiny_model_dir)
+    store = AdapterStore(
+        tmp_path / "adapters", max_rank=16, module_shapes=shapes, base_fingerprint=fingerprint
+    )
+
+    def publish(user_id: str, seed: int, rank: int = 8):
+        weights = _random_lora(shapes, targets, rank, seed, str(tiny_model_dir))
+        if user_id == "_shared":
+            return store.publish_shared(weights, base_fingerprint=fingerprint)
+        return store.publish(user_id, weights, base_fingerprint=fingerprint)
+
+    publish("_shared", seed=100)
+    publish("1", seed=1)
+    publish("2", seed=2)
+    keys = KeyStore(tmp_path / "keys.json")
+    tiny = FIXTURES / "tiny"
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}",
+        "model.dtype=float32",
+        "data.name=generic",
+        f"data.interactions={tiny / 'interactions.csv'}",
+        f"data.catalog={tiny / 'catalog.csv'}",
+        "lora.target_modules=[q_proj, v_proj]",
+        "prompts.max_history_items=5",
+        "prompts.max_prompt_tokens=256",
+        "recommend.k=5",
+        "recommend.beam_width=8",
+        f"serve.store_dir={store.root}",
+        f"serve.keys_file={keys.path}",
+        "serve.max_model_len=512",
+        "serve.explain=false",
+        "serve.explain_max_tokens=8",
+    ]
+    return SimpleNamespace(
+        store=store,
+        publish=publish,
+        keys={u: keys.add(u) for u in ("1", "2", "3")} | {"admin": keys.add(None, admin=True)},
+        overrides=overrides,
+        model_dir=tiny_model_dir,
+        tmp=tmp_path,
+    )

@@ -1,0 +1,102 @@
+"""``llmrec serve`` and ``llmrec keys``: registered into the llmrec CLI as a plugin.
+
+``pyproject.toml`` lists :func:`register` under the ``llmrec.commands`` entry-point group;
+``llmrec.cli`` calls every such hook with its Typer app, so the library never imports this
+package. Heavy imports (FastAPI, torch, vLLM) happen inside the commands, so the CLI stays
+fast and works where they are missing.
+
+    llmrec keys add alice                  # prints alice's key once
+    llmrec keys add --admin                # an admin key
+    llmrec serve -c training/configs/ml100k.yaml serve.port=8000
+    llmrec serve serve.backend=inprocess   # without vLLM
+    llmrec serve serve.vllm_url=http://127.0.0.1:8001   # attach to a running vLLM
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+keys_app = typer.Typer(help="Per-user API keys of the serving gateway.", no_args_is_help=True)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (sections as in `config show`)."),
+]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Overrides like serve.port=9000 (applied last).")
+]
+
+
+def _config(config: Path | None, overrides: list[str] | None):
+    from llmrec.config import ConfigError
+    from serving.config import load_serving_config
+
+    try:
+        return load_serving_config(config, overrides or [])
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="config") from err
+
+
+def serve(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+    """Serve recommendations and chat: the vLLM server with per-user LoRA and the gateway."""
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.runtime import build_services
+
+    cfg = _config(config, overrides)
+    app = create_app(build_services(cfg))
+    typer.echo(f"llmrec gateway on http://{cfg.serve.host}:{cfg.serve.port} (docs at /docs)")
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+
+
+@keys_app.command("add")
+def keys_add(
+    user: Annotated[str | None, typer.Argument(help="User id (omit with --admin).")] = None,
+    admin: Annotated[bool, typer.Option(help="Make an admin key.")] = False,
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Make a key and print it once (only its hash is stored)."""
+    from serving.keys import KeyStore
+
+    if (user is None) != admin:
+        raise typer.BadParameter("give a user id, or --admin without one", param_hint="user")
+    store = KeyStore(_config(config, overrides).serve.keys_file)
+    try:
+        typer.echo(store.add(user, admin=admin))
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="user") from err
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    user: Annotated[str | None, typer.Argument(help="User id (omit with --admin).")] = None,
+    admin: Annotated[bool, typer.Option(help="Revoke every admin key.")] = False,
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Revoke every key of a user (or every admin key)."""
+    from serving.keys import KeyStore
+
+    store = KeyStore(_config(config, overrides).serve.keys_file)
+    typer.echo(f"revoked {store.revoke(user, admin=admin)} key(s)")
+
+
+@keys_app.command("ls")
+def keys_ls(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+    """List who has keys (never the keys themselves)."""
+    from serving.keys import KeyStore
+
+    for record in KeyStore(_config(config, overrides).serve.keys_file).list():
+        who = "admin" if record.admin else record.user_id
+        typer.echo(f"{who}\t{record.created_at}")
+
+
+def register(app: typer.Typer) -> None:
+    """The ``llmrec.commands`` hook: add ``serve`` and ``keys`` to the llmrec CLI."""
+    app.command("serve")(serve)
+    app.add_typer(keys_app, name="keys")

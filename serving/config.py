@@ -1,0 +1,159 @@
+"""The ``serve`` section: the gateway, the vLLM engine it runs, and the request limits.
+
+``ServingConfig`` is :class:`llmrec.config.AppConfig` plus this section, loaded the same
+way (defaults < YAML < ``LLMREC_*`` env, e.g. ``LLMREC_SERVE__PORT=9000`` < ``a.b=c``), so
+one YAML file configures training, evaluation and serving alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmrec.config import AppConfig, ConfigError, _YamlSource, parse_overrides
+
+_DOCS = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ranks vLLM accepts as ``--max-lora-rank`` (vllm.config.lora.MaxLoRARanks)."""
+
+
+class LimitsConfig(BaseModel):
+    model_config = _DOCS
+
+    max_body_bytes: int = Field(65536, ge=1024)
+    """Largest request body; a bigger one gets 413 before it is parsed."""
+    max_k: int = Field(50, ge=1, le=500)
+    """Most items one recommendation request may ask for (beam width grows with k)."""
+    max_history_items: int = Field(200, ge=0)
+    """Longest history (and exclude list) a request may carry; the prompt keeps the last few."""
+    max_context_chars: int = Field(500, ge=0)
+    """Longest free-text context of a recommendation request."""
+    max_tokens: int = Field(256, ge=1)
+    """Most tokens a chat completion may generate."""
+    max_messages: int = Field(64, ge=1)
+    """Most messages in one chat request."""
+    max_message_chars: int = Field(8000, ge=1)
+    """Longest single chat message."""
+    request_timeout_s: float = Field(120.0, gt=0)
+    """Wall-clock budget of one request, queueing included; past it the answer is 504."""
+    max_concurrency: int = Field(8, ge=1)
+    """Requests the backend works on at once; more wait in the queue."""
+    max_queue: int = Field(64, ge=0)
+    """Requests allowed to wait; one more gets 503 + Retry-After instead of a longer queue."""
+    per_user_concurrency: int = Field(4, ge=1)
+    """Requests one user may have queued or running; one more gets 429 + Retry-After."""
+    queue_timeout_s: float = Field(30.0, gt=0)
+    """Longest wait for a free slot before 503 + Retry-After."""
+    retry_after_s: int = Field(1, ge=1)
+    """The Retry-After seconds sent with 429/503."""
+
+
+class ServeConfig(BaseModel):
+    model_config = _DOCS
+
+    backend: Literal["vllm", "inprocess"] = "vllm"
+    """vllm: a vLLM OpenAI server (managed child process, or ``vllm_url``); inprocess:
+    transformers + peft in the gateway process (where vLLM cannot be installed)."""
+    host: str = "127.0.0.1"
+    """Gateway bind address."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Gateway port."""
+    vllm_url: str | None = None
+    """Attach to this already running vLLM server (e.g. http://10.0.0.5:8001) instead of
+    starting one; it must have been started with --enable-lora and runtime LoRA updating."""
+    vllm_port: int = Field(8001, ge=1, le=65535)
+    """Port of the managed vLLM server (bound to 127.0.0.1: only the gateway talks to it)."""
+    vllm_args: list[str] = []
+    """Extra command-line arguments for the managed vLLM server."""
+    vllm_startup_timeout_s: float = Field(600.0, gt=0)
+    """How long the managed server may take to become healthy (CPU start-up is ~1 min)."""
+    vllm_max_restarts: int = Field(3, ge=0)
+    """Restarts of a managed server that died before the gateway gives up (readyz -> 503)."""
+    store_dir: Path | None = None
+    """Adapter store to serve; None = the fed section's store_dir."""
+    max_loras: int = Field(4, ge=1)
+    """Adapters in one engine batch (vLLM --max-loras): more mixes users, costs memory."""
+    max_cpu_loras: int = Field(32, ge=1)
+    """Adapters vLLM keeps in memory (--max-cpu-loras); also the gateway's LRU size."""
+    max_lora_rank: int | None = None
+    """vLLM --max-lora-rank; None = the smallest vLLM rank that holds every stored adapter
+    (padding to a larger rank costs speed). Also the store's rank limit."""
+    max_model_len: int = Field(1024, ge=64)
+    """Context length of the engine: prompt + generated tokens."""
+    block_size: int = Field(32, ge=16)
+    """KV-cache block (vLLM --block-size): prefix caching reuses whole blocks, so small
+    blocks let every beam step reuse the recommendation prompt (vLLM's CPU default is 128)."""
+    kv_cache_gib: float = Field(1.0, gt=0)
+    """vLLM CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE)."""
+    cpu_threads: str = "auto"
+    """VLLM_CPU_OMP_THREADS_BIND: auto, nobind, or core ids such as 0-3."""
+    keys_file: Path = Path("outputs/serving/keys.json")
+    """Hashed API keys (``llmrec keys add USER``); read again when it changes."""
+    explain: bool = True
+    """Add a one-line reason from the user's adapter to each recommended item by default."""
+    explain_max_tokens: int = Field(40, ge=1, le=256)
+    """Token budget of one reason."""
+    limits: LimitsConfig = LimitsConfig()
+    """Request limits, queue and time budget."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras (vLLM refuses it otherwise)")
+        if self.max_lora_rank is not None and self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}")
+        return self
+
+
+class ServingConfig(AppConfig):
+    """Everything ``llmrec serve`` needs: the library's sections plus ``serve``."""
+
+    serve: ServeConfig = ServeConfig()
+    """The gateway, its engine and its limits."""
+
+    @property
+    def store_dir(self) -> Path:
+        """The adapter store served."""
+        return self.serve.store_dir or self.fed.store_dir
+
+
+def load_serving_config(
+    path: Path | None = None, overrides: list[str] | None = None
+) -> ServingConfig:
+    """Like :func:`llmrec.config.load_config`, for the library's sections plus ``serve``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    # The YAML source of AppConfig reads this class attribute; ServingConfig inherits it.
+    _YamlSource.data = data
+    try:
+        return ServingConfig(**parse_overrides(overrides or []))
+    except ValidationError as err:
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid config: {fields}") from err
+    finally:
+        _YamlSource.data = {}
+
+
+def engine_rank(store_ranks: list[int], configured: int | None) -> int:
+    """The vLLM ``--max-lora-rank``: the configured one, else the smallest that fits all."""
+    if configured is not None:
+        return configured
+    need = max(store_ranks, default=16)
+    for rank in VLLM_LORA_RANKS:
+        if rank >= need:
+            return rank
+    raise ValueError(f"an adapter of rank {need} exceeds vLLM's largest rank {VLLM_LORA_RANKS[-1]}")

@@ -1,0 +1,190 @@
+"""Request and response models: the recommendation API and the OpenAI chat subset.
+
+Our own API forbids unknown fields (a typo is a 422, not silently ignored); the OpenAI
+models ignore them, as vLLM does, so clients that send extra OpenAI options still work.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ----------------------------------------------------------------------------- ours
+
+
+class RecommendationRequest(BaseModel):
+    """Ask for the next items for one user."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    user: str | None = None
+    """The user; optional with a user key (it must be the key's user), required with the
+    admin key."""
+    k: int | None = Field(None, ge=1)
+    """How many items (default: the recommend section's k; at most the server's limit)."""
+    context: str | None = None
+    """Optional free-text request, e.g. "something light tonight"."""
+    history: list[str] | None = None
+    """Item ids watched, oldest first; default: the user's stored history."""
+    exclude: list[str] = []
+    """Item ids never to return."""
+    exclude_seen: bool = True
+    """Never return items of the history."""
+    explain: bool | None = None
+    """Add a one-line reason per item (default: the server's setting)."""
+
+
+class RecommendedItem(BaseModel):
+    """One ranked catalog item."""
+
+    rank: int
+    """1 = best."""
+    item_id: str
+    title: str
+    """Display title, "Title (Year)"."""
+    score: float
+    """Log-probability of the title under the user's adapter (higher is better)."""
+    reason: str | None = None
+    """One-line explanation written by the user's adapter."""
+
+
+class RecommendationResponse(BaseModel):
+    """The ranked items and what produced them."""
+
+    user: str
+    adapter: str
+    """The served adapter, ``<user>@v<version>``, ``_shared@v<version>`` (cold start) or
+    ``base`` (nothing published yet)."""
+    items: list[RecommendedItem]
+
+
+class ErrorBody(BaseModel):
+    """OpenAI-style error detail."""
+
+    message: str
+    type: str
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """Every error the gateway answers."""
+
+    error: ErrorBody
+
+
+# ----------------------------------------------------------------------------- OpenAI chat
+
+
+class TextPart(BaseModel):
+    """A text part of a multi-part message (the only kind served)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        """The content as one string."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI ``POST /v1/chat/completions`` (the subset a text chat uses)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    """Accepted and ignored: the adapter is the caller's own, chosen by their key."""
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    user: str | None = None
+    """With the admin key: the user whose adapter answers. With a user key: omitted or
+    that user."""
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class UsageBody(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: UsageBody
+
+
+class DeltaBody(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaBody
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: UsageBody | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llmrec"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,279 @@
+"""The gateway on the in-process backend (transformers + peft) and the tiny Llama.
+
+Fast and real: the same app, router, ranking and limits as with vLLM, only the engine
+differs (tests/test_serving_vllm.py runs the real vLLM server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from llmrec.model import load_model
+from llmrec.prompts import PromptBuilder
+from llmrec.recommender import Recommender
+from llmrec.runtime import attach_adapter
+from serving.admission import Admission, Rejected
+from serving.app import create_app
+from serving.config import load_serving_config
+from serving.runtime import build_services
+
+
+@pytest.fixture(scope="module")
+def services(serving_world):
+    cfg = load_serving_config(None, [*serving_world.overrides, "serve.backend=inprocess"])
+    return build_services(cfg)
+
+
+@pytest.fixture(scope="module")
+def client(services):
+    with TestClient(create_app(services)) as c:
+        yield c
+
+
+def auth(world, who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {world.keys[who]}"}
+
+
+def recommend(client, world, who: str, **body):
+    """Recommendations as ``who`` (with the admin key for users without a key of their own)."""
+    if who not in world.keys:
+        body, who = body | {"user": who}, "admin"
+    r = client.post("/v1/recommendations", json=body, headers=auth(world, who))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def library_ranking(world, services, adapter_dir, history, k=5):
+    """llmrec's own Recommender on the same base (+ adapter): the reference ranking."""
+    model, tokenizer = load_model(str(world.model_dir))
+    if adapter_dir is not None:
+        model = attach_adapter(model, adapter_dir)
+    prompts = PromptBuilder(tokenizer, max_history_items=5, max_prompt_tokens=256)
+    rec = Recommender(model, tokenizer, services.catalog, prompts, beam_width=8)
+    return [(r.item_id, r.score) for r in rec.recommend(history, k=k)]
+
+
+def test_each_user_is_ranked_with_their_own_adapter(client, services, serving_world):
+    history = list(services.histories["1"])
+    out = {who: recommend(client, serving_world, who) for who in ("1", "2")}
+    assert out["1"]["adapter"] == "1@v1" and out["2"]["adapter"] == "2@v1"
+    for who, body in out.items():
+        items = body["items"]
+        assert len(items) == 5
+        seen = set(services.histories[who])
+        assert all(i["item_id"] in services.catalog and i["item_id"] not in seen for i in items)
+        assert [i["score"] for i in items] == sorted((i["score"] for i in items), reverse=True)
+    # Exactly what the library's recommender ranks with that adapter, and not the base's.
+    ref = serving_world.store.current("1")
+    mine = [(i["item_id"], i["score"]) for i in out["1"]["items"]]
+    expected = library_ranking(serving_world, services, ref.path, history)
+    assert [i for i, _ in mine] == [i for i, _ in expected]
+    assert [s for _, s in mine] == pytest.approx([s for _, s in expected], abs=1e-3)
+    base = library_ranking(serving_world, services, None, history)
+    assert [s for _, s in mine] != pytest.approx([s for _, s in base])
+    same_history = recommend(client, serving_world, "2", history=history)
+    assert [i["score"] for i in same_history["items"]] != pytest.approx([s for _, s in mine])
+
+
+def test_cold_start_user_gets_the_shared_adapter(client, serving_world):
+    assert recommend(client, serving_world, "3")["adapter"] == "_shared@v1"
+
+
+def test_new_version_is_served_without_restart(client, services, serving_world):
+    serving_world.publish("5", seed=50)
+    first = recommend(client, serving_world, "5")
+    assert first["adapter"] == "5@v1"
+    serving_world.publish("5", seed=51)
+    second = recommend(client, serving_world, "5")
+    assert second["adapter"] == "5@v2"
+    assert second["items"] != first["items"]
+    assert "5@v1" not in services.router.loaded  # the superseded version was unloaded
+
+
+def test_deleted_and_republished_user_never_gets_stale_weights(client, serving_world):
+    serving_world.publish("6", seed=60)
+    before = recommend(client, serving_world, "6")
+    serving_world.store.delete("6")
+    serving_world.publish("6", seed=61)  # versions restart: the name is 6@v1 again
+    after = recommend(client, serving_world, "6")
+    assert before["adapter"] == after["adapter"] == "6@v1"
+    assert after["items"] != before["items"]
+
+
+def test_context_exclusions_and_reasons(client, services, serving_world):
+    everything = services.catalog.ids
+    body = recommend(
+        client, serving_world, "1", history=everything[:3], exclude=everything[3:-2], k=5,
+        context="something light", explain=True,
+    )  # fmt: skip
+    assert sorted(i["item_id"] for i in body["items"]) == sorted(everything[-2:])
+    assert all(isinstance(i["reason"], str) and "\n" not in i["reason"] for i in body["items"])
+
+
+def test_keys_reach_only_their_own_user(client, serving_world):
+    url = "/v1/recommendations"
+    assert client.post(url, json={}).status_code == 401
+    bad = client.post(url, json={}, headers={"Authorization": "Bearer lrk_nope"})
+    assert bad.status_code == 401 and "Bearer" in bad.headers["www-authenticate"]
+    assert client.post(url, json={"user": "2"}, headers=auth(serving_world, "1")).status_code == 403
+    assert client.post(url, json={}, headers=auth(serving_world, "admin")).status_code == 422
+    as_admin = client.post(url, json={"user": "2"}, headers=auth(serving_world, "admin"))
+    assert as_admin.status_code == 200 and as_admin.json()["adapter"] == "2@v1"
+    chat = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "user": "2"}
+    r = client.post("/v1/chat/completions", json=chat, headers=auth(serving_world, "1"))
+    assert r.status_code == 403
+
+
+BAD_RECOMMENDATIONS = [
+    b"{not json",
+    b"[]",
+    b'{"k": 0}',
+    b'{"k": 100000}',
+    b'{"k": "many"}',
+    b'{"k": 1.5}',
+    b'{"history": ["no-such-item"]}',
+    b'{"exclude": "m1"}',
+    b'{"context": ' + b'"' + b"x" * 2000 + b'"}',
+    b'{"user": "../../etc"}',
+    b'{"user": 7}',
+    b'{"surprise": true}',
+    b'{"history": [' + b",".join([b'"m1"'] * 300) + b"]}",
+    b"\xff\xfe\x00garbage",
+]
+
+BAD_CHATS = [
+    b"{}",
+    b'{"model": "m", "messages": []}',
+    b'{"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}',
+    b'{"model": "m", "messages": [{"role": "user", "content": 5}]}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 3}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["", "a"]}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "' + b"word " * 1500 + b'"}]}',
+]
+
+
+@pytest.mark.parametrize("raw", BAD_RECOMMENDATIONS)
+def test_bad_recommendation_requests_are_4xx(client, serving_world, raw):
+    r = client.post(
+        "/v1/recommendations",
+        content=raw,
+        headers=auth(serving_world, "1") | {"Content-Type": "application/json"},
+    )
+    assert 400 <= r.status_code < 500, (raw[:60], r.status_code, r.text)
+    assert r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("raw", BAD_CHATS)
+def test_bad_chat_requests_are_4xx(client, serving_world, raw):
+    r = client.post(
+        "/v1/chat/completions",
+        content=raw,
+        headers=auth(serving_world, "1") | {"Content-Type": "application/json"},
+    )
+    assert 400 <= r.status_code < 500, (raw[:60], r.status_code, r.text)
+
+
+def test_oversized_body_is_413(client, serving_world):
+    r = client.post(
+        "/v1/recommendations", content=b"{" + b" " * 70000 + b"}", headers=auth(serving_world, "1")
+    )
+    assert r.status_code == 413
+
+
+def test_openai_client_chat_and_stream(client, serving_world):
+    """The official client, unchanged, through the gateway (streaming included)."""
+    oa = openai.OpenAI(base_url="http://testserver/v1", api_key=serving_world.keys["1"],
+                       http_client=client)  # fmt: skip
+    messages = [{"role": "user", "content": "Recommend me a movie."}]
+    full = oa.chat.completions.create(
+        model="llmrec", messages=messages, max_tokens=12, temperature=0
+    )
+    assert full.model == "1@v1" and full.choices[0].message.content
+    assert full.usage.completion_tokens <= 12
+    stream = oa.chat.completions.create(
+        model="llmrec", messages=messages, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    other = openai.OpenAI(base_url="http://testserver/v1", api_key=serving_world.keys["2"],
+                          http_client=client)  # fmt: skip
+    theirs = other.chat.completions.create(
+        model="llmrec", messages=messages, max_tokens=12, temperature=0
+    )
+    assert theirs.model == "2@v1" and theirs.choices[0].message.content != text
+    assert [m.id for m in oa.models.list()] == ["llmrec"]
+
+
+def test_health_readiness_and_metrics(client, serving_world):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["backend"] == "inprocess"
+    recommend(client, serving_world, "1")
+    text = client.get("/metrics").text
+    assert 'llmrec_requests_total{route="/v1/recommendations",status="200"}' in text
+    assert "llmrec_adapter_loads_total" in text
+    assert client.get("/openapi.json").json()["paths"]["/v1/recommendations"]
+
+
+def test_admission_bounds_the_queue():
+    async def scenario() -> list[int]:
+        gate = Admission(max_concurrency=1, max_queue=1, per_user=2, queue_timeout_s=5,
+                         retry_after_s=2)  # fmt: skip
+        release = asyncio.Event()
+        statuses: list[int] = []
+
+        async def hold(user: str) -> None:
+            try:
+                async with gate.slot(user):
+                    await release.wait()
+                statuses.append(200)
+            except Rejected as err:
+                assert err.retry_after_s == 2
+                statuses.append(err.status)
+
+        first = asyncio.create_task(hold("a"))  # runs
+        await asyncio.sleep(0)
+        second = asyncio.create_task(hold("a"))  # waits
+        await asyncio.sleep(0)
+        await hold("a")  # a third for the same user: 429
+        await hold("b")  # the queue is full: 503
+        release.set()
+        await asyncio.gather(first, second)
+        return statuses
+
+    assert sorted(asyncio.run(scenario())) == [200, 200, 429, 503]
+
+
+def test_llmrec_never_imports_serving():
+    """The library (CLI included) imports and runs with serving and FastAPI blocked."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pkgutil, importlib\n"
+        "sys.modules['serving'] = sys.modules['fastapi'] = sys.modules['vllm'] = None\n"
+        "import llmrec\n"
+        "for m in pkgutil.iter_modules(llmrec.__path__):\n"
+        "    if m.name != '__main__': importlib.import_module('llmrec.' + m.name)\n"
+        "from llmrec.cli import app\n"
+        "assert 'serve' not in {c.name for c in app.registered_commands}\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_serve_is_a_plugin_of_the_llmrec_cli():
+    from llmrec.cli import app
+
+    assert "serve" in {c.name for c in app.registered_commands}
+    assert "keys" in {g.name for g in app.registered_groups}
