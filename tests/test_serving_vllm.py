@@ -1,0 +1,212 @@
+"""The gateway in front of the REAL vLLM OpenAI server (CPU build) on loopback.
+
+One module-scoped gateway starts a managed vLLM server (~1-2 min on CPU) for the tiny Llama
+and an adapter store with two users' adapters and a shared one; every test then talks HTTP
+to the gateway, with httpx and the official openai client, as a user would.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from llmrec.model import load_model
+from llmrec.prompts import PromptBuilder
+from llmrec.recommender import Recommender
+from llmrec.runtime import attach_adapter
+from serving.app import create_app
+from serving.config import load_serving_config
+from serving.runtime import build_services
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gateway(serving_world):
+    """(base url, services) of a gateway + managed vLLM server, stopped after the module."""
+    cfg = load_serving_config(
+        None,
+        [
+            *serving_world.overrides,
+            "serve.backend=vllm",
+            f"serve.vllm_port={free_port()}",
+            "serve.cpu_threads=nobind",
+            "serve.kv_cache_gib=1",
+            "serve.max_cpu_loras=4",
+            "serve.max_loras=2",
+        ],
+    )
+    services = build_services(cfg)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(services), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 600
+    while not server.started:
+        assert thread.is_alive(), "the gateway failed to start (see the vLLM log)"
+        assert time.monotonic() < deadline, "the gateway did not start in 10 minutes"
+        time.sleep(0.5)
+    yield f"http://127.0.0.1:{port}", services
+    server.should_exit = True
+    thread.join(timeout=120)
+    assert services.backend.server.pid is None, "vLLM outlived the gateway"
+
+
+def headers(world, who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {world.keys[who]}"}
+
+
+def recommend(url, world, who: str, **body) -> dict:
+    if who not in world.keys:
+        body, who = body | {"user": who}, "admin"
+    r = httpx.post(f"{url}/v1/recommendations", json=body, headers=headers(world, who), timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def library_ranking(world, catalog, adapter_dir, history, k=5):
+    """llmrec's own Recommender (transformers + peft): the reference ranking."""
+    model, tokenizer = load_model(str(world.model_dir))
+    if adapter_dir is not None:
+        model = attach_adapter(model, adapter_dir)
+    prompts = PromptBuilder(tokenizer, max_history_items=5, max_prompt_tokens=256)
+    rec = Recommender(model, tokenizer, catalog, prompts, beam_width=8)
+    return [(r.item_id, r.score) for r in rec.recommend(history, k=k)]
+
+
+def test_each_user_is_ranked_by_vllm_with_their_own_adapter(gateway, serving_world):
+    url, services = gateway
+    history = list(services.histories["1"])
+    mine = recommend(url, serving_world, "1", history=history)
+    theirs = recommend(url, serving_world, "2", history=history)
+    assert (mine["adapter"], theirs["adapter"]) == ("1@v1", "2@v1")
+    scores = [i["score"] for i in mine["items"]]
+    assert [i["score"] for i in theirs["items"]] != pytest.approx(scores, abs=1e-2)
+    # vLLM's ranking is the library's ranking with the same adapter, and not the base's.
+    expected = library_ranking(
+        serving_world, services.catalog, serving_world.store.current("1").path, history
+    )
+    assert [i["item_id"] for i in mine["items"]] == [i for i, _ in expected]
+    assert scores == pytest.approx([s for _, s in expected], abs=2e-2)
+    base = library_ranking(serving_world, services.catalog, None, history)
+    assert scores != pytest.approx([s for _, s in base], abs=1e-2)
+    seen = set(history)
+    assert all(i["item_id"] in services.catalog and i["item_id"] not in seen for i in mine["items"])
+
+
+def test_reasons_come_from_the_users_adapter(gateway, serving_world):
+    url, _ = gateway
+    body = recommend(url, serving_world, "1", k=2, explain=True)
+    assert all(i["reason"] and "\n" not in i["reason"] for i in body["items"])
+
+
+def test_chat_with_the_openai_client(gateway, serving_world):
+    url, _ = gateway
+    messages = [{"role": "user", "content": "Recommend me a movie for tonight."}]
+    answers = {}
+    for who in ("1", "2"):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=serving_world.keys[who])
+        full = client.chat.completions.create(
+            model="llmrec", messages=messages, max_tokens=16, temperature=0
+        )
+        assert full.model == f"{who}@v1"
+        stream = client.chat.completions.create(
+            model="llmrec", messages=messages, max_tokens=16, temperature=0, stream=True
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert streamed == full.choices[0].message.content
+        answers[who] = streamed
+    assert answers["1"] != answers["2"]
+
+
+def test_cold_start_user_is_served_the_shared_adapter(gateway, serving_world):
+    url, _ = gateway
+    assert recommend(url, serving_world, "3")["adapter"] == "_shared@v1"
+
+
+def test_hot_swap_without_restart(gateway, serving_world):
+    url, services = gateway
+    pid = services.backend.server.pid
+    serving_world.publish("5", seed=50)
+    first = recommend(url, serving_world, "5", history=["m1", "m2"])
+    serving_world.publish("5", seed=51)
+    second = recommend(url, serving_world, "5", history=["m1", "m2"])
+    assert (first["adapter"], second["adapter"]) == ("5@v1", "5@v2")
+    assert [i["score"] for i in first["items"]] != pytest.approx(
+        [i["score"] for i in second["items"]], abs=1e-2
+    )
+    assert services.backend.server.pid == pid
+    listed = httpx.get(f"{services.backend.url}/v1/models").json()["data"]
+    loaded = {m["id"] for m in listed if m.get("parent")}
+    assert "5@v2" in loaded and "5@v1" not in loaded
+    assert len(loaded) <= services.router.capacity
+
+
+def test_republished_user_is_not_served_stale_weights(gateway, serving_world):
+    url, _ = gateway
+    serving_world.publish("6", seed=60)
+    before = recommend(url, serving_world, "6", history=["m1"])
+    serving_world.store.delete("6")
+    serving_world.publish("6", seed=61)
+    after = recommend(url, serving_world, "6", history=["m1"])
+    assert before["adapter"] == after["adapter"] == "6@v1"
+    assert [i["score"] for i in before["items"]] != pytest.approx(
+        [i["score"] for i in after["items"]], abs=1e-2
+    )
+
+
+def test_auth_isolation(gateway, serving_world):
+    url, _ = gateway
+    rec = f"{url}/v1/recommendations"
+    assert httpx.post(rec, json={}).status_code == 401
+    assert (
+        httpx.post(rec, json={"user": "2"}, headers=headers(serving_world, "1")).status_code == 403
+    )
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="lrk_wrong").chat.completions.create(
+            model="llmrec", messages=[{"role": "user", "content": "hi"}]
+        )
+    with pytest.raises(openai.PermissionDeniedError):
+        openai.OpenAI(
+            base_url=f"{url}/v1", api_key=serving_world.keys["1"]
+        ).chat.completions.create(
+            model="llmrec", messages=[{"role": "user", "content": "hi"}], user="2"
+        )
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/recommendations", {"k": 0}),
+        ("/v1/recommendations", {"history": ["nope"]}),
+        ("/v1/chat/completions", {"model": "m", "messages": []}),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "w " * 3000}]}),  # noqa: E501
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}),  # noqa: E501
+    ],
+)  # fmt: skip
+def test_bad_inputs_are_4xx(gateway, serving_world, path, body):
+    url, _ = gateway
+    r = httpx.post(f"{url}{path}", json=body, headers=headers(serving_world, "1"), timeout=60)
+    assert 400 <= r.status_code < 500, r.text
+
+
+def test_readiness_and_metrics(gateway):
+    url, _ = gateway
+    ready = httpx.get(f"{url}/readyz").json()
+    assert ready["status"] == "ready" and ready["backend"] == "vllm"
+    text = httpx.get(f"{url}/metrics").text
+    assert "llmrec_adapter_load_seconds_count" in text and "llmrec_adapter_cache_hits_total" in text
