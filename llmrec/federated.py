@@ -37,11 +37,12 @@ better than no gate at the same decay (1.62 vs 1.63, 6 of 8 users lower or equal
 default is ``gate="module"`` with ``personal_decay=300``. At that budget shared-only is still
 ahead on 6 of 8 users: personal adapters need more local data or rounds than a CPU smoke run.
 
-Contract: pure library code. It knows nothing about processes, files or schedules: a runner
-(``training/federated.py`` with accelerate today, a Flower app later) selects clients, calls
-:func:`client_update`, ships :class:`ClientUpdate` (the ONLY thing that leaves a client) to
-the server, which calls :func:`server_update`. Results depend on (seed, round, user_id) only,
-never on which process ran a client.
+Contract: library code that knows nothing about processes, transports or schedules: a runner
+(``training/federated.py`` with accelerate, ``training/flower/`` with Flower) selects clients,
+runs :func:`run_client` on each (:func:`client_update` plus the client's own personal-state
+folder), ships :class:`ClientUpdate` (the ONLY thing that leaves a client) to the server,
+which aggregates (:func:`server_update`, or Flower's strategies). Results depend on
+(seed, round, user_id) only, never on which process or machine ran a client.
 """
 
 from __future__ import annotations
@@ -50,22 +51,29 @@ import hashlib
 import logging
 import math
 import random
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from llmrec.aggregate import aggregate, filter_updates, update_norm
+from llmrec.atomic import write_atomic
 from llmrec.config import FedConfig
-from llmrec.data import user_sort_key
-from llmrec.finetune import Example, collate
+from llmrec.data import Catalog, Split, user_sort_key
+from llmrec.finetune import IGNORE_INDEX, Example, collate, next_item_examples, sample_users
 from llmrec.lora import KEY_PREFIX, LoraWeights, stack
 from llmrec.privacy import private_mean
+from llmrec.store import DEFAULT_MAX_RANK, AdapterStore, module_shapes_for
 
 if TYPE_CHECKING:
-    from llmrec.store import AdapterRef, AdapterStore
+    from llmrec.prompts import PromptBuilder
+    from llmrec.recommender import Recommender
+    from llmrec.store import AdapterRef
 
 log = logging.getLogger(__name__)
 
@@ -551,3 +559,171 @@ def adapter_for(store: AdapterStore, user_id: str) -> AdapterRef | None:
     """
     ref = store.current(user_id)
     return ref if ref is not None else store.shared()
+
+
+# --------------------------------------------------------------------------- client side
+# What every runner's client does the same way (the accelerate processes and the Flower
+# ClientApp): pick its examples, keep its personal state in its own folder, validate with
+# its own adapter, publish its stacked adapter. The personal state never leaves this folder.
+
+CLIENTS_DIR = "clients"
+"""Sub-folder of a client's folder holding ``<user>/personal-rXXXX.safetensors``."""
+VAL_K = 10
+"""Cut-off of the validation HR/NDCG."""
+_PERSONAL_RE = re.compile(r"^personal-r(\d{4,})\.safetensors$")
+
+
+def eligible_users(split: Split) -> list[str]:
+    """Users who can be clients: a validation item and at least two training items."""
+    users = [u for u in split.valid if len(split.train[u]) >= 2]
+    return sorted(users, key=user_sort_key)
+
+
+def federated_cohort(split: Split, cfg: FedConfig) -> list[str]:
+    """The run's cohort: a ``cfg.seed`` sample of ``cfg.n_users`` eligible users, in user order."""
+    return sample_users(eligible_users(split), cfg.n_users, cfg.seed)
+
+
+def client_examples(
+    split: Split, catalog: Catalog, prompts: PromptBuilder, cfg: FedConfig, user_id: str
+) -> list[Example]:
+    """One client's training examples: the end of its own training history only."""
+    return next_item_examples(
+        {user_id: split.train[user_id]},
+        catalog,
+        prompts,
+        per_user=cfg.targets_per_user,
+        per_example=cfg.targets_per_example,
+    )
+
+
+def personal_path(client_dir: Path, user_id: str, round: int) -> Path:
+    """Where ``user_id`` keeps its personal state after ``round``."""
+    return Path(client_dir) / CLIENTS_DIR / user_id / f"personal-r{round:04d}.safetensors"
+
+
+def personal_versions(client_dir: Path, user_id: str) -> list[int]:
+    """Rounds for which ``user_id`` holds a personal state, ascending."""
+    folder = Path(client_dir) / CLIENTS_DIR / user_id
+    if not folder.is_dir():
+        return []
+    return sorted(int(m[1]) for p in folder.iterdir() if (m := _PERSONAL_RE.fullmatch(p.name)))
+
+
+def load_personal(client_dir: Path, user_id: str, before: int) -> State | None:
+    """The user's latest personal state from a round < ``before`` (None: never trained).
+
+    Versions >= ``before`` belong to a round being (re)done and are ignored, which is what
+    makes a resumed round read the same state the uninterrupted run read.
+    """
+    older = [v for v in personal_versions(client_dir, user_id) if v < before]
+    return load_file(personal_path(client_dir, user_id, older[-1])) if older else None
+
+
+def save_personal(client_dir: Path, user_id: str, round: int, state: State) -> None:
+    """Write the user's personal state after ``round`` (atomically: whole or absent)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    write_atomic(personal_path(client_dir, user_id, round), lambda t: save_file(tensors, t))
+
+
+ClientFn = Callable[[Slots, str, Sequence[Example], State, State, int], ClientResult]
+"""The signature of :func:`client_update` (a test may wrap it to inject failures)."""
+
+
+def run_client(
+    slots: Slots,
+    client_dir: Path,
+    user_id: str,
+    examples: Sequence[Example],
+    shared_state: State,
+    round: int,
+    client_fn: ClientFn = client_update,
+) -> ClientResult:
+    """One client's round: its latest personal state, local training, the new state saved.
+
+    The caller uploads ``result.upload()`` and nothing else. Raises what ``client_fn``
+    raises; the new personal version is then absent, so a retry starts from the same state.
+    """
+    # A version of this round left by a crashed attempt must not outlive a failure now.
+    personal_path(client_dir, user_id, round).unlink(missing_ok=True)
+    personal = load_personal(client_dir, user_id, before=round)
+    if personal is None:
+        personal = init_personal_state(slots, slots.cfg.seed, user_id)
+    result = client_fn(slots, user_id, examples, shared_state, personal, round)
+    save_personal(client_dir, user_id, round, result.personal_state)  # stays on the client
+    return result
+
+
+def validate_user(
+    slots: Slots,
+    recommender: Recommender,
+    split: Split,
+    client_dir: Path,
+    user_id: str,
+    shared_state: State,
+    round: int,
+) -> tuple[list[str], str, float]:
+    """(top-k item ids, validation item, its answer NLL) with the user's own adapter.
+
+    The adapter is ``shared_state`` plus the user's personal state after ``round`` (the
+    shared part alone for a user never trained). The NLL of the validation title is a
+    cheap, continuous companion to HR@10: on a small cohort a hit rate moves in steps of
+    1/users, the loss shows smaller differences.
+    """
+    slots.model.eval()
+    personal = load_personal(client_dir, user_id, before=round + 1)
+    if personal is None:
+        personal = init_personal_state(slots, slots.cfg.seed, user_id)
+    slots.load(shared_state, personal)
+    history = split.history_for_valid(user_id)
+    target = split.valid[user_id]
+    ranked = recommender.recommend(history, k=VAL_K)
+    prompts = recommender.prompts
+    prompt = prompts.recommend_prompt_ids(recommender.history_titles(history))
+    answer = prompts.target_ids(recommender.catalog.display(target))
+    example = Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+    inputs = {k: v.to(slots.device) for k, v in collate([example], slots.pad_id).items()}
+    with torch.inference_mode():
+        loss = float(slots.model(**inputs, use_cache=False).loss)
+    return [x.item_id for x in ranked], target, loss
+
+
+def open_store(cfg: FedConfig, base_path: str, store_dir: Path | None = None) -> AdapterStore:
+    """The adapter store the run publishes to, checking adapters against ``base_path``."""
+    return AdapterStore(
+        store_dir if store_dir is not None else cfg.store_dir,
+        max_rank=max(DEFAULT_MAX_RANK, cfg.shared_rank + cfg.personal_rank),
+        module_shapes=module_shapes_for(base_path),
+    )
+
+
+def publish_user(
+    store: AdapterStore,
+    client_dir: Path,
+    user_id: str,
+    shared_state: State,
+    slots: Slots,
+    base_fingerprint: str,
+    round: int,
+    metrics: Mapping[str, float],
+) -> tuple[AdapterRef, float | None] | None:
+    """Publish the user's stacked adapter after ``round``; None if the user never trained.
+
+    Returns the store entry and the user's mean personal weight g (None without gates).
+    Never-trained users are cold start: they are served the shared adapter.
+    """
+    personal = load_personal(client_dir, user_id, before=round + 1)
+    if personal is None:
+        return None
+    weights = user_weights(shared_state, personal, slots.cfg, slots.base_model)
+    ref = store.publish(
+        user_id, weights, base_fingerprint=base_fingerprint, round=round, metrics=dict(metrics)
+    )
+    return ref, personal_weight_mean(personal)
+
+
+def prune_personal(client_dir: Path, user_id: str, before: int) -> None:
+    """Delete the user's personal versions older than round ``before`` (no longer read)."""
+    for v in personal_versions(client_dir, user_id):
+        if v < before:
+            personal_path(client_dir, user_id, v).unlink(missing_ok=True)

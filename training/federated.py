@@ -51,30 +51,34 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from llmrec.atomic import fsync_path, fsync_tree, write_atomic, write_json_atomic
+from llmrec.atomic import fsync_path, fsync_tree, write_json_atomic
 from llmrec.config import AppConfig, ConfigError, load_config
-from llmrec.data import Split, leave_last_out, user_sort_key
+from llmrec.data import leave_last_out, user_sort_key
 from llmrec.federated import (
-    ClientResult,
+    VAL_K,
+    ClientFn,
     Slots,
     State,
     build_slots,
+    client_examples,
     client_update,
     derive_seed,
-    init_personal_state,
+    federated_cohort,
     init_shared_state,
-    personal_weight_mean,
+    open_store,
+    prune_personal,
+    publish_user,
+    run_client,
     select_clients,
     server_update,
     shard,
     shared_weights,
     state_bytes,
-    user_weights,
+    validate_user,
 )
-from llmrec.finetune import IGNORE_INDEX, Example, collate, next_item_examples, sample_users
+from llmrec.finetune import Example, sample_users
 from llmrec.lora import read_adapter, write_adapter
 from llmrec.metrics import mean_metrics
 from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
@@ -83,23 +87,17 @@ from llmrec.privacy import PrivacyAccountant, secure_generator
 from llmrec.prompts import PromptBuilder
 from llmrec.recommender import Recommender
 from llmrec.runtime import dataset_from_config
-from llmrec.store import DEFAULT_MAX_RANK, AdapterStore, module_shapes_for
 
 logger = get_logger(__name__)
 
 RUN_JSON = "run.json"
 ROUND_JSON = "round.json"
 SHARED_DIR = "shared"
-CLIENTS_DIR = "clients"
 METRICS_JSON = "metrics.json"
 EXPORT_JSON = "export.json"
 LOSS_PNG = "loss.png"
 VAL_PNG = "val_hr.png"
-VAL_K = 10
 _ROUND_RE = re.compile(r"^round-(\d{4,})$")
-_PERSONAL_RE = re.compile(r"^personal-r(\d{4,})\.safetensors$")
-
-ClientFn = Callable[[Slots, str, list[Example], State, State, int], ClientResult]
 
 
 # --------------------------------------------------------------------------- files
@@ -107,10 +105,6 @@ ClientFn = Callable[[Slots, str, list[Example], State, State, int], ClientResult
 
 def round_dir(output_dir: Path, round: int) -> Path:
     return output_dir / f"round-{round:04d}"
-
-
-def personal_path(output_dir: Path, user_id: str, round: int) -> Path:
-    return output_dir / CLIENTS_DIR / user_id / f"personal-r{round:04d}.safetensors"
 
 
 def _write_dir_atomic(final: Path, fill: Callable[[Path], None]) -> None:
@@ -144,36 +138,7 @@ def completed_rounds(output_dir: Path) -> list[int]:
     return sorted(rounds)
 
 
-def personal_versions(output_dir: Path, user_id: str) -> list[int]:
-    """Rounds for which ``user_id`` holds a personal state, ascending."""
-    folder = output_dir / CLIENTS_DIR / user_id
-    if not folder.is_dir():
-        return []
-    return sorted(int(m[1]) for p in folder.iterdir() if (m := _PERSONAL_RE.fullmatch(p.name)))
-
-
-def load_personal(output_dir: Path, user_id: str, before: int) -> State | None:
-    """The user's latest personal state from a round < ``before`` (None: never trained).
-
-    Versions >= ``before`` belong to a round being (re)done and are ignored, which is what
-    makes a resumed round read the same state the uninterrupted run read.
-    """
-    older = [v for v in personal_versions(output_dir, user_id) if v < before]
-    return load_file(personal_path(output_dir, user_id, older[-1])) if older else None
-
-
-def save_personal(output_dir: Path, user_id: str, round: int, state: State) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    write_atomic(personal_path(output_dir, user_id, round), lambda t: save_file(tensors, t))
-
-
 # --------------------------------------------------------------------------- the run
-
-
-def eligible_users(split: Split) -> list[str]:
-    """Users who can be clients: a validation item and at least two training items."""
-    users = [u for u in split.valid if len(split.train[u]) >= 2]
-    return sorted(users, key=user_sort_key)
 
 
 def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -207,7 +172,7 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
 
     dataset = dataset_from_config(cfg)
     split = leave_last_out(dataset.histories)
-    cohort = sample_users(eligible_users(split), fed.n_users, fed.seed)
+    cohort = federated_cohort(split, fed)
     if len(cohort) < fed.clients_per_round:
         raise ValueError(f"{len(cohort)} eligible users, fewer than clients_per_round")
     val_users = sample_users(cohort, fed.val_users, derive_seed(fed.seed, "val"))
@@ -254,13 +219,7 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
 
     def examples_of(user_id: str) -> list[Example]:
         if user_id not in examples:  # tokenized once per process
-            examples[user_id] = next_item_examples(
-                {user_id: split.train[user_id]},
-                dataset.catalog,
-                prompts,
-                per_user=fed.targets_per_user,
-                per_example=fed.targets_per_example,
-            )
+            examples[user_id] = client_examples(split, dataset.catalog, prompts, fed, user_id)
         return examples[user_id]
 
     if start == 1:
@@ -291,13 +250,8 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
         uploads, failed = [], {}
         mine = shard(selected, rank, world)
         for user_id in tqdm(mine, desc=f"round {r} clients", leave=False, disable=not main):
-            # A version of this round left by a crashed attempt must not outlive a failure now.
-            personal_path(out, user_id, r).unlink(missing_ok=True)
-            personal = load_personal(out, user_id, before=r)
-            if personal is None:
-                personal = init_personal_state(slots, fed.seed, user_id)
             try:
-                result = client_fn(slots, user_id, examples_of(user_id), shared, personal, r)
+                result = run_client(slots, out, user_id, examples_of(user_id), shared, r, client_fn)
             except Exception as err:  # one client's failure never ends a round
                 failed[user_id] = f"{type(err).__name__}: {err}"
                 logger.warning(
@@ -308,7 +262,6 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
                     main_process_only=False,
                 )
                 continue
-            save_personal(out, user_id, r, result.personal_state)  # stays on the client
             uploads.append(result.upload())
 
         gathered = gather_object([(uploads, failed)])
@@ -341,9 +294,10 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
                     slots.model, tokenizer, dataset.catalog, prompts, cfg.recommend.beam_width
                 )
             t_val = time.perf_counter()
-            rows = _validate(
-                slots, recommender, split, out, shard(val_users, rank, world), shared, r
-            )
+            rows = [
+                (u, *validate_user(slots, recommender, split, out, u, shared, r))
+                for u in shard(val_users, rank, world)
+            ]
             rows = sorted(gather_object(rows), key=lambda p: user_sort_key(p[0]))
             val = mean_metrics([(ranked, target) for _, ranked, target, _ in rows], VAL_K)
             val["loss"] = _mean([loss for *_, loss in rows])
@@ -393,9 +347,7 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
             # Older personal versions are no longer needed: round r is on disk for good.
             for user_id in selected:
                 if user_id not in all_failed:
-                    for v in personal_versions(out, user_id):
-                        if v < r:
-                            personal_path(out, user_id, v).unlink(missing_ok=True)
+                    prune_personal(out, user_id, before=r)
             logger.info(
                 "round %d: loss %s, val HR@%d %s, accepted %d/%d, %.1f s",
                 r,
@@ -414,41 +366,6 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
         _export(cfg, out, cohort, shared, slots, base_path, records)
     accelerator.wait_for_everyone()
     return {"rounds": records}
-
-
-def _validate(
-    slots: Slots,
-    recommender: Recommender,
-    split: Split,
-    out: Path,
-    users: list[str],
-    shared: State,
-    r: int,
-) -> list[tuple[str, list[str], str, float]]:
-    """(user, top-k item ids, validation item, its answer NLL), each with the user's own adapter.
-
-    The NLL of the validation title is a cheap, continuous companion to HR@10: on a small
-    cohort a hit rate moves in steps of 1/users, the loss shows smaller differences.
-    """
-    slots.model.eval()
-    prompts = recommender.prompts
-    rows = []
-    for user_id in users:
-        personal = load_personal(out, user_id, before=r + 1)
-        if personal is None:
-            personal = init_personal_state(slots, slots.cfg.seed, user_id)
-        slots.load(shared, personal)
-        history = split.history_for_valid(user_id)
-        target = split.valid[user_id]
-        ranked = recommender.recommend(history, k=VAL_K)
-        prompt = prompts.recommend_prompt_ids(recommender.history_titles(history))
-        answer = prompts.target_ids(recommender.catalog.display(target))
-        example = Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
-        inputs = {k: v.to(slots.device) for k, v in collate([example], slots.pad_id).items()}
-        with torch.inference_mode():
-            loss = float(slots.model(**inputs, use_cache=False).loss)
-        rows.append((user_id, [x.item_id for x in ranked], target, loss))
-    return rows
 
 
 def _write_metrics(out: Path, records: list[dict], val_every: int) -> None:
@@ -487,11 +404,7 @@ def _export(
         logger.info("round %d already exported to %s", final, fed.store_dir)
         return
     fingerprint = fingerprint_model_dir(base_path)
-    store = AdapterStore(
-        fed.store_dir,
-        max_rank=max(DEFAULT_MAX_RANK, fed.shared_rank + fed.personal_rank),
-        module_shapes=module_shapes_for(base_path),
-    )
+    store = open_store(fed, base_path)
     metrics = _finite(records[-1]) if records else {}
     record: dict[str, Any] = {"round": final, "base_fingerprint": fingerprint, "users": {}}
     if fed.shared_rank:
@@ -505,15 +418,13 @@ def _export(
     gates: list[float] = []
     if fed.personal_rank:
         for user_id in cohort:
-            personal = load_personal(out, user_id, before=final + 1)
-            if personal is None:  # never selected: served the shared adapter (cold start)
-                continue
-            weights = user_weights(shared, personal, fed, slots.base_model)
-            ref = store.publish(
-                user_id, weights, base_fingerprint=fingerprint, round=final, metrics=metrics
+            published = publish_user(
+                store, out, user_id, shared, slots, fingerprint, final, metrics
             )
+            if published is None:  # never selected: served the shared adapter (cold start)
+                continue
+            ref, g = published
             record["users"][user_id] = ref.adapter_name
-            g = personal_weight_mean(personal)
             if g is not None:
                 gates.append(g)
     if gates:
