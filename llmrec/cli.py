@@ -193,6 +193,54 @@ def recommend(
 
 
 @app.command()
+def personalize(
+    user: Annotated[
+        str | None, typer.Option("--user", "-u", help="Refresh this user's personal adapter.")
+    ] = None,
+    all_queued: Annotated[
+        bool, typer.Option("--all-queued", help="Refresh every user queued by feedback.")
+    ] = False,
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Local personal-adapter refresh from the current history; publishes a new version."""
+    from llmrec.personalize import Personalizer, RefreshError
+    from llmrec.profile import ProfileStore
+    from llmrec.runtime import dataset_from_config
+
+    if (user is None) == (not all_queued):
+        raise typer.BadParameter("give --user USER or --all-queued", param_hint="--user")
+    cfg = _config(config, overrides)
+    ds = dataset_from_config(cfg)
+    profiles = ProfileStore(cfg.profile.url, ds.catalog, ds.histories)
+    users = profiles.queued() if all_queued else [user]
+    if not users:
+        console.print("nobody is queued for a refresh")
+        return
+    try:
+        personalizer = Personalizer(cfg, ds.catalog)
+    except RefreshError as err:
+        raise typer.BadParameter(str(err), param_hint="config") from err
+    failed = 0
+    for user_id in users:
+        queued_at = profiles.queued_at(user_id)
+        try:
+            result = personalizer.refresh(user_id, profiles.history(user_id))
+        except (RefreshError, ValueError) as err:
+            failed += 1
+            console.print(f"[red]{user_id}[/red]: {err}")
+            continue
+        if queued_at is not None:
+            profiles.dequeue(user_id, queued_before=queued_at)
+        console.print(
+            f"{user_id}: published [bold]{result.adapter_name}[/bold] "
+            f"(loss {result.loss:.4f}, {result.n_examples} targets, {result.seconds:.1f} s)"
+        )
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def evaluate(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     """HR@k / NDCG@k of every method on one seeded user sample; writes JSON and a PNG chart."""
     from llmrec.evaluate import REPORT_JSON, REPORT_PNG

@@ -145,6 +145,31 @@ class DecouplingConfig(BaseModel):
     B = 0 is no personal update): keeps a user's few examples from being memorized."""
 
 
+class FlowerConfig(BaseModel):
+    model_config = _DOCS
+
+    min_available_clients: int | None = Field(None, ge=1)
+    """SuperNodes connected before a round samples its clients (None = clients_per_round)."""
+    secagg: bool = False
+    """SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod): clients upload masked vectors and
+    the server only ever unmasks their sum. Needs aggregation=fedavg and 3+ clients per round;
+    costs four message exchanges a round instead of one."""
+    secagg_num_shares: int = Field(3, ge=3)
+    """Shares each client's mask key is split into: more tolerate more dropouts, cost more."""
+    secagg_reconstruction_threshold: int = Field(2, ge=2)
+    """Shares needed to rebuild a dropped client's mask: higher = more colluders needed to
+    unmask one client, fewer dropouts tolerated."""
+    secagg_clipping_range: float = Field(8.0, gt=0)
+    """SecAgg+ clips every uploaded weight to +-this before quantizing it to 2**22 levels:
+    a smaller range is finer (LoRA weights stay well below 1)."""
+
+    @model_validator(mode="after")
+    def _shares(self) -> FlowerConfig:
+        if self.secagg_reconstruction_threshold > self.secagg_num_shares:
+            raise ValueError("secagg_reconstruction_threshold exceeds secagg_num_shares")
+        return self
+
+
 class FedConfig(BaseModel):
     model_config = _DOCS
 
@@ -187,6 +212,8 @@ class FedConfig(BaseModel):
     """Differential privacy of the shared adapter."""
     decoupling: DecouplingConfig = DecouplingConfig()
     """How shared and personal knowledge are kept apart."""
+    flower: FlowerConfig = FlowerConfig()
+    """Flower runs only (training/flower/): node sampling and secure aggregation."""
     client_timeout_s: float = Field(600.0, gt=0)
     """Straggler budget: a client still training after this many seconds is dropped."""
     val_users: int = Field(16, ge=0)
@@ -217,6 +244,11 @@ class FedConfig(BaseModel):
         if self.dp.enabled and self.aggregation != "fedavg":
             # private_mean is a uniform mean; a median/trimmed mean has another sensitivity.
             raise ValueError("dp.enabled replaces the aggregation rule: set aggregation=fedavg")
+        if self.flower.secagg and self.aggregation != "fedavg":
+            # SecAgg+ reveals only the (weighted) sum: a median needs every update in clear.
+            raise ValueError("flower.secagg needs aggregation=fedavg")
+        if self.flower.secagg and self.clients_per_round < self.flower.secagg_num_shares:
+            raise ValueError("flower.secagg needs clients_per_round >= flower.secagg_num_shares")
         return self
 
 
@@ -251,6 +283,16 @@ class EvalConfig(BaseModel):
     """Where the metric table (JSON) and its bar chart (PNG) are written."""
 
 
+class ProfileConfig(BaseModel):
+    model_config = _DOCS
+
+    url: str = "sqlite:///outputs/profiles.db"
+    """SQLAlchemy URL of the per-user profile database (history edits, feedback,
+    exclusions, conversations, refresh queue); SQLite by default, any SQLAlchemy URL works."""
+    max_conversations: int = Field(50, ge=1)
+    """Conversations kept per user; the oldest are dropped past it."""
+
+
 class AppConfig(BaseSettings):
     """Everything `llmrec` needs; one section per concern."""
 
@@ -277,6 +319,8 @@ class AppConfig(BaseSettings):
     """Evaluation protocol."""
     fed: FedConfig = FedConfig()
     """Federated shared + personal LoRA training."""
+    profile: ProfileConfig = ProfileConfig()
+    """The personal agent's per-user profile database."""
 
     @model_validator(mode="after")
     def _fed_targets_default_to_lora(self) -> AppConfig:

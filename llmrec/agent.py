@@ -1,0 +1,444 @@
+"""The personal agent: one chat turn in, actions on the profile and a short answer out.
+
+A turn is read by ``llmrec.intent`` (rules: see why there), then:
+
+- a request ranks the catalog with the user's own adapter under the turn's constraints:
+  genre and year filters from the catalog's metadata, the user's exclusions, seen items
+  (unless asked for), an anchor item ("like Heat") appended to the history the model sees;
+  the trie-constrained search can only return catalog items, and every constraint is a
+  hard exclusion in that search, so no prompt wording can break one;
+- a follow-up ("why that one?", "more like the second") refers to the items of the
+  conversation's previous answer, kept in the profile database;
+- feedback ("I watched it, loved it", "never show me X") writes to the profile at once,
+  so the very next request sees it, and queues a personal-adapter refresh.
+
+Every item a turn names is grounded to the catalog (``Grounder``); an item that cannot be
+is answered with "not in the catalog", never guessed. The adapter writes each one-line
+reason (the explain prompt); a reason that names a title outside the catalog is replaced
+by one built from the history, and each card also lists the history items it shares
+genres with, so every answer explains itself from what the user watched.
+
+The agent is async and engine-agnostic: :class:`Engine` ranks and writes for a user
+(``LocalEngine`` here runs a local :class:`~llmrec.recommender.Recommender`; the gateway
+plugs in its multi-adapter backend).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from pydantic import BaseModel
+
+from llmrec.data import Catalog
+from llmrec.grounding import Grounder
+from llmrec.intent import IntentParser, Parsed, Ref
+from llmrec.profile import ProfileStore
+from llmrec.prompts import PromptBuilder
+from llmrec.recommender import Recommender
+
+log = logging.getLogger(__name__)
+
+MAX_REASON_CHARS = 160
+"""Longest reason shown; the adapter's text is cut at a word boundary past it."""
+BECAUSE_ITEMS = 2
+"""History items a card cites as the reason's evidence."""
+
+# Titles the adapter might name in a reason: "Title (1995)" or a quoted/emphasized span.
+_NAMED_TITLE_RE = re.compile(
+    r"(?:[A-Z0-9][\w'’:&.,!-]*(?:\s+[\w'’:&.,!-]+){0,8}?)\s*\((?:18|19|20)\d\d\)"
+    r"|[\"“*_]([^\"”*_\n]{2,80})[\"”*_]"
+)
+
+
+class Engine(Protocol):
+    """What the agent needs from a model: ranking and short text, for one user."""
+
+    async def rank(
+        self,
+        user_id: str,
+        history: Sequence[str],
+        k: int,
+        excluded: set[str],
+    ) -> list[tuple[str, float]]:
+        """Top-k ``(item_id, log-prob)`` not in ``excluded``, best first, with the user's
+        adapter."""
+        ...
+
+    def write(
+        self, user_id: str, messages: list[dict[str, str]], max_tokens: int
+    ) -> AsyncIterator[str]:
+        """Stream the user's adapter's answer to chat ``messages`` (greedy, one line)."""
+        ...
+
+
+class Card(BaseModel):
+    """One item as the chat page shows it."""
+
+    item_id: str
+    title: str
+    """Display title, "Title (Year)"."""
+    year: int | None
+    genres: list[str]
+    reason: str
+    """One line: why it fits (written by the user's adapter, or from the history)."""
+    because: list[str]
+    """Display titles of history items it shares genres with, most recent first."""
+    score: float | None = None
+    """Log-probability of the title under the user's adapter (recommendations only)."""
+
+
+class Action(BaseModel):
+    """A change the turn made to the user's profile."""
+
+    kind: Literal["history", "positive", "negative", "excluded"]
+    item_ids: list[str]
+
+
+class AgentEvent(BaseModel):
+    """One event of an answer stream (the gateway sends each as a server-sent event)."""
+
+    type: Literal["conversation", "text", "cards", "action", "done"]
+    conversation_id: str | None = None
+    text: str | None = None
+    """A piece of the answer (``text``), or the whole answer (``done``)."""
+    cards: list[Card] | None = None
+    action: Action | None = None
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What the conversation so far lets a turn refer to."""
+
+    picks: list[str]
+    """The last recommendation's items, in order ("the second")."""
+    focus: str | None
+    """The item the last answer was about first ("it", "that one")."""
+    shown: set[str]
+    """Every item recommended in the conversation ("more", "something else")."""
+
+
+class Agent:
+    """The personal agent over one catalog, profile database and engine."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        profiles: ProfileStore,
+        engine: Engine,
+        grounder: Grounder,
+        prompts: PromptBuilder,
+        k: int = 3,
+        max_k: int = 10,
+        reason_tokens: int = 40,
+    ):
+        self.catalog = catalog
+        self.profiles = profiles
+        self.engine = engine
+        self.grounder = grounder
+        self.prompts = prompts
+        self.k = k
+        self.max_k = max_k
+        self.reason_tokens = reason_tokens
+        self.parser = IntentParser(sorted({g for item in catalog for g in item.genres}))
+
+    # ----------------------------------------------------------------- the turn
+
+    async def respond(
+        self, user_id: str, message: str, conversation_id: str | None = None
+    ) -> AsyncIterator[AgentEvent]:
+        """Answer one user turn as a stream of events; the first names the conversation
+        (a new one when ``conversation_id`` is None), the last (``done``) holds the whole
+        answer. Raises ``UnknownConversationError`` for a conversation of someone else."""
+        profiles = self.profiles
+        if conversation_id is None:
+            conversation_id = await asyncio.to_thread(profiles.new_conversation, user_id)
+        previous = await asyncio.to_thread(self._context, user_id, conversation_id)
+        await asyncio.to_thread(profiles.add_message, user_id, conversation_id, "user", message)
+        yield AgentEvent(type="conversation", conversation_id=conversation_id)
+
+        parsed = self.parser.parse(message, has_previous=bool(previous.focus))
+        log.debug("user %s: %s", user_id, parsed)
+        turn = {
+            "recommend": self._recommend,
+            "why": self._why,
+            "feedback": self._feedback,
+            "never": self._never,
+        }[parsed.act]
+        texts: list[str] = []
+        shown: list[str] = []
+        async for event in turn(user_id, parsed, previous):
+            if event.type == "text" and event.text:
+                texts.append(event.text)
+            if event.type == "cards" and event.cards:
+                shown = [c.item_id for c in event.cards]
+            yield event
+        answer = "".join(texts).strip()
+        await asyncio.to_thread(
+            profiles.add_message, user_id, conversation_id, "assistant", answer, shown, parsed.act
+        )
+        yield AgentEvent(type="done", conversation_id=conversation_id, text=answer)
+
+    def _context(self, user_id: str, conversation_id: str) -> _Context:
+        answers = [
+            m for m in self.profiles.messages(user_id, conversation_id) if m.role == "assistant"
+        ]
+        lists = [m.items for m in answers if m.kind == "recommend" and m.items]
+        focus = next((m.items[0] for m in reversed(answers) if m.items), None)
+        return _Context(
+            picks=list(lists[-1]) if lists else [],
+            focus=focus,
+            shown={i for items in lists for i in items},
+        )
+
+    # ----------------------------------------------------------------- references
+
+    def _resolve(self, ref: Ref | None, previous: _Context) -> tuple[str | None, str]:
+        """``(item_id, "")`` for a reference, or ``(None, why not)``."""
+        if ref is None:
+            return None, "Which movie do you mean?"
+        if ref.ordinal is not None:
+            picks = previous.picks
+            if not picks:
+                return None, "I haven't suggested anything yet: ask me for a recommendation."
+            if -len(picks) <= ref.ordinal < len(picks):
+                return picks[ref.ordinal], ""
+            return None, f"My last answer had only {len(picks)} pick(s)."
+        if ref.pronoun:
+            if previous.focus is not None:
+                return previous.focus, ""
+            return None, "Which movie do you mean?"
+        hit = self.grounder.ground_one(ref.mention or "")
+        if hit is None:
+            return None, f"I couldn't find “{ref.mention}” in the catalog."
+        return hit.item_id, ""
+
+    # ----------------------------------------------------------------- requests
+
+    def _allowed(self, parsed: Parsed) -> set[str]:
+        """Catalog items that satisfy the turn's genre and year constraints."""
+        out = set()
+        for item in self.catalog:
+            genres = set(item.genres)
+            if parsed.genres_in and not genres & parsed.genres_in:
+                continue
+            if genres & parsed.genres_out:
+                continue
+            if parsed.years is not None and item.year not in parsed.years:
+                continue
+            out.add(item.item_id)
+        return out
+
+    async def _recommend(
+        self, user_id: str, parsed: Parsed, previous: _Context
+    ) -> AsyncIterator[AgentEvent]:
+        history = await asyncio.to_thread(self.profiles.history, user_id)
+        excluded = await asyncio.to_thread(self.profiles.exclusions, user_id)
+        notes = []
+        anchor = None
+        if parsed.anchor is not None:
+            anchor, why_not = self._resolve(parsed.anchor, previous)
+            if anchor is None:
+                notes.append(why_not)
+        allowed = self._allowed(parsed)
+        if parsed.include_seen:
+            allowed &= set(history)  # "one I've seen before": a rewatch
+        else:
+            allowed -= set(history)
+        allowed -= set(excluded)
+        if anchor is not None:
+            allowed.discard(anchor)
+        if parsed.more or (parsed.anchor is not None and parsed.anchor.mention is None):
+            allowed -= previous.shown  # "more like the second": new items, please
+        k = min(parsed.k or self.k, self.max_k)
+        what = self._describe(parsed, anchor)
+        if not allowed:
+            text = f"Nothing in the catalog is left {what}."
+            yield AgentEvent(type="text", text=" ".join([*notes, text]))
+            return
+        # The anchor goes last: the adapter continues the user's list right after it. The
+        # constraints are exclusions in the search, not prompt text: the adapters are
+        # trained on history-only prompts, and an exclusion cannot be ignored.
+        seen = [i for i in history if i != anchor] + ([anchor] if anchor else [])
+        ranked = await self.engine.rank(
+            user_id, seen, min(k, len(allowed)), set(self.catalog.ids) - allowed
+        )
+        intro = f"Here {'are' if len(ranked) != 1 else 'is'} {len(ranked)} " + (
+            f"pick{'s' if len(ranked) != 1 else ''} {what}:"
+        )
+        yield AgentEvent(type="text", text=" ".join([*notes, intro]) + "\n")
+        cards = []
+        for n, (item_id, score) in enumerate(ranked, 1):
+            card = await self._card(user_id, history, item_id, score)
+            cards.append(card)
+            yield AgentEvent(type="text", text=f"{n}. {card.title} — {card.reason}\n")
+        yield AgentEvent(type="cards", cards=cards)
+
+    def _describe(self, parsed: Parsed, anchor: str | None) -> str:
+        parts = []
+        if parsed.genres_in:
+            parts.append("in " + " or ".join(sorted(parsed.genres_in)))
+        if parsed.genres_out:
+            parts.append("without " + " or ".join(sorted(parsed.genres_out)))
+        if parsed.years is not None:
+            parts.append(parsed.years.describe())
+        if anchor is not None:
+            parts.append(f"like {self.catalog.display(anchor)}")
+        parts.append("that you have seen" if parsed.include_seen else "that you haven't seen")
+        return ", ".join(parts)
+
+    # ----------------------------------------------------------------- follow-ups
+
+    async def _why(self, user_id: str, parsed: Parsed, previous: _Context):
+        item_id, why_not = self._resolve(parsed.refs[0] if parsed.refs else None, previous)
+        if item_id is None:
+            yield AgentEvent(type="text", text=why_not)
+            return
+        history = await asyncio.to_thread(self.profiles.history, user_id)
+        card = await self._card(user_id, history, item_id, None, self.reason_tokens * 2)
+        evidence = f" From your history: {', '.join(card.because)}." if card.because else ""
+        yield AgentEvent(type="text", text=f"{card.title}: {card.reason}{evidence}")
+        yield AgentEvent(type="cards", cards=[card])
+
+    # ----------------------------------------------------------------- feedback
+
+    async def _feedback(self, user_id: str, parsed: Parsed, previous: _Context):
+        item_id, why_not = self._resolve(parsed.refs[0] if parsed.refs else None, previous)
+        if item_id is None:
+            yield AgentEvent(type="text", text=why_not)
+            return
+        title = self.catalog.display(item_id)
+        if parsed.sentiment is not None:
+            # A liked item joins the history; a disliked one is excluded, not learned from.
+            await asyncio.to_thread(
+                self.profiles.record_feedback, user_id, item_id, parsed.sentiment, "chat"
+            )
+            yield AgentEvent(
+                type="action", action=Action(kind=parsed.sentiment, item_ids=[item_id])
+            )
+            text = (
+                f"Glad you liked {title}! It is in your history now, and your next picks "
+                "build on it."
+                if parsed.sentiment == "positive"
+                else f"Noted: {title} wasn't for you. I won't suggest it again."
+            )
+        else:
+            await asyncio.to_thread(self.profiles.add_history, user_id, [item_id], "chat")
+            yield AgentEvent(type="action", action=Action(kind="history", item_ids=[item_id]))
+            text = f"Added {title} to your history; your next picks build on it."
+        yield AgentEvent(type="text", text=text)
+        history = await asyncio.to_thread(self.profiles.history, user_id)
+        yield AgentEvent(type="cards", cards=[self._plain_card(history, item_id, text)])
+
+    async def _never(self, user_id: str, parsed: Parsed, previous: _Context):
+        item_id, why_not = self._resolve(parsed.refs[0], previous)
+        if item_id is None:
+            yield AgentEvent(type="text", text=why_not)
+            return
+        await asyncio.to_thread(self.profiles.exclude, user_id, [item_id])
+        yield AgentEvent(type="action", action=Action(kind="excluded", item_ids=[item_id]))
+        yield AgentEvent(
+            type="text", text=f"Done: I will never show you {self.catalog.display(item_id)} again."
+        )
+
+    # ----------------------------------------------------------------- cards and reasons
+
+    def because(self, history: Sequence[str], item_id: str) -> list[str]:
+        """History items sharing the most genres with ``item_id``, most recent first."""
+        genres = set(self.catalog[item_id].genres)
+        scored = [
+            (len(genres & set(self.catalog[h].genres)), pos, h)
+            for pos, h in enumerate(history)
+            if h != item_id and h in self.catalog
+        ]
+        scored = [s for s in scored if s[0] > 0]
+        scored.sort(key=lambda s: (s[0], s[1]), reverse=True)
+        return [self.catalog.display(h) for _, _, h in scored[:BECAUSE_ITEMS]]
+
+    def _plain_card(self, history: Sequence[str], item_id: str, reason: str) -> Card:
+        item = self.catalog[item_id]
+        return Card(
+            item_id=item_id,
+            title=item.display,
+            year=item.year,
+            genres=list(item.genres),
+            reason=reason,
+            because=self.because(history, item_id),
+        )
+
+    async def _card(
+        self,
+        user_id: str,
+        history: Sequence[str],
+        item_id: str,
+        score: float | None,
+        max_tokens: int | None = None,
+    ) -> Card:
+        card = self._plain_card(history, item_id, "")
+        titles = [self.catalog.display(i) for i in history if i in self.catalog]
+        messages = self.prompts.explain_messages(titles, card.title)
+        text = "".join(
+            [
+                t
+                async for t in self.engine.write(
+                    user_id, messages, max_tokens or self.reason_tokens
+                )
+            ]
+        )
+        reason = self._checked_reason(text) or self._fallback_reason(card)
+        return card.model_copy(update={"reason": reason, "score": score})
+
+    def _checked_reason(self, text: str) -> str | None:
+        """The adapter's reason as one short line, or None when it is empty or names a
+        title the catalog does not have (nothing ungrounded reaches the user)."""
+        line = " ".join(text.strip().split("\n", 1)[0].split())
+        if len(line) < 8 or not any(c.isalpha() for c in line):
+            return None
+        for m in _NAMED_TITLE_RE.finditer(line):
+            named = m.group(1) or m.group(0)
+            if self.grounder.ground_one(named) is None:
+                log.info("reason dropped, it names %r which is not in the catalog", named)
+                return None
+        if len(line) > MAX_REASON_CHARS:
+            line = line[:MAX_REASON_CHARS].rsplit(" ", 1)[0].rstrip(",;:") + "…"
+        return line
+
+    def _fallback_reason(self, card: Card) -> str:
+        genres = "/".join(card.genres) if card.genres else "a"
+        if card.because:
+            return f"A {genres} pick, close to {' and '.join(card.because)} in your history."
+        return f"A {genres} pick the model ranks high for you."
+
+
+class LocalEngine:
+    """An :class:`Engine` over one local :class:`Recommender` (one adapter, every user):
+    for the CLI and tests. Calls run one at a time in a worker thread."""
+
+    def __init__(self, recommender: Recommender):
+        self.recommender = recommender
+        self._lock = asyncio.Lock()
+
+    async def rank(
+        self,
+        user_id: str,
+        history: Sequence[str],
+        k: int,
+        excluded: set[str],
+    ) -> list[tuple[str, float]]:
+        """Top-k with the local model (``user_id`` is not used: one model)."""
+        async with self._lock:
+            recs = await asyncio.to_thread(
+                self.recommender.recommend, list(history), k, None, sorted(excluded), False
+            )
+        return [(r.item_id, r.score) for r in recs]
+
+    async def write(
+        self, user_id: str, messages: list[dict[str, str]], max_tokens: int
+    ) -> AsyncIterator[str]:
+        """The local model's greedy answer, in one piece."""
+        async with self._lock:
+            yield await asyncio.to_thread(self.recommender.generate, messages, max_tokens)
