@@ -1,0 +1,1 @@
+"""llmrec's Flower app: ServerApp, ClientApp and what they exchange (see ``pyproject.toml``)."""
