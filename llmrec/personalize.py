@@ -16,7 +16,6 @@ per round, a refresh writes ``personal-local.safetensors``; the newer file is th
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,10 +27,13 @@ from llmrec.atomic import write_atomic
 from llmrec.config import AppConfig
 from llmrec.data import Catalog
 from llmrec.federated import (
+    CLIENTS_DIR,
     State,
     build_slots,
     client_update,
     init_personal_state,
+    personal_path,
+    personal_versions,
     user_weights,
 )
 from llmrec.finetune import next_item_examples
@@ -41,10 +43,8 @@ from llmrec.store import DEFAULT_MAX_RANK, AdapterStore, module_shapes_for, vali
 
 log = logging.getLogger(__name__)
 
-CLIENTS_DIR = "clients"
-"""Folder of client-side personal states under ``fed.output_dir`` (as training writes)."""
 LOCAL_STATE = "personal-local.safetensors"
-_ROUND_STATE_RE = re.compile(r"^personal-r\d{4,}\.safetensors$")
+"""A refresh's personal state, beside training's ``personal-rNNNN.safetensors``."""
 
 
 class RefreshError(ValueError):
@@ -56,12 +56,13 @@ def client_dir(output_dir: Path, user_id: str) -> Path:
     return Path(output_dir) / CLIENTS_DIR / validate_user_id(user_id)
 
 
-def latest_personal_state(folder: Path) -> Path | None:
-    """The newest personal-state file of a client folder (a round's or a refresh's)."""
-    if not folder.is_dir():
-        return None
-    files = [p for p in folder.iterdir() if p.name == LOCAL_STATE or _ROUND_STATE_RE.match(p.name)]
-    return max(files, key=lambda p: (p.stat().st_mtime_ns, p.name), default=None)
+def latest_personal_state(output_dir: Path, user_id: str) -> Path | None:
+    """The newer of the user's last federated round state and last refresh state."""
+    rounds = personal_versions(output_dir, user_id)
+    files = [personal_path(output_dir, user_id, rounds[-1])] if rounds else []
+    local = client_dir(output_dir, user_id) / LOCAL_STATE
+    files += [local] if local.is_file() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class Personalizer:
         return dict(self.store.load(ref).state)
 
     def _personal_state(self, user_id: str) -> State:
-        path = latest_personal_state(client_dir(self.cfg.fed.output_dir, user_id))
+        path = latest_personal_state(self.cfg.fed.output_dir, user_id)
         if path is None:  # never a federated client: start as training would
             return init_personal_state(self.slots, self.cfg.fed.seed, user_id)
         state = load_file(path)

@@ -446,6 +446,9 @@ def create_app(services: Services) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    from serving.agent_routes import agent_router  # the personal agent and the chat page
+
+    app.include_router(agent_router(services, principal))
     return app
 
 
