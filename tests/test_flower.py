@@ -1,0 +1,268 @@
+"""The Flower app (training/flower): wire format, strategy choice, one client in process, and
+real Flower runs (simulation vs the accelerate runner, loopback deployment with a client
+killed mid-round, SecAgg+) on the tiny model and the 20-user fixture.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmrec import federated as F
+from llmrec.config import ConfigError, load_config
+from llmrec.data import leave_last_out
+from llmrec.lora import read_adapter
+from llmrec.metrics import mean_metrics
+from llmrec.model import load_model
+from llmrec.prompts import PromptBuilder
+from llmrec.recommender import Recommender
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "training" / "flower"
+TINY_YAML = ROOT / "training" / "configs" / "tiny.yaml"
+sys.path.insert(0, str(APP))  # the Flower app dir, as Flower itself puts it on sys.path
+
+from llmrec_flower import client_app, codec, strategy  # noqa: E402
+from loopback import Federation, kill_now  # noqa: E402
+
+
+def _overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.name_or_path={model_dir}",
+        f"fed.output_dir={out}",
+        f"fed.store_dir={out / 'adapters'}",
+        "fed.n_users=4",
+        "fed.clients_per_round=4",
+        "fed.rounds=2",
+        "fed.local_steps=1",
+        "fed.val_users=2",
+        *extra,
+    ]
+
+
+# --------------------------------------------------------------------------- no processes
+
+
+def test_codec_round_trip_and_order():
+    state = {"b": torch.ones(2, 3), "a": torch.arange(4.0).reshape(4, 1)}
+    keys = sorted(state)
+    arrays = codec.to_ndarrays(state, keys)
+    assert [a.shape for a in arrays] == [(4, 1), (2, 3)]
+    back = codec.from_ndarrays(arrays, keys)
+    assert all(torch.equal(back[k], state[k]) for k in keys)
+    with pytest.raises(ValueError, match="expected 2"):
+        codec.from_ndarrays(arrays[:1], keys)
+
+
+def test_a_node_may_only_relocate_its_data_and_model():
+    cfg = load_config(TINY_YAML)
+    mine = codec.node_config(cfg.model_dump_json(), "data.catalog=/x/c.csv model.name_or_path=/m")
+    assert str(mine.data.catalog) == "/x/c.csv" and mine.model.name_or_path == "/m"
+    assert mine.fed == cfg.fed  # the training recipe is the server's
+    with pytest.raises(ConfigError, match="node-local"):
+        codec.node_config(cfg.model_dump_json(), "fed.learning_rate=1.0")
+
+
+def test_flower_strategies_follow_the_config():
+    from flwr.server.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+        FedAvg,
+        FedMedian,
+        FedTrimmedAvg,
+    )
+
+    def build(*extra):
+        return strategy.flower_strategy(load_config(TINY_YAML, list(extra)))
+
+    assert type(build()) is FedAvg
+    assert type(build("fed.aggregation=median")) is FedMedian
+    trimmed = build("fed.aggregation=trimmed_mean", "fed.trim_ratio=0.2")
+    assert type(trimmed) is FedTrimmedAvg and trimmed.beta == 0.2
+    dp = build("fed.dp.enabled=true")
+    assert isinstance(dp, DifferentialPrivacyServerSideFixedClipping)
+    both = build("fed.dp.enabled=true", "fed.flower.secagg=true")
+    assert isinstance(both, DifferentialPrivacyClientSideFixedClipping)  # server cannot clip
+    with pytest.raises(ConfigError, match="secagg needs aggregation=fedavg"):
+        load_config(TINY_YAML, ["fed.flower.secagg=true", "fed.aggregation=median"])
+    with pytest.raises(ConfigError, match="secagg_num_shares"):
+        load_config(TINY_YAML, ["fed.flower.secagg=true", "fed.clients_per_round=2"])
+
+
+def test_client_fit_is_the_library_round_and_uploads_only_shared(tiny_model_dir, tmp_path):
+    """The ClientApp's fit == llmrec.federated.run_client; the personal state stays home."""
+    cfg = load_config(TINY_YAML, _overrides(tiny_model_dir, tmp_path / "flower"))
+    client = client_app.UserClient({"partition-id": 1})
+    rt = client_app.runtime(cfg.model_dump_json(), "")
+    user_id = rt.cohort[1]
+    shared = F.init_shared_state(rt.slots, cfg.fed.seed)
+    config = {codec.ROUND_KEY: 1, codec.CONFIG_KEY: cfg.model_dump_json()}
+    arrays, weight, metrics = client.fit(codec.to_ndarrays(shared, rt.keys), config)
+
+    # The same round through the library, in another folder: identical upload.
+    expected = F.run_client(rt.slots, tmp_path / "lib", user_id, rt.examples(user_id), shared, 1)
+    got = codec.from_ndarrays(arrays, rt.keys)
+    for k in rt.keys:
+        torch.testing.assert_close(got[k] - shared[k], expected.shared_delta[k])
+    assert weight == expected.n_examples and metrics["loss"] == pytest.approx(expected.loss)
+    # The reply holds the shared adapter (rank 4) and nothing else; the personal one (rank 2,
+    # plus gates) is in the client's own folder.
+    assert [a.shape for a in arrays] == [tuple(shared[k].shape) for k in rt.keys]
+    personal = F.load_personal(tmp_path / "flower", user_id, before=2)
+    ranks = {v.shape[0] for k, v in personal.items() if k.endswith("lora_A.weight")}
+    assert ranks == {cfg.fed.personal_rank} and any(k.endswith(".gate") for k in personal)
+
+
+# --------------------------------------------------------------------------- Flower runs
+
+
+def _shared_hr(model_dir: Path, cfg, shared: F.State, cohort: list[str]) -> dict[str, float]:
+    """Validation HR@10 / NDCG@10 / NLL of a shared adapter alone over ``cohort``."""
+    from llmrec.runtime import dataset_from_config
+
+    dataset = dataset_from_config(cfg)
+    split = leave_last_out(dataset.histories)
+    model, tokenizer = load_model(str(model_dir))
+    slots = F.build_slots(model, cfg.fed, tokenizer.pad_token_id)
+    prompts = PromptBuilder(tokenizer, cfg.prompts.max_history_items, cfg.prompts.max_prompt_tokens)
+    rec = Recommender(slots.model, tokenizer, dataset.catalog, prompts, cfg.recommend.beam_width)
+    empty = Path("/nonexistent-client-dir")  # no personal state: the shared adapter alone
+    rows = [F.validate_user(slots, rec, split, empty, u, shared, cfg.fed.rounds) for u in cohort]
+    out = mean_metrics([(ranked, target) for ranked, target, _ in rows], F.VAL_K)
+    out["loss"] = float(np.mean([loss for *_, loss in rows]))
+    return out
+
+
+def _last_shared(out: Path, rounds: int) -> F.State:
+    return read_adapter(out / f"round-{rounds:04d}" / "shared").state
+
+
+@pytest.mark.slow
+@pytest.mark.flower
+def test_simulation_matches_the_accelerate_runner(tiny_model_dir, tmp_path):
+    """Same seed, cohort, full participation: Flower's FedAvg lands on the same shared adapter."""
+    extra = ["fed.val_users=4"]
+    acc_cfg = load_config(TINY_YAML, _overrides(tiny_model_dir, tmp_path / "acc", *extra))
+    spec = importlib.util.spec_from_file_location(
+        "training_federated", ROOT / "training" / "federated.py"
+    )
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    runner.run(acc_cfg)
+
+    flw = tmp_path / "flower"
+    overrides = " ".join(_overrides(tiny_model_dir, flw, *extra))
+    with Federation(tmp_path / "flwr-home", cwd=ROOT, simulation_nodes=4) as fed:
+        res = fed.run(APP, {"config": str(TINY_YAML), "overrides": overrides}, timeout_s=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    a, b = _last_shared(tmp_path / "acc", 2), _last_shared(flw, 2)
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < 1e-5, diff  # FedAvg of weights == weights + FedAvg of deltas, up to rounding
+    cohort = json.loads((tmp_path / "acc" / "run.json").read_text())["cohort"]
+    hr_a = _shared_hr(tiny_model_dir, acc_cfg, a, cohort)
+    hr_b = _shared_hr(tiny_model_dir, acc_cfg, b, cohort)
+    print(
+        f"\nparity (tiny, {len(cohort)} users): shared-adapter val HR@10 accelerate "
+        f"{hr_a['HR@10']:.3f} vs Flower {hr_b['HR@10']:.3f}; NLL {hr_a['loss']:.4f} vs "
+        f"{hr_b['loss']:.4f}; max |diff| {diff:.2e}"
+    )
+    assert hr_a["HR@10"] == hr_b["HR@10"] and hr_a["loss"] == pytest.approx(hr_b["loss"], abs=1e-4)
+    # every client published its own stacked adapter; the server, the shared one
+    export = json.loads((flw / "export.json").read_text())
+    assert export["users_published_on_clients"] == 4 and export["shared"] == "_shared@v1"
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+@pytest.mark.slow
+@pytest.mark.flower
+def test_loopback_deployment_survives_a_client_killed_mid_round(tiny_model_dir, tmp_path):
+    """SuperLink + 3 SuperNodes as processes; the first node handed a round is SIGKILLed."""
+    out = tmp_path / "server"
+    cfg = load_config(TINY_YAML, _overrides(tiny_model_dir, out))
+    from llmrec.runtime import dataset_from_config
+
+    cohort = F.federated_cohort(leave_last_out(dataset_from_config(cfg).histories), cfg.fed)
+    overrides = " ".join(
+        _overrides(
+            tiny_model_dir,
+            out,
+            "fed.clients_per_round=2",
+            "fed.flower.min_available_clients=2",
+            "fed.client_timeout_s=180",
+        )
+    )
+    with Federation(tmp_path / "flwr-home", cwd=ROOT) as fed:
+        for name, user_id in zip("abc", cohort, strict=False):
+            fed.start_supernode(
+                name, {"user-id": user_id, "client-dir": str(tmp_path / f"device-{name}")}
+            )
+        run = fed.start_run(APP, {"config": str(TINY_YAML), "overrides": overrides})
+        logs = {n: fed.logs / f"supernode-{n}.log" for n in fed.nodes}
+
+        def handed_a_round() -> str | None:
+            for name, path in logs.items():
+                if path.is_file() and "Start `flwr-clientapp` process" in path.read_text():
+                    return name
+            return None
+
+        _wait_for(lambda: handed_a_round() is not None, 600, "no node got a training round")
+        victim = handed_a_round()
+        kill_now(fed.nodes.pop(victim))
+        run.wait(timeout=1200)
+    assert run.returncode == 0, (fed.logs / "flwr-run.log").read_text()[-3000:]
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["accepted"] == 1 and len(rounds[0]["failed"]) == 1  # the others went on
+    assert rounds[0]["applied"] and rounds[1]["accepted"] == 2
+    shared = _last_shared(out, 2)
+    assert all(torch.isfinite(t).all() for t in shared.values())
+    # personal states live on the devices only, never in the server's folder
+    assert not (out / F.CLIENTS_DIR).exists()
+    survivors = [n for n in "abc" if n != victim]
+    assert all(any((tmp_path / f"device-{n}").rglob("personal-r*.safetensors")) for n in survivors)
+
+
+@pytest.mark.slow
+@pytest.mark.flower
+def test_secagg_plus_run_completes(tiny_model_dir, tmp_path):
+    """SecAgg+ on: the round completes and the unmasked sum moved the shared adapter."""
+    out = tmp_path / "server"
+    overrides = " ".join(
+        _overrides(
+            tiny_model_dir,
+            out,
+            "fed.clients_per_round=3",
+            "fed.rounds=1",
+            "fed.flower.secagg=true",
+            "fed.val_users=0",
+        )
+    )
+    with Federation(tmp_path / "flwr-home", cwd=ROOT, simulation_nodes=3) as fed:
+        res = fed.run(APP, {"config": str(TINY_YAML), "overrides": overrides}, timeout_s=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Secure aggregation completed" in res.stdout + res.stderr
+    record = json.loads((out / "round-0001" / "round.json").read_text())
+    assert record["applied"] and record["accepted"] == 3 and not record["failed"]
+    cfg = load_config(TINY_YAML, overrides.split())
+    model, tokenizer = load_model(str(tiny_model_dir))
+    init = F.init_shared_state(F.build_slots(model, cfg.fed, tokenizer.pad_token_id), 0)
+    shared = _last_shared(out, 1)
+    moved = max(float((shared[k] - init[k]).abs().max()) for k in init)
+    assert 0 < moved < 1 and all(torch.isfinite(t).all() for t in shared.values())
