@@ -28,7 +28,7 @@ class LimitsConfig(BaseModel):
     """Largest request body; a bigger one gets 413 before it is parsed."""
     max_k: int = Field(50, ge=1, le=500)
     """Most items one recommendation request may ask for (beam width grows with k)."""
-    max_history_items: int = Field(200, ge=0)
+    max_history_items: int = Field(200, ge=1)
     """Longest history (and exclude list) a request may carry; the prompt keeps the last few."""
     max_context_chars: int = Field(500, ge=0)
     """Longest free-text context of a recommendation request."""

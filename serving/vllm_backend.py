@@ -77,7 +77,10 @@ class VLLMBackend:
         self._client = httpx.AsyncClient(
             base_url=self.url,
             timeout=httpx.Timeout(timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            # Idle connections expire before uvicorn's 5 s keep-alive closes them server-side.
+            limits=httpx.Limits(
+                max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0
+            ),
         )
 
     # ----------------------------------------------------------------- lifecycle
@@ -237,7 +240,7 @@ class VLLMBackend:
                             Usage(usage["prompt_tokens"], usage.get("completion_tokens", 0)),
                         )
         except httpx.HTTPError as err:
-            raise BackendError(503, f"vLLM unavailable: {err}") from err
+            raise BackendError(503, f"vLLM unavailable: {err!r}") from err
 
     # ----------------------------------------------------------------- HTTP
 
@@ -247,10 +250,19 @@ class VLLMBackend:
         return {"model": adapter.name, "cache_salt": adapter.digest}
 
     async def _request(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        """One request, retried once on a dropped connection: a keep-alive connection the
+        server closes just as it is reused fails with no response, and every call made
+        here is safe to repeat (scoring reads; a repeated load is handled as a reload)."""
+        try:
+            return await self._client.request(method, path, json=body)
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
+            pass  # a stale keep-alive connection: once more on a fresh one
+        except httpx.HTTPError as err:
+            raise BackendError(503, f"vLLM unavailable: {err!r}") from err
         try:
             return await self._client.request(method, path, json=body)
         except httpx.HTTPError as err:
-            raise BackendError(503, f"vLLM unavailable: {err}") from err
+            raise BackendError(503, f"vLLM unavailable: {err!r}") from err
 
     async def _post(self, path: str, body: Any) -> dict[str, Any]:
         response = await self._request("POST", path, body)

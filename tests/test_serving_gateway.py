@@ -277,3 +277,31 @@ def test_serve_is_a_plugin_of_the_llmrec_cli():
 
     assert "serve" in {c.name for c in app.registered_commands}
     assert "keys" in {g.name for g in app.registered_groups}
+
+
+def test_client_disconnect_cancels_the_work(services):
+    """The work of a request whose client went away is cancelled, not finished."""
+    from starlette.requests import Request
+
+    from serving.app import _guarded
+
+    async def scenario() -> tuple[int, bool]:
+        async def receive():
+            await asyncio.sleep(0.05)
+            return {"type": "http.disconnect"}
+
+        request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+        cancelled = asyncio.Event()
+
+        async def work():
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        response = await asyncio.wait_for(_guarded(services, request, "test", work), 5)
+        await asyncio.wait_for(cancelled.wait(), 5)
+        return response.status_code, cancelled.is_set()
+
+    assert asyncio.run(scenario()) == (499, True)
