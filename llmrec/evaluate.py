@@ -60,6 +60,7 @@ TRAINED_WITH = "trained_with.json"
 # What a trained adapter depends on; a finished run trained with the same is reused.
 CENTRALIZED_SECTIONS = ("data", "model", "prompts", "lora", "finetune")
 FEDERATED_SECTIONS = ("data", "model", "prompts", "lora", "recommend", "fed")
+NOT_INPUTS = [(s, k) for s in ("finetune", "fed") for k in ("output_dir", "store_dir")]
 
 
 @dataclass
@@ -203,9 +204,9 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
 def training_inputs(cfg: AppConfig, sections: Sequence[str]) -> dict:
     """The config sections a training run depends on, minus where its outputs go."""
     dumped = json.loads(cfg.model_dump_json(include=set(sections)))
-    for section in ("finetune", "fed"):
-        for key in ("output_dir", "store_dir"):
-            dumped.get(section, {}).pop(key, None)
+    # Flower's settings shape only training/flower runs, never the accelerate runner's.
+    for section, key in (*NOT_INPUTS, ("fed", "flower")):
+        dumped.get(section, {}).pop(key, None)
     return dumped
 
 
