@@ -131,7 +131,11 @@ def _shared_hr(model_dir: Path, cfg, shared: F.State, cohort: list[str]) -> dict
     split = leave_last_out(dataset.histories)
     model, tokenizer = load_model(str(model_dir))
     slots = F.build_slots(model, cfg.fed, tokenizer.pad_token_id)
-    prompts = PromptBuilder(tokenizer, cfg.prompts.max_history_items, cfg.prompts.max_prompt_tokens)
+    prompts = PromptBuilder(
+        tokenizer,
+        max_history_items=cfg.prompts.max_history_items,
+        max_prompt_tokens=cfg.prompts.max_prompt_tokens,
+    )
     rec = Recommender(slots.model, tokenizer, dataset.catalog, prompts, cfg.recommend.beam_width)
     empty = Path("/nonexistent-client-dir")  # no personal state: the shared adapter alone
     rows = [F.validate_user(slots, rec, split, empty, u, shared, cfg.fed.rounds) for u in cohort]
