@@ -280,13 +280,14 @@ def print_report(report) -> None:
 
 @app.command()
 def demo(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
-    """The main job end to end on the embedded defaults: data, base model, LoRA, evaluation."""
+    """The main job end to end on the embedded defaults: data, base model, a centralized LoRA
+    and a federated cohort's personal adapters, evaluated against the baselines."""
     cfg = _config(config, overrides)
     console.rule("1/3 data")
     data_stats(config, overrides)
     console.rule("2/3 base model")
     model_prepare(config, overrides, force=False)
-    console.rule("3/3 centralized LoRA + evaluation against the baselines")
+    console.rule("3/3 centralized LoRA + federated shared/personal adapters + evaluation")
     evaluate(config, overrides)
     console.print(f"[green]demo done[/green]: see {cfg.eval.results_dir}")
 

@@ -170,37 +170,12 @@ class FlowerConfig(BaseModel):
         return self
 
 
-class FlowerConfig(BaseModel):
-    model_config = _DOCS
-
-    min_available_clients: int | None = Field(None, ge=1)
-    """SuperNodes connected before a round samples its clients (None = clients_per_round)."""
-    secagg: bool = False
-    """SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod): clients upload masked vectors and
-    the server only ever unmasks their sum. Needs aggregation=fedavg and 3+ clients per round;
-    costs four message exchanges a round instead of one."""
-    secagg_num_shares: int = Field(3, ge=3)
-    """Shares each client's mask key is split into: more tolerate more dropouts, cost more."""
-    secagg_reconstruction_threshold: int = Field(2, ge=2)
-    """Shares needed to rebuild a dropped client's mask: higher = more colluders needed to
-    unmask one client, fewer dropouts tolerated."""
-    secagg_clipping_range: float = Field(8.0, gt=0)
-    """SecAgg+ clips every uploaded weight to +-this before quantizing it to 2**22 levels:
-    a smaller range is finer (LoRA weights stay well below 1)."""
-
-    @model_validator(mode="after")
-    def _shares(self) -> FlowerConfig:
-        if self.secagg_reconstruction_threshold > self.secagg_num_shares:
-            raise ValueError("secagg_reconstruction_threshold exceeds secagg_num_shares")
-        return self
-
-
 class FedConfig(BaseModel):
     model_config = _DOCS
 
-    n_users: int = Field(32, ge=0)
+    n_users: int = Field(16, ge=0)
     """Cohort: a seeded sample of users with a validation item (0 = all such users)."""
-    rounds: int = Field(5, ge=1)
+    rounds: int = Field(3, ge=1)
     """Federated rounds (one aggregation of the shared adapter each)."""
     clients_per_round: int = Field(8, ge=1)
     """Clients sampled per round: more averages more evenly, costs linearly more compute."""
@@ -212,8 +187,6 @@ class FedConfig(BaseModel):
     """Next-item targets per client, from the end of its training history."""
     targets_per_example: int = Field(8, ge=1)
     """Consecutive targets one training sequence scores (one forward pass for all)."""
-    flower: FlowerConfig = FlowerConfig()
-    """Flower runs only (training/flower/): node sampling and secure aggregation."""
     learning_rate: float = Field(1e-3, gt=0)
     """AdamW learning rate of both LoRA adapters on the client."""
     shared_rank: int = Field(8, ge=0, le=256)
@@ -244,13 +217,8 @@ class FedConfig(BaseModel):
     client_timeout_s: float = Field(600.0, gt=0)
     """Straggler budget: a client still training after this many seconds is dropped."""
     val_users: int = Field(16, ge=0)
-        if self.flower.secagg and self.aggregation != "fedavg":
-            # SecAgg+ reveals only the (weighted) sum: a median needs every update in clear.
-            raise ValueError("flower.secagg needs aggregation=fedavg")
-        if self.flower.secagg and self.clients_per_round < self.flower.secagg_num_shares:
-            raise ValueError("flower.secagg needs clients_per_round >= flower.secagg_num_shares")
     """Fixed seeded sample of cohort users whose validation HR@10 is measured (0 = none)."""
-    val_every: int = Field(1, ge=1)
+    val_every: int = Field(3, ge=1)
     """Rounds between validations (the last round is always validated): beam search is slow."""
     seed: int = 0
     """Seed of the cohort, client selection, initialization and local training."""
@@ -304,7 +272,7 @@ class EvalConfig(BaseModel):
             "personal-only",
             "ours",
         ]
-    ] = ["popularity", "itemknn", "sasrec", "zero-shot", "centralized"]
+    ] = ["popularity", "itemknn", "sasrec", "zero-shot", "centralized", "ours"]
     """Methods compared side by side on the same users and split. The federated ones
     (shared-only = plain FedAvg, personal-only = local training, ours = shared + personal)
     train with the `fed` section and are evaluated on its cohort, which then becomes
