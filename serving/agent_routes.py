@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmrec.agent import Agent
 from llmrec.erasure import UserErasure, erase_user
 from llmrec.grounding import Grounder
-from llmrec.profile import FeedbackRecord, ProfileStore, UnknownConversationError
+from llmrec.profile import FeedbackRecord, UnknownConversationError
 from llmrec.store import validate_user_id
 from serving.admission import Rejected
 from serving.backend import BackendError, GenerationParams
@@ -143,9 +143,7 @@ def agent_router(services: "Services", principal: Callable[..., Principal]) -> A
     """The agent's routes over ``services``; ``principal`` is the gateway's auth dependency."""
     cfg, limits = services.cfg, services.cfg.serve.limits
     catalog = services.catalog
-    profiles = ProfileStore(
-        cfg.profile.url, catalog, services.histories, cfg.profile.max_conversations
-    )
+    profiles = services.profiles
     agent = Agent(
         catalog,
         profiles,

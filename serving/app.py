@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmrec.data import Catalog
+from llmrec.profile import ProfileStore
 from llmrec.prompts import PromptBuilder
 from llmrec.store import validate_user_id
 from serving.adapters import AdapterRouter
@@ -79,7 +80,9 @@ class Services:
     prompts: PromptBuilder
     tokenizer: Any
     catalog: Catalog
-    histories: Mapping[str, Sequence[str]]
+    profiles: ProfileStore
+    """Each user's current history and exclusions (the agent's edits and feedback apply
+    at once); seeded from the data set on a user's first access."""
     keys: KeyStore
     admission: Admission
     metrics: Metrics
@@ -327,11 +330,12 @@ def create_app(services: Services) -> FastAPI:
                 raise ClientError(422, f"{name}: unknown item ids {unknown[:5]}")
         if body.context is not None and len(body.context) > limits.max_context_chars:
             raise ClientError(422, f"context: at most {limits.max_context_chars} characters")
-        history = list(
-            body.history if body.history is not None else services.histories.get(user, ())
-        )
+        # The profile is the truth, not the data set: a thumbs-down, "never show me X" or a
+        # history edit through the agent changes this answer at once.
+        stored, never = await asyncio.to_thread(_profile_of, services.profiles, user)
+        history = list(body.history if body.history is not None else stored)
         history = history[-limits.max_history_items :]
-        excluded = set(body.exclude) | (set(history) if body.exclude_seen else set())
+        excluded = set(body.exclude) | set(never) | (set(history) if body.exclude_seen else set())
         explain = cfg.serve.explain if body.explain is None else body.explain
 
         async def work() -> RecommendationResponse:
@@ -368,7 +372,10 @@ def create_app(services: Services) -> FastAPI:
     ) -> Any:
         """OpenAI-compatible chat, answered by the caller's own adapter (streaming too)."""
         user = acting_user(who, body.user)
-        messages, params = _chat_inputs(services, body, user, specials)
+        # Without a system message of the client's, the agent's names the user's history.
+        own_system = body.messages[0].role in ("system", "developer")
+        history = [] if own_system else await asyncio.to_thread(services.profiles.history, user)
+        messages, params = _chat_inputs(services, body, history, specials)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -462,13 +469,21 @@ def _usage(usage) -> UsageBody:
     )
 
 
+def _profile_of(profiles: ProfileStore, user: str) -> tuple[list[str], list[str]]:
+    """The user's current history and exclusions (one worker-thread hop for both)."""
+    return profiles.history(user), profiles.exclusions(user)
+
+
 def _chat_inputs(
-    services: Services, body: ChatCompletionRequest, user: str, specials: re.Pattern | None
+    services: Services,
+    body: ChatCompletionRequest,
+    history: Sequence[str],
+    specials: re.Pattern | None,
 ) -> tuple[list[dict[str, str]], GenerationParams]:
     """The engine's messages and sampling settings, checked against the limits.
 
     Without a system message of the client's, the personal agent's system prompt (the
-    user's recent history) comes first.
+    user's current ``history``) comes first.
     """
     limits = services.cfg.serve.limits
     if len(body.messages) > limits.max_messages:
@@ -481,7 +496,7 @@ def _chat_inputs(
         role = "system" if m.role == "developer" else m.role
         messages.append({"role": role, "content": _strip_specials(text, specials)})
     if messages[0]["role"] != "system":
-        titles = services.ranker.titles(services.histories.get(user, ()))
+        titles = services.ranker.titles(history)
         messages.insert(0, {"role": "system", "content": services.prompts.chat_system(titles)})
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):

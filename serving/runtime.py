@@ -15,6 +15,7 @@ from llmrec.model import (
     prepare_base_model,
     resolve_model_path,
 )
+from llmrec.profile import ProfileStore
 from llmrec.prompts import PromptBuilder
 from llmrec.runtime import dataset_from_config
 from llmrec.store import AdapterStore, AdapterValidationError, module_shapes_for
@@ -134,7 +135,9 @@ def build_services(cfg: ServingConfig) -> Services:
         prompts=prompts,
         tokenizer=tokenizer,
         catalog=dataset.catalog,
-        histories=dataset.histories,
+        profiles=ProfileStore(
+            cfg.profile.url, dataset.catalog, dataset.histories, cfg.profile.max_conversations
+        ),
         keys=KeyStore(cfg.serve.keys_file),
         admission=Admission(
             limits.max_concurrency,

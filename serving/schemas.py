@@ -26,11 +26,12 @@ class RecommendationRequest(BaseModel):
     context: str | None = None
     """Optional free-text request, e.g. "something light tonight"."""
     history: list[str] | None = None
-    """Item ids watched, oldest first; default: the user's stored history."""
+    """Item ids watched, oldest first; default: the user's current history (their profile,
+    with every edit and thumbs-up applied)."""
     exclude: list[str] = []
-    """Item ids never to return."""
+    """Item ids never to return, on top of the user's own exclusions (always applied)."""
     exclude_seen: bool = True
-    """Never return items of the history."""
+    """Never return items of the history ranked from (this request's, else the profile's)."""
     explain: bool | None = None
     """Add a one-line reason per item (default: the server's setting)."""
 

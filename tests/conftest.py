@@ -94,6 +94,9 @@ def serving_world(tmp_path_factory, tiny_model_dir):
         "serve.max_model_len=512",
         "serve.explain=false",
         "serve.explain_max_tokens=8",
+        # Profiles and personal state of this module's own: never the repository's outputs/.
+        f"profile.url=sqlite:///{tmp_path / 'profiles.db'}",
+        f"fed.output_dir={tmp_path / 'fed'}",
     ]
     return SimpleNamespace(
         store=store,

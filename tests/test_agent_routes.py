@@ -54,7 +54,7 @@ def chat(client, world, who, message, conversation=None, **params):
 
 
 def test_chat_streams_grounded_cards_and_feedback_applies_at_once(client, services, serving_world):
-    seen = set(services.histories["1"])
+    seen = set(services.profiles.base_histories["1"])
     conversation, text, cards = chat(client, serving_world, "1", "recommend three movies")
     assert len(cards) == 3 and text.count("\n") >= 3
     assert all(c["item_id"] in services.catalog and c["item_id"] not in seen for c in cards)
@@ -82,7 +82,7 @@ def test_chat_streams_grounded_cards_and_feedback_applies_at_once(client, servic
 def test_history_edits(client, services, serving_world):
     h = auth(serving_world, "2")
     before = [i["item_id"] for i in client.get("/v1/me/history", headers=h).json()["history"]]
-    assert before == list(services.histories["2"])
+    assert before == list(services.profiles.base_histories["2"])
     new = next(i for i in services.catalog.ids if i not in before)
     r = client.post("/v1/me/history", json={"add": [new], "remove": [before[0]]}, headers=h)
     after = [i["item_id"] for i in r.json()["history"]]

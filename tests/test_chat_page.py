@@ -121,12 +121,12 @@ def test_sign_in_chat_thumbs_down_export_delete(gateway, page, serving_world, tm
     page.click("[data-testid=sign-in-button]")
     page.wait_for_selector("[data-testid=who] >> text=signed in as 2")
     history = page.locator("[data-testid=history] li")
-    assert history.count() == len(services.histories["2"])
+    assert history.count() == len(services.profiles.base_histories["2"])
     page.screenshot(path=SHOTS / "01-signed-in.png")
 
     first = ask(page, "recommend three movies", 0)
     assert len(first) == 3
-    seen = set(services.histories["2"])
+    seen = set(services.profiles.base_histories["2"])
     assert all(i in services.catalog and i not in seen for i in first)
     card = page.locator(f"[data-testid=card][data-item='{first[0]}']")
     assert card.locator("h3").inner_text() == services.catalog.display(first[0])

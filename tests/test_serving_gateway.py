@@ -58,13 +58,13 @@ def library_ranking(world, services, adapter_dir, history, k=5):
 
 
 def test_each_user_is_ranked_with_their_own_adapter(client, services, serving_world):
-    history = list(services.histories["1"])
+    history = list(services.profiles.base_histories["1"])
     out = {who: recommend(client, serving_world, who) for who in ("1", "2")}
     assert out["1"]["adapter"] == "1@v1" and out["2"]["adapter"] == "2@v1"
     for who, body in out.items():
         items = body["items"]
         assert len(items) == 5
-        seen = set(services.histories[who])
+        seen = set(services.profiles.base_histories[who])
         assert all(i["item_id"] in services.catalog and i["item_id"] not in seen for i in items)
         assert [i["score"] for i in items] == sorted((i["score"] for i in items), reverse=True)
     # Exactly what the library's recommender ranks with that adapter, and not the base's.
@@ -112,6 +112,40 @@ def test_context_exclusions_and_reasons(client, services, serving_world):
     )  # fmt: skip
     assert sorted(i["item_id"] for i in body["items"]) == sorted(everything[-2:])
     assert all(isinstance(i["reason"], str) and "\n" not in i["reason"] for i in body["items"])
+
+
+def test_profile_edits_change_the_next_answer(client, services, serving_world, monkeypatch):
+    """A thumbs-down, "never show me X" and a history edit through the agent's routes reach
+    the next /v1/recommendations answer and the chat's system prompt at once."""
+    admin, as_12 = auth(serving_world, "admin"), {"user": "12"}
+    first = [i["item_id"] for i in recommend(client, serving_world, "12", k=5)["items"]]
+    down, never, watched = first[:3]
+    for path, body in (
+        ("/v1/me/feedback", {"item_id": down, "action": "down"}),
+        ("/v1/me/exclusions", {"add": [never]}),
+        ("/v1/me/history", {"add": [watched]}),
+    ):
+        r = client.post(path, json=body, headers=admin, params=as_12)
+        assert r.status_code == 200, r.text
+    # k = every unseen item: the three could only be missing because they are excluded.
+    unseen = len(services.catalog.ids) - len(services.profiles.base_histories["12"]) - 1
+    after = recommend(client, serving_world, "12", k=unseen)["items"]
+    assert len(after) == unseen - 2  # the thumbs-down and the "never" are excluded
+    assert not {down, never, watched} & {i["item_id"] for i in after}
+
+    seen: list[list[dict[str, str]]] = []
+    chat = services.backend.chat
+
+    def spy(adapter, messages, params):
+        seen.append(messages)
+        return chat(adapter, messages, params)
+
+    monkeypatch.setattr(services.backend, "chat", spy)
+    body = {"model": "llmrec", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = client.post("/v1/chat/completions", json=body | as_12, headers=admin)
+    assert r.status_code == 200, r.text
+    assert seen[0][0]["role"] == "system"
+    assert services.catalog.display(watched) in seen[0][0]["content"]
 
 
 def test_keys_reach_only_their_own_user(client, serving_world):

@@ -90,7 +90,7 @@ def library_ranking(world, catalog, adapter_dir, history, k=5):
 
 def test_each_user_is_ranked_by_vllm_with_their_own_adapter(gateway, serving_world):
     url, services = gateway
-    history = list(services.histories["1"])
+    history = list(services.profiles.base_histories["1"])
     mine = recommend(url, serving_world, "1", history=history)
     theirs = recommend(url, serving_world, "2", history=history)
     assert (mine["adapter"], theirs["adapter"]) == ("1@v1", "2@v1")
