@@ -10,6 +10,12 @@ at v1) is unloaded and loaded again before anyone is served the new weights unde
 
 A user without an adapter of their own gets the shared one; a stored adapter that fails
 validation is never handed to the engine: the user falls back to the shared adapter.
+
+A deleted user is forgotten at once: :meth:`AdapterRouter.forget` unloads their loaded
+versions as soon as no request uses them (``DELETE /v1/me`` calls it), and
+:meth:`AdapterRouter.sweep` does the same for users deleted by another process
+(``llmrec user delete``), which the gateway runs every ``serve.store_poll_s``. A deleted
+user is then served like any user without an adapter: the shared one.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ class _Entry:
     adapter: ServedAdapter
     load: asyncio.Task
     users: int = 0  # requests holding it now
-    retired: bool = False  # superseded or stale: unload when the last user lets go
+    retired: str | None = None  # why to unload it when the last user lets go
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -113,7 +119,7 @@ class AdapterRouter:
                 entry = self._entries.get(adapter.name)
                 if entry is not None and entry.adapter.digest != adapter.digest:
                     # Same name, other weights: wait until no request uses the old ones.
-                    entry.retired = True
+                    entry.retired = "stale"
                     if entry.users:
                         drained = entry.drained
                     else:
@@ -141,7 +147,7 @@ class AdapterRouter:
         evict: list[str] = []
         for name, other in list(self._entries.items()):
             if other.adapter.user_id == adapter.user_id:  # an older version of this user
-                other.retired = True
+                other.retired = "superseded"
                 if not other.users:
                     evict.append(name)
                     self._drop(other, "superseded", unload=False)
@@ -201,4 +207,28 @@ class AdapterRouter:
             entry.drained.set()
             entry.drained = asyncio.Event()
             if entry.retired and entry.load.done():
-                self._drop(entry, "superseded")
+                self._drop(entry, entry.retired)
+
+    async def forget(self, user_id: str) -> list[str]:
+        """Unload every loaded version of ``user_id`` (the user was deleted): an idle one
+        now (awaited), one in use when its last request ends. Returns the names."""
+        async with self._lock:
+            mine = [e for e in self._entries.values() if e.adapter.user_id == user_id]
+            for entry in mine:
+                entry.retired = "forgotten"
+                if not entry.users and entry.load.done():
+                    self._drop(entry, "forgotten")
+            unloading = [self._unloading.get(e.adapter.name) for e in mine]
+        await asyncio.gather(*(t for t in unloading if t is not None), return_exceptions=True)
+        if mine:
+            log.info("forgot %s: %s", user_id, [e.adapter.name for e in mine])
+        return [e.adapter.name for e in mine]
+
+    async def sweep(self) -> list[str]:
+        """Forget the loaded users whose adapters are gone from the store (deleted by
+        another process). Returns the names unloaded or marked for unloading."""
+        loaded = {e.adapter.user_id for e in list(self._entries.values())} - {SHARED_ID}
+        if not loaded:
+            return []
+        stored = set(await asyncio.to_thread(self.store.users))
+        return [name for user in sorted(loaded - stored) for name in await self.forget(user)]

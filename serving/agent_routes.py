@@ -320,14 +320,18 @@ def agent_router(services: "Services", principal: Callable[..., Principal]) -> A
 
     @router.delete("/v1/me", tags=["me"], response_model=UserErasure)
     async def delete_me(who: Who, user: UserParam = None) -> Any:
-        """Delete yourself: history, feedback, conversations, personal adapters and keys.
-        What your past training contributed to the shared adapter stays (docs/privacy.md)."""
+        """Delete yourself: history, feedback, conversations, personal adapters (unloaded
+        from the engine too) and keys. What your past training contributed to the shared
+        adapter stays (docs/privacy.md)."""
         user_id = acting(who, user)
 
         def erase() -> UserErasure:
             report = erase_user(user_id, profiles, services.router.store, cfg.fed.output_dir)
             return report.model_copy(update={"keys": services.keys.revoke(user_id)})
 
-        return await asyncio.to_thread(erase)
+        report = await asyncio.to_thread(erase)
+        # Out of the engine too: a later request (an admin's) gets the shared adapter.
+        await services.router.forget(user_id)
+        return report
 
     return router

@@ -191,6 +191,16 @@ async def _guarded(
         raise ClientError(504, "the request took longer than the server's time budget") from None
 
 
+async def _sweep_deleted_users(services: Services) -> None:
+    """Unload, every ``store_poll_s``, the adapters of users deleted by another process."""
+    while True:
+        await asyncio.sleep(services.cfg.serve.store_poll_s)
+        try:
+            await services.router.sweep()
+        except Exception as err:  # a store that cannot be listed now may be readable next time
+            log.warning("adapter store sweep failed: %s", err)
+
+
 def _strip_specials(text: str, pattern: re.Pattern | None) -> str:
     """Client text with control tokens removed (a chat must not forge turn boundaries)."""
     return pattern.sub("", text) if pattern is not None else text
@@ -216,7 +226,9 @@ def create_app(services: Services) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await services.backend.start()
+        sweeper = asyncio.create_task(_sweep_deleted_users(services))
         yield
+        sweeper.cancel()
         await services.backend.close()
 
     app = FastAPI(

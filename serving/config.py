@@ -91,6 +91,9 @@ class ServeConfig(BaseModel):
     """vLLM CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE)."""
     cpu_threads: str = "auto"
     """VLLM_CPU_OMP_THREADS_BIND: auto, nobind, or core ids such as 0-3."""
+    store_poll_s: float = Field(2.0, gt=0)
+    """How often the gateway looks for users deleted from the adapter store by another
+    process (``llmrec user delete``) and unloads their adapters: shorter forgets sooner."""
     keys_file: Path = Path("outputs/serving/keys.json")
     """Hashed API keys (``llmrec keys add USER``); read again when it changes."""
     explain: bool = True

@@ -48,7 +48,7 @@ class Metrics:
         )
         self.adapter_evictions = Counter(
             "llmrec_adapter_evictions",
-            "Adapters unloaded (LRU, superseded, stale).",
+            "Adapters unloaded (lru, superseded, stale, forgotten: the user was deleted).",
             ["reason"],
             registry=r,
         )

@@ -7,11 +7,14 @@ differs (tests/test_serving_vllm.py runs the real vLLM server).
 from __future__ import annotations
 
 import asyncio
+import time
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from llmrec.cli import app as cli_app
 from llmrec.model import load_model
 from llmrec.prompts import PromptBuilder
 from llmrec.recommender import Recommender
@@ -24,7 +27,9 @@ from serving.runtime import build_services
 
 @pytest.fixture(scope="module")
 def services(serving_world):
-    cfg = load_serving_config(None, [*serving_world.overrides, "serve.backend=inprocess"])
+    cfg = load_serving_config(
+        None, [*serving_world.overrides, "serve.backend=inprocess", "serve.store_poll_s=0.1"]
+    )
     return build_services(cfg)
 
 
@@ -102,6 +107,56 @@ def test_deleted_and_republished_user_never_gets_stale_weights(client, serving_w
     after = recommend(client, serving_world, "6")
     assert before["adapter"] == after["adapter"] == "6@v1"
     assert after["items"] != before["items"]
+
+
+def test_deleted_user_is_forgotten_at_once(client, services, serving_world):
+    """DELETE /v1/me unloads the user's adapter from the engine; an admin asking for the
+    deleted user then gets the shared adapter, and a re-published user the new weights."""
+    admin, as_15 = auth(serving_world, "admin"), {"user": "15"}
+    history = list(services.profiles.base_histories["15"])  # the same input before and after
+    serving_world.publish("15", seed=150)
+    before = recommend(client, serving_world, "15", history=history)
+    assert before["adapter"] == "15@v1" and "15@v1" in services.router.loaded
+    r = client.delete("/v1/me", headers=admin, params=as_15)
+    assert r.status_code == 200 and r.json()["adapters"]
+    assert "15@v1" not in services.router.loaded
+    assert "15@v1" not in services.backend._weights  # out of the engine, not only the table
+    assert recommend(client, serving_world, "15", history=history)["adapter"] == "_shared@v1"
+    serving_world.publish("15", seed=151)
+    again = recommend(client, serving_world, "15", history=history)
+    assert again["adapter"] == "15@v1"
+    assert [i["score"] for i in again["items"]] != pytest.approx(
+        [i["score"] for i in before["items"]]
+    )
+
+
+def test_user_deleted_by_the_cli_is_unloaded(client, services, serving_world):
+    """``llmrec user delete`` runs in a process of its own: the gateway's store sweep
+    notices that the user is gone and unloads the adapter."""
+    serving_world.publish("16", seed=160)
+    assert recommend(client, serving_world, "16")["adapter"] == "16@v1"
+    deleted = CliRunner().invoke(
+        cli_app, ["user", "delete", "16", "--yes", *serving_world.overrides]
+    )
+    assert deleted.exit_code == 0, deleted.output
+    deadline = time.monotonic() + 10
+    while "16@v1" in services.router.loaded and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "16@v1" not in services.router.loaded
+    assert "16@v1" not in services.backend._weights
+
+
+def test_forget_waits_for_the_request_using_the_adapter(client, services, serving_world):
+    serving_world.publish("17", seed=170)
+
+    async def scenario() -> tuple[list[str], bool, bool]:
+        async with services.router.use("17") as adapter:
+            names = await services.router.forget("17")
+            during = adapter.name in services.backend._weights  # the request still runs on it
+        return names, during, adapter.name in services.router.loaded
+
+    assert client.portal.call(scenario) == (["17@v1"], True, False)
+    assert "17@v1" not in services.backend._weights
 
 
 def test_context_exclusions_and_reasons(client, services, serving_world):
