@@ -9,7 +9,7 @@ help text.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -379,8 +379,16 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> AppConfig:
-    """Build the config from defaults, an optional YAML file, the environment and overrides."""
+ConfigT = TypeVar("ConfigT", bound=AppConfig)
+
+
+def load_config(
+    path: Path | None = None, overrides: list[str] | None = None, cls: type[ConfigT] = AppConfig
+) -> ConfigT:
+    """Build the config from defaults, an optional YAML file, the environment and overrides.
+
+    ``cls`` is AppConfig or a subclass with sections of its own (the serving application's
+    ``ServingConfig``), loaded from the same sources in the same order."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -393,7 +401,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     _YamlSource.data = data
     try:
-        return AppConfig(**parse_overrides(overrides or []))
+        return cls(**parse_overrides(overrides or []))
     except ValidationError as err:
         fields = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()

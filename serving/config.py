@@ -8,12 +8,11 @@ one YAML file configures training, evaluation and serving alike.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from llmrec.config import AppConfig, ConfigError, _YamlSource, parse_overrides
+from llmrec.config import AppConfig, load_config
 
 _DOCS = ConfigDict(use_attribute_docstrings=True, extra="forbid")
 
@@ -128,27 +127,7 @@ def load_serving_config(
     path: Path | None = None, overrides: list[str] | None = None
 ) -> ServingConfig:
     """Like :func:`llmrec.config.load_config`, for the library's sections plus ``serve``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file not found: {path}") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    # The YAML source of AppConfig reads this class attribute; ServingConfig inherits it.
-    _YamlSource.data = data
-    try:
-        return ServingConfig(**parse_overrides(overrides or []))
-    except ValidationError as err:
-        fields = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"invalid config: {fields}") from err
-    finally:
-        _YamlSource.data = {}
+    return load_config(path, overrides, cls=ServingConfig)
 
 
 def engine_rank(store_ranks: list[int], configured: int | None) -> int:

@@ -44,6 +44,31 @@ def test_malformed_override_and_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_subclass_with_its_own_section_loads_the_same_way(tmp_path, monkeypatch):
+    """An application (serving) adds a section; YAML, env, overrides and errors all apply."""
+    from pydantic import BaseModel, Field
+
+    from llmrec.config import AppConfig
+
+    class Extra(BaseModel):
+        port: int = Field(1, ge=1)
+        host: str = "a"
+
+    class WithExtra(AppConfig):
+        extra: Extra = Extra()
+
+    path = tmp_path / "run.yaml"
+    path.write_text("extra:\n  port: 5\n  host: b\neval:\n  seed: 3\n")
+    monkeypatch.setenv("LLMREC_EXTRA__HOST", "c")
+    cfg = load_config(path, ["extra.port=6"], cls=WithExtra)
+    assert isinstance(cfg, WithExtra)
+    assert (cfg.extra.port, cfg.extra.host, cfg.eval.seed) == (6, "c", 3)
+    with pytest.raises(ConfigError, match=r"extra\.port"):
+        load_config(overrides=["extra.port=0"], cls=WithExtra)
+    with pytest.raises(ConfigError, match="extra"):
+        load_config(path)  # the plain AppConfig has no such section
+
+
 def test_generic_data_needs_its_files():
     with pytest.raises(ConfigError, match="data.interactions"):
         load_config(overrides=["data.name=generic"])
