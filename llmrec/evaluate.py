@@ -258,6 +258,14 @@ def train_centralized(cfg: AppConfig, dataset: Dataset, split: Split, model, tok
     return train_lora(model, tokenizer, examples, cfg.lora, cfg.finetune, mixed_precision=mixed)
 
 
+def federated_store_dir(cfg: AppConfig, method: str) -> Path:
+    """The adapter store of ``method``'s federated run for ``cfg`` (trained or not): what
+    ``llmrec serve-demo`` serves after ``llmrec demo``. Its folder is named by the
+    fingerprint of the run's training inputs, as :func:`federated_run` trains it."""
+    inputs = training_inputs(cfg, FEDERATED_SECTIONS)
+    return Path(cfg.eval.federated_dir) / f"{method}-{_fingerprint(inputs)}" / STORE_DIR
+
+
 def federated_run(cfg: AppConfig, method: str) -> Path:
     """The finished federated run behind ``method``: trained now unless one exists already.
 
@@ -266,8 +274,8 @@ def federated_run(cfg: AppConfig, method: str) -> Path:
     run's folder is named by the fingerprint of what it was trained with, so a changed
     config trains anew instead of reusing a stale run (and deletes nothing).
     """
-    inputs = training_inputs(cfg, FEDERATED_SECTIONS)
-    folder = Path(cfg.eval.federated_dir) / f"{method}-{_fingerprint(inputs)}"
+    store_dir = federated_store_dir(cfg, method)
+    folder = store_dir.parent
     run_dir = folder / RUN_DIR
     if (run_dir / "export.json").is_file():
         log.info("%s: reusing the finished run in %s", method, run_dir)
@@ -278,7 +286,7 @@ def federated_run(cfg: AppConfig, method: str) -> Path:
     write_text_atomic(config_path, dumped)
     overrides = FEDERATED[method] + [
         f"fed.output_dir={run_dir}",
-        f"fed.store_dir={folder / STORE_DIR}",
+        f"fed.store_dir={store_dir}",
     ]
     cmd = train_command(
         config_path, overrides, resume=run_dir.is_dir(), cuda=torch.cuda.is_available()
