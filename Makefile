@@ -13,8 +13,10 @@ setup: $(VENV)/.setup-stamp
 $(VENV)/.setup-stamp: scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
 
+# The main job ends by serving: the federated run's adapters over REST, then the stack stops.
 demo: setup
 	$(PY) -m llmrec demo
+	$(PY) -m llmrec serve-demo
 
 # pytest exits 5 when nothing was collected: not a failure of the project.
 # One OpenMP thread per process: the tests start child processes (accelerate, servers), and

@@ -1,4 +1,4 @@
-"""``llmrec serve`` and ``llmrec keys``: registered into the llmrec CLI as a plugin.
+"""``llmrec serve``, ``serve-demo`` and ``keys``: registered into the llmrec CLI as a plugin.
 
 ``pyproject.toml`` lists :func:`register` under the ``llmrec.commands`` entry-point group;
 ``llmrec.cli`` calls every such hook with its Typer app, so the library never imports this
@@ -10,6 +10,7 @@ fast and works where they are missing.
     llmrec serve -c training/configs/ml100k.yaml serve.port=8000
     llmrec serve serve.backend=inprocess   # without vLLM
     llmrec serve serve.vllm_url=http://127.0.0.1:8001   # attach to a running vLLM
+    llmrec serve-demo                      # after `llmrec demo`: one REST answer, one chat
 """
 
 from __future__ import annotations
@@ -51,6 +52,21 @@ def serve(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     app = create_app(build_services(cfg))
     typer.echo(f"llmrec gateway on http://{cfg.serve.host}:{cfg.serve.port} (docs at /docs)")
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+
+
+def serve_demo(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+    """After `llmrec demo`: serve its federated run's adapters, ask for recommendations over
+    REST and for a chat answer as one of its users, print both, stop (same config)."""
+    from rich.console import Console
+
+    from serving.demo import DemoError, run_demo, show
+
+    try:
+        result = run_demo(_config(config, overrides))
+    except DemoError as err:
+        typer.echo(f"serve-demo: {err}", err=True)
+        raise typer.Exit(1) from err
+    show(result, Console())
 
 
 @keys_app.command("add")
@@ -97,6 +113,7 @@ def keys_ls(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """The ``llmrec.commands`` hook: add ``serve`` and ``keys`` to the llmrec CLI."""
+    """The ``llmrec.commands`` hook: add ``serve``, ``serve-demo`` and ``keys`` to the CLI."""
     app.command("serve")(serve)
+    app.command("serve-demo")(serve_demo)
     app.add_typer(keys_app, name="keys")

@@ -125,6 +125,15 @@ class KeyStore:
                 self._write(records)
         return len(gone)
 
+    def revoke_key(self, key: str) -> bool:
+        """Remove one key (e.g. a temporary one), leaving the user's others; False if unknown."""
+        with self._lock:
+            records = dict(self._read())
+            if records.pop(hash_key(key), None) is None:
+                return False
+            self._write(records)
+        return True
+
     def list(self) -> list[KeyRecord]:
         """All key records (never the keys)."""
         with self._lock:

@@ -1,0 +1,183 @@
+"""``llmrec serve-demo``: the main job's last step, serving what ``llmrec demo`` trained.
+
+It serves the adapter store of the demo's federated run (method ``ours``: shared + personal
+adapters, found by the same config fingerprint the evaluation trained it under), picks a
+cohort user with a personal adapter, makes them a temporary API key, starts the whole
+stack on loopback (the managed vLLM server where vLLM is installed, else the in-process
+backend), asks over REST for five recommendations with a free-text context and for one
+chat answer, prints both, then revokes the key and stops everything.
+
+    llmrec demo && llmrec serve-demo                # what `make demo` runs
+    llmrec serve-demo serve.backend=inprocess       # without vLLM
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from llmrec.evaluate import federated_store_dir
+from llmrec.store import AdapterStore
+from serving.config import ServingConfig
+
+log = logging.getLogger(__name__)
+
+METHOD = "ours"
+"""The federated method whose adapters are served: shared + personal."""
+CONTEXT = "something light for tonight"
+"""The free-text context of the demo's recommendation request."""
+QUESTION = "I have a free evening. What should I watch, and why?"
+"""The demo's one chat message."""
+K = 5
+CHAT_MAX_TOKENS = 64
+_STOP_S = 120.0
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run (nothing trained yet) or the stack answered with an error."""
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo asked and what the stack answered."""
+
+    user: str
+    backend: str
+    recommendations: dict[str, Any]
+    """The body of ``POST /v1/recommendations``."""
+    chat: dict[str, Any]
+    """The body of ``POST /v1/chat/completions``."""
+
+    @property
+    def answer(self) -> str:
+        """The chat answer's text."""
+        return self.chat["choices"][0]["message"]["content"]
+
+
+def demo_config(cfg: ServingConfig) -> ServingConfig:
+    """``cfg`` serving the federated run's store, on vLLM only where it can run here."""
+    serve = cfg.serve
+    backend = serve.backend
+    if backend == "vllm" and serve.vllm_url is None and importlib.util.find_spec("vllm") is None:
+        log.warning("vLLM is not installed here: serving in-process (transformers + peft)")
+        backend = "inprocess"
+    update = {"store_dir": federated_store_dir(cfg, METHOD), "backend": backend}
+    return cfg.model_copy(update={"serve": serve.model_copy(update=update)})
+
+
+def pick_user(store: AdapterStore) -> str:
+    """The first (in id order) cohort user with a personal adapter of their own."""
+    users = store.users()  # a federated run publishes personal adapters for its cohort only
+    if not users:
+        raise DemoError(
+            f"{store.root} holds no personal adapter: run `llmrec demo` first "
+            f"(its evaluation trains the federated method {METHOD!r})"
+        )
+    return min(users, key=lambda u: (not u.isdigit(), int(u) if u.isdigit() else 0, u))
+
+
+@contextlib.contextmanager
+def running(app, host: str, timeout_s: float) -> Iterator[str]:
+    """The gateway ``app`` served on a free port of ``host``; yields its base URL.
+
+    The app's lifespan starts and stops the engine (the managed vLLM server with it)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not thread.is_alive():
+                raise DemoError("the gateway failed to start (its log is above)")
+            if time.monotonic() > deadline:
+                raise DemoError(f"the gateway did not start in {timeout_s:.0f} s")
+            time.sleep(0.2)
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=_STOP_S)
+        sock.close()
+
+
+def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    r = client.post(path, json=body)
+    if r.status_code != 200:
+        raise DemoError(f"POST {path}: {r.status_code} {r.text[:500]}")
+    return r.json()
+
+
+def run_demo(cfg: ServingConfig) -> DemoResult:
+    """Serve the federated run, ask as one of its users, stop; the key is always revoked."""
+    from serving.app import create_app
+    from serving.runtime import build_services
+
+    cfg = demo_config(cfg)
+    if not cfg.store_dir.is_dir():
+        raise DemoError(
+            f"no federated run for this config at {cfg.store_dir.parent}: run `llmrec demo` "
+            "first, with the same config and overrides"
+        )
+    user = pick_user(AdapterStore(cfg.store_dir))
+    services = build_services(cfg)
+    key = services.keys.add(user)
+    try:
+        startup = cfg.serve.vllm_startup_timeout_s + 60
+        with running(create_app(services), cfg.serve.host, startup) as url:
+            headers = {"Authorization": f"Bearer {key}"}
+            timeout = cfg.serve.limits.request_timeout_s + 10
+            with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
+                recommendations = _post(
+                    client, "/v1/recommendations", {"k": K, "context": CONTEXT, "explain": True}
+                )
+                chat = _post(
+                    client,
+                    "/v1/chat/completions",
+                    {
+                        "model": "llmrec",
+                        "messages": [{"role": "user", "content": QUESTION}],
+                        "max_tokens": CHAT_MAX_TOKENS,
+                        "temperature": 0,
+                    },
+                )
+    finally:
+        services.keys.revoke_key(key)
+    return DemoResult(user, services.backend.kind, recommendations, chat)
+
+
+def show(result: DemoResult, console: Console) -> None:
+    """Print the ranked items with their reasons, then the chat answer."""
+    rec = result.recommendations
+    table = Table(
+        title=f"POST /v1/recommendations: user {result.user}, adapter {rec['adapter']}, "
+        f'context "{CONTEXT}" ({result.backend} backend)'
+    )
+    for column in ("#", "item", "title", "log-prob", "reason"):
+        table.add_column(column, overflow="fold")
+    for item in rec["items"]:
+        table.add_row(
+            str(item["rank"]),
+            item["item_id"],
+            item["title"],
+            f"{item['score']:.2f}",
+            item.get("reason") or "",
+        )
+    console.print(table)
+    title = f"POST /v1/chat/completions: user {result.user}, adapter {result.chat['model']}"
+    console.print(Panel(f"[bold]> {QUESTION}[/bold]\n\n{result.answer}", title=title))
