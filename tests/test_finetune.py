@@ -100,3 +100,21 @@ def test_user_sample_is_seeded_and_ordered():
     assert a == sample_users(users, 10, seed=1) and len(a) == 10
     assert a == sorted(a, key=int)
     assert sample_users(users, 0, seed=1) == users
+
+
+def test_answer_nll_sum_equals_the_full_logits_loss(setup):
+    """Projecting only the labeled positions changes nothing but the cost."""
+    from llmrec.finetune import answer_nll_sum
+
+    model, tokenizer, _, examples = setup
+    model.eval()  # an earlier test may leave LoRA dropout on
+    batch = collate(examples[:3], tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = model(**batch).loss.item()  # transformers' mean over every labeled token
+        parts = [
+            answer_nll_sum(model, torch.tensor(e.input_ids), torch.tensor(e.labels))
+            for e in examples[:3]
+        ]
+    assert sum(nll.item() for nll, _ in parts) / sum(n for _, n in parts) == pytest.approx(
+        full, rel=1e-4
+    )
