@@ -153,6 +153,7 @@ def main() -> None:
         f"model.name_or_path={model_name}", "model.dtype=float32", f"data.name={args.data}",
         "prompts.max_history_items=10", f"recommend.beam_width={args.beam_width}",
         f"serve.store_dir={store.root}", f"serve.keys_file={keys.path}",
+        f"profile.url=sqlite:///{work / 'profiles.db'}",
         f"serve.vllm_port={free_port()}", "serve.cpu_threads=nobind",
         f"serve.max_cpu_loras={args.max_cpu_loras}", f"serve.max_loras={args.max_loras}",
         "serve.limits.max_queue=1024", "serve.limits.per_user_concurrency=64",
