@@ -156,6 +156,9 @@ def test_forget_waits_for_the_request_using_the_adapter(client, services, servin
         return names, during, adapter.name in services.router.loaded
 
     assert client.portal.call(scenario) == (["17@v1"], True, False)
+    deadline = time.monotonic() + 10  # the unload runs in a task of its own once released
+    while "17@v1" in services.backend._weights and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "17@v1" not in services.backend._weights
 
 
