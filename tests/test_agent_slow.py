@@ -64,7 +64,7 @@ def test_a_conversation(gateway):
     client, services, headers = gateway
     catalog = services.catalog
     chat = Chat(client, headers)
-    seen = set(services.histories[USER])
+    seen = set(services.profiles.base_histories[USER])
 
     def history():
         return [
