@@ -9,7 +9,7 @@ help text.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -132,6 +132,15 @@ class DPConfig(BaseModel):
 class DecouplingConfig(BaseModel):
     model_config = _DOCS
 
+    schedule: Literal["joint", "sequential"] = "sequential"
+    """How a client trains the two parts. "sequential": first the shared part with the
+    personal one switched off (exactly plain FedAvg's update, so the averaged adapter is the
+    shared-only one), then the personal part on top of the new shared one, which stays
+    frozen. "joint": both in the same steps (the personal part can absorb what the crowd
+    would have learned, and the shared part drifts from plain FedAvg)."""
+    holdout_targets: int = Field(4, ge=0)
+    """A user's last N training targets are kept out of the personal part's training: with
+    the validation item they pick the personal scale at export (items it never saw)."""
     gate: Literal["none", "adapter", "module"] = "module"
     """Per-user learned balance g in (0, 2): update = (2-g)*shared + g*personal; one g per
     user ("adapter") or per user and adapted module ("module"); folded into B at export."""
@@ -143,6 +152,14 @@ class DecouplingConfig(BaseModel):
     personal_decay: float = Field(300.0, ge=0)
     """AdamW weight decay of the personal B matrices (each step shrinks them by lr * decay;
     B = 0 is no personal update): keeps a user's few examples from being memorized."""
+    personal_scales: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        [0.0, 0.5, 1.0], min_length=1
+    )
+    """Measure and pick, per user, at export: the client scores the items its personal part
+    never trained on (the holdout targets and the validation item) with the personal part
+    scaled by each value (0 = exactly the shared adapter, 1 = as trained, between = both
+    sides interpolated) and publishes the best. [1.0] publishes as trained. Applies when both
+    ranks are set (personal-only is exported as trained)."""
 
 
 class FlowerConfig(BaseModel):

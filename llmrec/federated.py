@@ -28,6 +28,10 @@ mechanisms shaped what is here:
   into the personal one) and ``personal_decay``, AdamW's decoupled weight decay on the
   personal B matrices (a user's few examples are not memorized, and what users have in
   common is cheaper to put into the shared one).
+- Measure and pick (``decoupling.personal_scales``): at export each client scores its own
+  validation item with its adapter moved from the shared part alone (0) to as trained (1)
+  and publishes the best. A personal part that memorized its user's titles instead of
+  learning their taste is turned down for that user alone; the pick never leaves the client.
 
 Measured (training/README.md has the table and the command; 8 ML-100K users, 3 rounds, the
 real 135M model): without regularization the personal part memorizes the user's few training
@@ -47,6 +51,7 @@ which aggregates (:func:`server_update`, or Flower's strategies). Results depend
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -342,12 +347,15 @@ def client_update(
     personal_state: State,
     round: int,
 ) -> ClientResult:
-    """Train both slots locally on one user's examples; return the shared delta to upload.
+    """Train the slots locally on one user's examples; return the shared delta to upload.
 
-    Starts from the downloaded ``shared_state`` and the user's own ``personal_state``, takes
-    ``local_steps`` AdamW steps (fresh optimizer: no optimizer state crosses rounds) on
-    batches drawn from ``examples`` by a generator seeded from (seed, round, user_id), with the
-    FedProx term and personal decay of ``cfg.decoupling``. Raises :class:`ClientTimeout` when
+    Starts from the downloaded ``shared_state`` and the user's own ``personal_state``. Each
+    phase takes ``local_steps`` AdamW steps (fresh optimizer: no optimizer state crosses
+    rounds) on batches drawn by a generator seeded from (seed, round, user_id). With
+    ``decoupling.schedule="sequential"`` the shared part trains first with the personal part
+    off (on every example: the very update plain FedAvg makes), then the personal part on top
+    of it (on the non-holdout examples, with its decay and gates); "joint" trains both in the
+    same steps on the non-holdout examples. Raises :class:`ClientTimeout` when
     ``cfg.client_timeout_s`` runs out (checked between steps) and ValueError without examples.
     """
     cfg = slots.cfg
@@ -357,46 +365,45 @@ def client_update(
     seed = derive_seed(cfg.seed, "client", round, user_id)
     torch.manual_seed(seed)  # anything stochastic left in the model draws from here
     gen = torch.Generator().manual_seed(seed)
-    slots.load(shared_state, personal_state)
-    downloaded = {k: p.detach().clone() for k, p in slots.shared.items()}
-
     dec = cfg.decoupling
+    personal_examples = [e for e in examples if not e.holdout]
+
+    def steps(groups: list[dict], data: Sequence[Example], prox: State | None) -> list[float]:
+        return _local_steps(slots, groups, data, gen, prox, start, user_id)
+
     personal_b = [p for k, p in slots.personal.items() if "lora_B" in k]
     personal_a = [p for k, p in slots.personal.items() if "lora_B" not in k]
-    groups = [
-        {"params": list(slots.shared.values()), "lr": cfg.learning_rate},
+    personal_groups = [
         {"params": personal_a, "lr": cfg.learning_rate},
         # Decoupled decay on B only (B = 0 is "no personal update"; A is a projection). As a
         # loss term, Adam would rescale it away; AdamW's decay shrinks by lr * decay per step.
         {"params": personal_b, "lr": cfg.learning_rate, "weight_decay": dec.personal_decay},
         {"params": list(slots.gates.values()), "lr": dec.gate_learning_rate},
     ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
-    slots.model.train()
-    device = slots.device
-    order: list[int] = []
-    losses: list[float] = []
-    for _ in range(cfg.local_steps):
-        if len(order) < cfg.local_batch_size:  # reshuffle when an epoch runs out
-            order += torch.randperm(len(examples), generator=gen).tolist()
-        batch_ids, order = order[: cfg.local_batch_size], order[cfg.local_batch_size :]
-        batch = collate([examples[i] for i in batch_ids], slots.pad_id)
-        loss = slots.model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
-        objective = loss
-        if dec.prox_mu and slots.shared:
-            drift = sum(((p - downloaded[k]) ** 2).sum() for k, p in slots.shared.items())
-            objective = objective + dec.prox_mu / 2 * drift
-        objective.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if time.perf_counter() - start > cfg.client_timeout_s:
-            raise ClientTimeout(
-                f"client {user_id}: over the {cfg.client_timeout_s:g} s budget "
-                f"after {len(losses)} of {cfg.local_steps} steps"
-            )
+    shared_groups = [{"params": list(slots.shared.values()), "lr": cfg.learning_rate}]
+    if dec.schedule == "joint" and slots.shared and slots.personal:
+        slots.load(shared_state, personal_state)
+        downloaded = slots.shared_state()
+        losses = steps(shared_groups + personal_groups, personal_examples, downloaded)
+    else:
+        losses = []
+        if slots.shared:
+            # The personal part off (B = 0, gates neutral): exactly plain FedAvg's update.
+            slots.load(shared_state, scale_personal(personal_state, 0.0))
+            downloaded = slots.shared_state()
+            losses = steps(shared_groups, examples, downloaded)
+        if slots.personal and personal_examples:
+            slots.load(slots.shared_state(), personal_state)
+            for param in slots.shared.values():  # frozen: the residual fits on top of it
+                param.requires_grad_(False)
+            try:
+                personal_losses = steps(personal_groups, personal_examples, None)
+            finally:
+                for param in slots.shared.values():
+                    param.requires_grad_(True)
+            losses = losses or personal_losses
     delta = {
-        k: p.detach().float().cpu() - downloaded[k].float().cpu() for k, p in slots.shared.items()
+        k: p.detach().float().cpu() - shared_state[k].float().cpu() for k, p in slots.shared.items()
     }
     return ClientResult(
         user_id=user_id,
@@ -406,6 +413,50 @@ def client_update(
         loss=sum(losses) / len(losses),
         seconds=time.perf_counter() - start,
     )
+
+
+def _local_steps(
+    slots: Slots,
+    groups: list[dict],
+    examples: Sequence[Example],
+    gen: torch.Generator,
+    prox_anchor: State | None,
+    start: float,
+    user_id: str,
+) -> list[float]:
+    """``local_steps`` AdamW steps on ``groups`` over batches of ``examples``; the losses.
+
+    ``prox_anchor`` (the downloaded shared state) adds FedProx's ``mu/2 ||shared - anchor||^2``.
+    """
+    cfg = slots.cfg
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    slots.model.train()
+    device = slots.device
+    mu = cfg.decoupling.prox_mu
+    order: list[int] = []
+    losses: list[float] = []
+    for _ in range(cfg.local_steps):
+        if len(order) < cfg.local_batch_size:  # reshuffle when an epoch runs out
+            order += torch.randperm(len(examples), generator=gen).tolist()
+        batch_ids, order = order[: cfg.local_batch_size], order[cfg.local_batch_size :]
+        batch = collate([examples[i] for i in batch_ids], slots.pad_id)
+        loss = slots.model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
+        objective = loss
+        if mu and prox_anchor is not None:
+            drift = sum(
+                ((p - prox_anchor[k].to(p.device)) ** 2).sum() for k, p in slots.shared.items()
+            )
+            objective = objective + mu / 2 * drift
+        objective.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if time.perf_counter() - start > cfg.client_timeout_s:
+            raise ClientTimeout(
+                f"client {user_id}: over the {cfg.client_timeout_s:g} s budget "
+                f"after {len(losses)} local steps"
+            )
+    return losses
 
 
 # --------------------------------------------------------------------------- server
@@ -484,6 +535,35 @@ def personal_weight_mean(personal_state: Mapping[str, torch.Tensor]) -> float | 
         return None
     modules = {_module_of(k) for k in personal_state if k.endswith(".lora_A.weight")}
     return sum(gate_values(personal_state, m)[1] for m in modules) / len(modules)
+
+
+def scale_personal(personal_state: Mapping[str, torch.Tensor], scale: float) -> State:
+    """The personal state whose adapter sits ``scale`` of the way from shared-only to as trained.
+
+    A module computes ``s * shared + p * personal`` with ``(s, p) = (2 - g, g)``; the result
+    computes ``(1 + scale * (s - 1), scale * p)``: scale 0 is exactly the shared adapter, 1 the
+    state unchanged. It rewrites the gate logit to ``g' = 1 - scale * (1 - g)`` and multiplies
+    the personal B by ``scale * g / g'``, so slots and export read it like any other state.
+    """
+    if scale == 1.0:
+        return dict(personal_state)
+    out = dict(personal_state)
+    factors: dict[str, float] = {}
+    for key in personal_state:
+        if key.endswith(".lora_A.weight"):
+            module = _module_of(key)
+            _, g = gate_values(personal_state, module)
+            g_new = 1.0 - scale * (1.0 - g)
+            factors[module] = scale * g / g_new
+            gate_key = f"{KEY_PREFIX}{module}{GATE_SUFFIX}"
+            key_of_gate = gate_key if gate_key in personal_state else ADAPTER_GATE_KEY
+            if key_of_gate in personal_state:
+                logit = math.log(g_new / (2.0 - g_new))  # inverse of g = 2 * sigmoid(w)
+                out[key_of_gate] = torch.full_like(personal_state[key_of_gate], logit)
+    for key, tensor in personal_state.items():
+        if key.endswith(".lora_B.weight"):
+            out[key] = (tensor.double() * factors[_module_of(key)]).float()
+    return out
 
 
 def _weights(
@@ -587,14 +667,29 @@ def federated_cohort(split: Split, cfg: FedConfig) -> list[str]:
 def client_examples(
     split: Split, catalog: Catalog, prompts: PromptBuilder, cfg: FedConfig, user_id: str
 ) -> list[Example]:
-    """One client's training examples: the end of its own training history only."""
-    return next_item_examples(
-        {user_id: split.train[user_id]},
+    """One client's training examples: the last ``targets_per_user`` positions of its own
+    training history. The last ``decoupling.holdout_targets`` of them form one sequence
+    marked ``holdout``: the shared part trains on it, the personal part never does (it
+    scores the personal part at export). The same for every variant, so that shared-only
+    and ours train their shared parts on the same data."""
+    history = split.train[user_id]
+    k = min(cfg.decoupling.holdout_targets, cfg.targets_per_user - 1, max(0, len(history) - 2))
+    examples = next_item_examples(
+        {user_id: history[: len(history) - k]},
         catalog,
         prompts,
-        per_user=cfg.targets_per_user,
+        per_user=cfg.targets_per_user - k,
         per_example=cfg.targets_per_example,
     )
+    if k:
+        tail = next_item_examples({user_id: history}, catalog, prompts, per_user=k, per_example=k)
+        examples += [dataclasses.replace(e, holdout=True) for e in tail]
+    return examples
+
+
+def holdout_examples(examples: Sequence[Example]) -> list[Example]:
+    """The examples the personal part never trained on (they pick its scale)."""
+    return [e for e in examples if e.holdout]
 
 
 def personal_path(client_dir: Path, user_id: str, round: int) -> Path:
@@ -675,17 +770,60 @@ def validate_user(
     if personal is None:
         personal = init_personal_state(slots, slots.cfg.seed, user_id)
     slots.load(shared_state, personal)
-    history = split.history_for_valid(user_id)
     target = split.valid[user_id]
-    ranked = recommender.recommend(history, k=VAL_K)
+    ranked = recommender.recommend(split.history_for_valid(user_id), k=VAL_K)
+    return [x.item_id for x in ranked], target, validation_loss(slots, recommender, split, user_id)
+
+
+def validation_loss(slots: Slots, recommender: Recommender, split: Split, user_id: str) -> float:
+    """Mean answer-token NLL of the user's validation item with what the slots hold now."""
+    return _answer_loss(slots, [_validation_example(recommender, split, user_id)])
+
+
+def _validation_example(recommender: Recommender, split: Split, user_id: str) -> Example:
     prompts = recommender.prompts
-    prompt = prompts.recommend_prompt_ids(recommender.history_titles(history))
-    answer = prompts.target_ids(recommender.catalog.display(target))
-    example = Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
-    inputs = {k: v.to(slots.device) for k, v in collate([example], slots.pad_id).items()}
+    history = recommender.history_titles(split.history_for_valid(user_id))
+    prompt = prompts.recommend_prompt_ids(history)
+    answer = prompts.target_ids(recommender.catalog.display(split.valid[user_id]))
+    return Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+
+
+def _answer_loss(slots: Slots, examples: Sequence[Example]) -> float:
+    """Mean answer-token NLL over ``examples`` (one at a time: no padding)."""
+    total, tokens = 0.0, 0
+    slots.model.eval()
     with torch.inference_mode():
-        loss = float(slots.model(**inputs, use_cache=False).loss)
-    return [x.item_id for x in ranked], target, loss
+        for example in examples:
+            inputs = {k: v.to(slots.device) for k, v in collate([example], slots.pad_id).items()}
+            n = sum(label != IGNORE_INDEX for label in example.labels[1:])
+            total += float(slots.model(**inputs, use_cache=False).loss) * n
+            tokens += n
+    return total / tokens
+
+
+def pick_personal_scale(
+    slots: Slots,
+    recommender: Recommender,
+    split: Split,
+    user_id: str,
+    shared_state: State,
+    personal_state: State,
+) -> tuple[float, dict[float, float]]:
+    """Measure and pick: the ``decoupling.personal_scales`` value with the lowest loss on
+    the items the personal part never trained on (the holdout targets and the validation
+    item), ties to the smaller (the shared side); and every value's loss.
+
+    It runs where the user's data is (the client), so a personal part that memorized rather
+    than generalized is turned down for that user only.
+    """
+    cfg = slots.cfg
+    examples = client_examples(split, recommender.catalog, recommender.prompts, cfg, user_id)
+    scored = holdout_examples(examples) + [_validation_example(recommender, split, user_id)]
+    losses = {}
+    for scale in sorted(set(cfg.decoupling.personal_scales)):
+        slots.load(shared_state, scale_personal(personal_state, scale))
+        losses[scale] = _answer_loss(slots, scored)
+    return min(losses, key=lambda s: (losses[s], s)), losses
 
 
 def open_store(cfg: FedConfig, base_path: str, store_dir: Path | None = None) -> AdapterStore:
@@ -697,6 +835,15 @@ def open_store(cfg: FedConfig, base_path: str, store_dir: Path | None = None) ->
     )
 
 
+@dataclass(frozen=True)
+class Published:
+    """A user's adapter as published: its store entry, mean gate g, and picked scale."""
+
+    ref: AdapterRef
+    personal_weight: float | None
+    personal_scale: float
+
+
 def publish_user(
     store: AdapterStore,
     client_dir: Path,
@@ -706,20 +853,34 @@ def publish_user(
     base_fingerprint: str,
     round: int,
     metrics: Mapping[str, float],
-) -> tuple[AdapterRef, float | None] | None:
+    validation: tuple[Recommender, Split] | None = None,
+) -> Published | None:
     """Publish the user's stacked adapter after ``round``; None if the user never trained.
 
-    Returns the store entry and the user's mean personal weight g (None without gates).
-    Never-trained users are cold start: they are served the shared adapter.
+    With ``validation`` (and both ranks set, and more than one ``personal_scales``) the
+    personal part is first scaled by :func:`pick_personal_scale`. Never-trained users are
+    cold start: they are served the shared adapter.
     """
     personal = load_personal(client_dir, user_id, before=round + 1)
     if personal is None:
         return None
-    weights = user_weights(shared_state, personal, slots.cfg, slots.base_model)
+    cfg = slots.cfg
+    scale, metrics = 1.0, dict(metrics)
+    if (
+        validation is not None
+        and cfg.shared_rank
+        and cfg.personal_rank
+        and len(set(cfg.decoupling.personal_scales)) > 1
+        and user_id in validation[1].valid
+    ):
+        scale, losses = pick_personal_scale(slots, *validation, user_id, shared_state, personal)
+        personal = scale_personal(personal, scale)
+        metrics.update(personal_scale=scale, val_loss_picked=losses[scale])
+    weights = user_weights(shared_state, personal, cfg, slots.base_model)
     ref = store.publish(
-        user_id, weights, base_fingerprint=base_fingerprint, round=round, metrics=dict(metrics)
+        user_id, weights, base_fingerprint=base_fingerprint, round=round, metrics=metrics
     )
-    return ref, personal_weight_mean(personal)
+    return Published(ref, personal_weight_mean(personal), scale)
 
 
 def prune_personal(client_dir: Path, user_id: str, before: int) -> None:

@@ -44,6 +44,8 @@ class Example:
     labels: list[int]
     targets: int = 1
     """Next-item targets it scores: the weight of this example's user in aggregation."""
+    holdout: bool = False
+    """Kept out of a user's personal training (federated): it scores the personal part."""
 
 
 def next_item_examples(

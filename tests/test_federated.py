@@ -26,10 +26,11 @@ from llmrec import federated as F
 from llmrec.aggregate import fedavg, update_norm
 from llmrec.config import ConfigError, load_config
 from llmrec.data import leave_last_out
-from llmrec.finetune import next_item_examples
-from llmrec.lora import read_adapter, write_adapter
+from llmrec.finetune import IGNORE_INDEX, next_item_examples
+from llmrec.lora import lora_delta, read_adapter, write_adapter
 from llmrec.model import load_model
 from llmrec.prompts import PromptBuilder
+from llmrec.recommender import Recommender
 from llmrec.store import AdapterStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,6 +295,101 @@ def test_export_helpers_and_ablations(setup):
     assert F.user_weights({}, personal, personal_only, "base").r == cfg.fed.personal_rank
 
 
+def test_personal_scale_interpolates_from_shared_to_as_trained(setup):
+    cfg, slots, examples, _ = setup
+    shared = F.init_shared_state(slots, 0)
+    result = F.client_update(
+        slots, "2", examples("2"), shared, F.init_personal_state(slots, 0, "2"), 1
+    )
+    shared = {k: shared[k] + result.shared_delta[k] for k in shared}
+    personal = dict(result.personal_state)
+    gen = torch.Generator().manual_seed(2)
+    for key in personal:
+        if key.endswith(F.GATE_SUFFIX):  # gates far from neutral: the algebra must hold
+            personal[key] = torch.randn(1, generator=gen)
+    plain = F.shared_weights(shared, cfg.fed, "base")
+    trained = F.user_weights(shared, personal, cfg.fed, "base")
+    for scale in (0.0, 0.3, 1.0):
+        scaled = F.user_weights(shared, F.scale_personal(personal, scale), cfg.fed, "base")
+        for module in plain.modules:
+            want = (1 - scale) * lora_delta(plain, module) + scale * lora_delta(trained, module)
+            torch.testing.assert_close(lora_delta(scaled, module), want, atol=1e-6, rtol=1e-5)
+    assert F.scale_personal(personal, 1.0) == personal
+
+
+def test_pick_personal_scale_keeps_the_lowest_validation_loss(setup, tiny_dataset):
+    cfg, slots, examples, tokenizer = setup
+    split = leave_last_out(tiny_dataset.histories)
+    prompts = PromptBuilder(tokenizer, max_history_items=5, max_prompt_tokens=256)
+    recommender = Recommender(slots.model, tokenizer, tiny_dataset.catalog, prompts)
+    shared = F.init_shared_state(slots, 0)
+    result = F.client_update(
+        slots, "3", examples("3"), shared, F.init_personal_state(slots, 0, "3"), 1
+    )
+    scale, losses = F.pick_personal_scale(
+        slots, recommender, split, "3", shared, result.personal_state
+    )
+    assert sorted(losses) == sorted(set(cfg.fed.decoupling.personal_scales))
+    assert losses[scale] == min(losses.values())
+    assert len(set(losses.values())) > 1  # the personal part does change the loss
+    # without holdout targets, each loss is the validation loss of that scaled state
+    no_holdout = cfg.fed.decoupling.model_copy(update={"holdout_targets": 0})
+    slots.cfg = cfg.fed.model_copy(update={"decoupling": no_holdout})
+    try:
+        _, val_only = F.pick_personal_scale(
+            slots, recommender, split, "3", shared, result.personal_state
+        )
+        slots.load(shared, F.scale_personal(result.personal_state, 0.5))
+        assert F.validation_loss(slots, recommender, split, "3") == pytest.approx(val_only[0.5])
+        assert val_only != losses  # the holdout targets are scored too
+    finally:
+        slots.cfg = cfg.fed
+
+
+def test_client_examples_hold_out_the_last_targets(setup, tiny_dataset):
+    cfg, _, _, tokenizer = setup
+    split = leave_last_out(tiny_dataset.histories)
+    prompts = PromptBuilder(tokenizer, max_history_items=5, max_prompt_tokens=256)
+    fed = cfg.fed.model_copy(update={"targets_per_user": 6, "targets_per_example": 2})
+    fed.decoupling.holdout_targets = 3
+    examples = F.client_examples(split, tiny_dataset.catalog, prompts, fed, "4")
+    assert sum(e.targets for e in examples) == 6
+    held = F.holdout_examples(examples)
+    assert len(held) == 1 and held[0].targets == 3 and examples[-1] is held[0]
+    # the held-out sequence scores exactly the last 3 training items
+    titles = [tiny_dataset.catalog.display(i) for i in split.train["4"][-3:]]
+    scored = [t for t in held[0].labels if t != IGNORE_INDEX]
+    want = [tok for title in titles for tok in prompts.target_ids(title)]
+    assert scored == want
+
+
+def test_sequential_shared_update_is_plain_fedavgs(setup, tiny_model_dir, tiny_dataset):
+    """With the personal part on (gates far from neutral), ours uploads shared-only's delta."""
+    cfg, slots, _, tokenizer = setup
+    split = leave_last_out(tiny_dataset.histories)
+    prompts = PromptBuilder(tokenizer, max_history_items=5, max_prompt_tokens=256)
+    examples = F.client_examples(split, tiny_dataset.catalog, prompts, cfg.fed, "5")
+    shared = F.init_shared_state(slots, 0)
+    first = F.client_update(
+        slots, "5", examples, shared, F.init_personal_state(slots, 0, "5"), 1
+    )
+    personal = dict(first.personal_state)
+    for key in personal:
+        if key.endswith(F.GATE_SUFFIX):
+            personal[key] = torch.full((1,), 1.5)
+    ours = F.client_update(slots, "5", examples, shared, personal, 2)
+
+    shared_only = cfg.fed.model_copy(update={"personal_rank": 0})
+    model, _ = load_model(str(tiny_model_dir))
+    plain_slots = F.build_slots(model, shared_only, tokenizer.pad_token_id)
+    plain = F.client_update(plain_slots, "5", examples, shared, {}, 2)
+    for key, delta in plain.shared_delta.items():
+        torch.testing.assert_close(ours.shared_delta[key], delta, atol=1e-6, rtol=0)
+    assert any(  # while the personal part did train
+        not torch.equal(ours.personal_state[k], personal[k]) for k in personal if "lora_B" in k
+    )
+
+
 def test_selection_and_sharding_are_deterministic():
     cohort = [str(u) for u in range(1, 21)]
     a = F.select_clients(cohort, 5, seed=0, round=1)
@@ -419,6 +515,10 @@ def test_metrics_checkpoints_and_export(sabotaged_run, tiny_model_dir):
     user = trained[0]
     ref = F.adapter_for(store, user)
     assert ref.user_id == user and ref.manifest.rank == 6  # 4 shared + 2 personal
+    # each trained user's personal part was scaled as their validation item picked
+    assert set(export["personal_scale"]) == set(trained)
+    assert ref.manifest.metrics["personal_scale"] == export["personal_scale"][user]
+    assert set(export["personal_scale"].values()) <= {0.0, 0.5, 1.0}
     assert store.load(ref).r == 6
     cold = next(u for u in map(str, range(1, 21)) if u not in trained)
     assert F.adapter_for(store, cold).adapter_name == shared_ref.adapter_name

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from llmrec.atomic import fsync_path, fsync_tree, write_json_atomic
 from llmrec.config import AppConfig, ConfigError, load_config
-from llmrec.data import leave_last_out, user_sort_key
+from llmrec.data import Split, leave_last_out, user_sort_key
 from llmrec.federated import (
     VAL_K,
     ClientFn,
@@ -242,7 +242,10 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
             "dp.seed is set: the noise is reproducible, so there is NO privacy (tests only)"
         )
 
-    recommender: Recommender | None = None
+    # Validation and export score with the slots' model (whatever they hold at the time).
+    recommender = Recommender(
+        slots.model, tokenizer, dataset.catalog, prompts, cfg.recommend.beam_width
+    )
     bar = tqdm(total=fed.rounds, initial=start - 1, desc="rounds", disable=not main)
     for r in range(start, fed.rounds + 1):
         t0 = time.perf_counter()
@@ -289,10 +292,6 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
 
         val = None
         if fed.val_users and (r % fed.val_every == 0 or r == fed.rounds):
-            if recommender is None:
-                recommender = Recommender(
-                    slots.model, tokenizer, dataset.catalog, prompts, cfg.recommend.beam_width
-                )
             t_val = time.perf_counter()
             rows = [
                 (u, *validate_user(slots, recommender, split, out, u, shared, r))
@@ -363,7 +362,7 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
     bar.close()
 
     if main:
-        _export(cfg, out, cohort, shared, slots, base_path, records)
+        _export(cfg, out, cohort, shared, slots, base_path, records, (recommender, split))
     accelerator.wait_for_everyone()
     return {"rounds": records}
 
@@ -395,8 +394,10 @@ def _export(
     slots: Slots,
     base_path: str,
     records: list[dict],
+    validation: tuple[Recommender, Split],
 ) -> None:
-    """Publish the shared adapter and each trained user's stacked adapter to the store."""
+    """Publish the shared adapter and each trained user's stacked adapter to the store
+    (each personal part scaled as its user's validation item picks)."""
     fed = cfg.fed
     final = fed.rounds
     previous = json.loads((out / EXPORT_JSON).read_text()) if (out / EXPORT_JSON).is_file() else {}
@@ -417,16 +418,17 @@ def _export(
         record["shared"] = ref.adapter_name
     gates: list[float] = []
     if fed.personal_rank:
-        for user_id in cohort:
+        scales = record["personal_scale"] = {}
+        for user_id in tqdm(cohort, desc="export", leave=False):
             published = publish_user(
-                store, out, user_id, shared, slots, fingerprint, final, metrics
+                store, out, user_id, shared, slots, fingerprint, final, metrics, validation
             )
             if published is None:  # never selected: served the shared adapter (cold start)
                 continue
-            ref, g = published
-            record["users"][user_id] = ref.adapter_name
-            if g is not None:
-                gates.append(g)
+            record["users"][user_id] = published.ref.adapter_name
+            scales[user_id] = published.personal_scale
+            if published.personal_weight is not None:
+                gates.append(published.personal_weight)
     if gates:
         record["personal_weight_mean"] = sum(gates) / len(gates)
     write_json_atomic(out / EXPORT_JSON, record, allow_nan=False)

@@ -171,6 +171,7 @@ class UserClient(NumPyClient):
                 fingerprint_model_dir(rt.base_path),
                 r,
                 {"val_hit": float(metrics["hit"]), "val_loss": loss},
+                validation=(rt.recommender, rt.split),
             )
             metrics["exported"] = int(published is not None)
         return float(np.float64(loss)), 1, metrics
