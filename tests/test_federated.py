@@ -370,9 +370,7 @@ def test_sequential_shared_update_is_plain_fedavgs(setup, tiny_model_dir, tiny_d
     prompts = PromptBuilder(tokenizer, max_history_items=5, max_prompt_tokens=256)
     examples = F.client_examples(split, tiny_dataset.catalog, prompts, cfg.fed, "5")
     shared = F.init_shared_state(slots, 0)
-    first = F.client_update(
-        slots, "5", examples, shared, F.init_personal_state(slots, 0, "5"), 1
-    )
+    first = F.client_update(slots, "5", examples, shared, F.init_personal_state(slots, 0, "5"), 1)
     personal = dict(first.personal_state)
     for key in personal:
         if key.endswith(F.GATE_SUFFIX):
