@@ -139,8 +139,9 @@ class DecouplingConfig(BaseModel):
     frozen. "joint": both in the same steps (the personal part can absorb what the crowd
     would have learned, and the shared part drifts from plain FedAvg)."""
     holdout_targets: int = Field(4, ge=0)
-    """A user's last N training targets are kept out of the personal part's training: with
-    the validation item they pick the personal scale at export (items it never saw)."""
+    """A user's last N training targets are never trained on (by either part): with the
+    validation item they are the client's own validation data, which picks the personal
+    scale at export."""
     gate: Literal["none", "adapter", "module"] = "module"
     """Per-user learned balance g in (0, 2): update = (2-g)*shared + g*personal; one g per
     user ("adapter") or per user and adapted module ("module"); folded into B at export."""

@@ -353,9 +353,9 @@ def client_update(
     phase takes ``local_steps`` AdamW steps (fresh optimizer: no optimizer state crosses
     rounds) on batches drawn by a generator seeded from (seed, round, user_id). With
     ``decoupling.schedule="sequential"`` the shared part trains first with the personal part
-    off (on every example: the very update plain FedAvg makes), then the personal part on top
-    of it (on the non-holdout examples, with its decay and gates); "joint" trains both in the
-    same steps on the non-holdout examples. Raises :class:`ClientTimeout` when
+    off (the very update plain FedAvg makes), then the personal part on top of it (with its
+    decay and gates); "joint" trains both in the same steps. Holdout examples are never
+    trained on. Raises :class:`ClientTimeout` when
     ``cfg.client_timeout_s`` runs out (checked between steps) and ValueError without examples.
     """
     cfg = slots.cfg
@@ -366,7 +366,9 @@ def client_update(
     torch.manual_seed(seed)  # anything stochastic left in the model draws from here
     gen = torch.Generator().manual_seed(seed)
     dec = cfg.decoupling
-    personal_examples = [e for e in examples if not e.holdout]
+    trained = [e for e in examples if not e.holdout]
+    if not trained:
+        raise ValueError(f"client {user_id}: every example is held out")
 
     def steps(groups: list[dict], data: Sequence[Example], prox: State | None) -> list[float]:
         return _local_steps(slots, groups, data, gen, prox, start, user_id)
@@ -384,20 +386,20 @@ def client_update(
     if dec.schedule == "joint" and slots.shared and slots.personal:
         slots.load(shared_state, personal_state)
         downloaded = slots.shared_state()
-        losses = steps(shared_groups + personal_groups, personal_examples, downloaded)
+        losses = steps(shared_groups + personal_groups, trained, downloaded)
     else:
         losses = []
         if slots.shared:
             # The personal part off (B = 0, gates neutral): exactly plain FedAvg's update.
             slots.load(shared_state, scale_personal(personal_state, 0.0))
             downloaded = slots.shared_state()
-            losses = steps(shared_groups, examples, downloaded)
-        if slots.personal and personal_examples:
+            losses = steps(shared_groups, trained, downloaded)
+        if slots.personal:
             slots.load(slots.shared_state(), personal_state)
             for param in slots.shared.values():  # frozen: the residual fits on top of it
                 param.requires_grad_(False)
             try:
-                personal_losses = steps(personal_groups, personal_examples, None)
+                personal_losses = steps(personal_groups, trained, None)
             finally:
                 for param in slots.shared.values():
                     param.requires_grad_(True)
@@ -408,7 +410,7 @@ def client_update(
     return ClientResult(
         user_id=user_id,
         shared_delta=delta,
-        n_examples=sum(e.targets for e in examples),
+        n_examples=sum(e.targets for e in trained),
         personal_state=slots.personal_state(),
         loss=sum(losses) / len(losses),
         seconds=time.perf_counter() - start,
@@ -669,9 +671,9 @@ def client_examples(
 ) -> list[Example]:
     """One client's training examples: the last ``targets_per_user`` positions of its own
     training history. The last ``decoupling.holdout_targets`` of them form one sequence
-    marked ``holdout``: the shared part trains on it, the personal part never does (it
-    scores the personal part at export). The same for every variant, so that shared-only
-    and ours train their shared parts on the same data."""
+    marked ``holdout``: never trained on, it is the client's own validation data (with the
+    validation item it picks the personal scale at export). The same for every variant, so
+    that shared-only and ours train their shared parts on the same data."""
     history = split.train[user_id]
     k = min(cfg.decoupling.holdout_targets, cfg.targets_per_user - 1, max(0, len(history) - 2))
     examples = next_item_examples(
@@ -688,7 +690,7 @@ def client_examples(
 
 
 def holdout_examples(examples: Sequence[Example]) -> list[Example]:
-    """The examples the personal part never trained on (they pick its scale)."""
+    """The client's held-out examples (never trained on; they pick the personal scale)."""
     return [e for e in examples if e.holdout]
 
 

@@ -45,7 +45,7 @@ class Example:
     targets: int = 1
     """Next-item targets it scores: the weight of this example's user in aggregation."""
     holdout: bool = False
-    """Kept out of a user's personal training (federated): it scores the personal part."""
+    """Held out of federated training: a client's own validation data."""
 
 
 def next_item_examples(
