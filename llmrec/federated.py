@@ -389,20 +389,22 @@ def client_update(
         losses = steps(shared_groups + personal_groups, trained, downloaded)
     else:
         losses = []
-        if slots.shared:
+        # A caller may have frozen the shared part (a local refresh uploads nothing).
+        trainable = {k: p.requires_grad for k, p in slots.shared.items()}
+        if any(trainable.values()):
             # The personal part off (B = 0, gates neutral): exactly plain FedAvg's update.
             slots.load(shared_state, scale_personal(personal_state, 0.0))
             downloaded = slots.shared_state()
             losses = steps(shared_groups, trained, downloaded)
         if slots.personal:
-            slots.load(slots.shared_state(), personal_state)
+            slots.load(slots.shared_state() if losses else shared_state, personal_state)
             for param in slots.shared.values():  # frozen: the residual fits on top of it
                 param.requires_grad_(False)
             try:
                 personal_losses = steps(personal_groups, trained, None)
             finally:
-                for param in slots.shared.values():
-                    param.requires_grad_(True)
+                for key, param in slots.shared.items():
+                    param.requires_grad_(trainable[key])
             losses = losses or personal_losses
     delta = {
         k: p.detach().float().cpu() - shared_state[k].float().cpu() for k, p in slots.shared.items()
