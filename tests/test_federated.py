@@ -173,20 +173,26 @@ def test_client_update_is_a_function_of_seed_round_user(setup):
     assert any(not torch.equal(one[k], other[k]) for other in others for k in one)
 
 
-def test_stacked_adapter_equals_both_slots(setup, tiny_model_dir, tmp_path):
-    cfg, slots, examples, tokenizer = setup
-    from peft import PeftModel
-
+def _trained_states(slots, examples, seed: int):
+    """User 2's shared and personal state after one round, every gate far from neutral."""
     shared = F.init_shared_state(slots, 0)
     result = F.client_update(
         slots, "2", examples("2"), shared, F.init_personal_state(slots, 0, "2"), 1
     )
     shared = {k: shared[k] + result.shared_delta[k] for k in shared}
     personal = dict(result.personal_state)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     for key in personal:
-        if key.endswith(F.GATE_SUFFIX):  # make every module's balance far from neutral
+        if key.endswith(F.GATE_SUFFIX):
             personal[key] = torch.randn(1, generator=gen)
+    return shared, personal
+
+
+def test_stacked_adapter_equals_both_slots(setup, tiny_model_dir, tmp_path):
+    cfg, slots, examples, tokenizer = setup
+    from peft import PeftModel
+
+    shared, personal = _trained_states(slots, examples, seed=1)
     ids = torch.tensor([tokenizer.encode("Recommend me a movie like The Hidden Lake")])
 
     slots.load(shared, personal)
@@ -297,16 +303,7 @@ def test_export_helpers_and_ablations(setup):
 
 def test_personal_scale_interpolates_from_shared_to_as_trained(setup):
     cfg, slots, examples, _ = setup
-    shared = F.init_shared_state(slots, 0)
-    result = F.client_update(
-        slots, "2", examples("2"), shared, F.init_personal_state(slots, 0, "2"), 1
-    )
-    shared = {k: shared[k] + result.shared_delta[k] for k in shared}
-    personal = dict(result.personal_state)
-    gen = torch.Generator().manual_seed(2)
-    for key in personal:
-        if key.endswith(F.GATE_SUFFIX):  # gates far from neutral: the algebra must hold
-            personal[key] = torch.randn(1, generator=gen)
+    shared, personal = _trained_states(slots, examples, seed=2)
     plain = F.shared_weights(shared, cfg.fed, "base")
     trained = F.user_weights(shared, personal, cfg.fed, "base")
     for scale in (0.0, 0.3, 1.0):
