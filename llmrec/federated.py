@@ -28,10 +28,11 @@ mechanisms shaped what is here:
   into the personal one) and ``personal_decay``, AdamW's decoupled weight decay on the
   personal B matrices (a user's few examples are not memorized, and what users have in
   common is cheaper to put into the shared one).
-- Measure and pick (``decoupling.personal_scales``): at export each client scores its own
-  validation item with its adapter moved from the shared part alone (0) to as trained (1)
-  and publishes the best. A personal part that memorized its user's titles instead of
-  learning their taste is turned down for that user alone; the pick never leaves the client.
+- Measure and pick (``decoupling.personal_scales``): at export each client scores the items
+  nobody trained on (its ``holdout_targets`` and validation item) with its adapter moved from
+  the shared part alone (0) to as trained (1) and publishes the best. A personal part that
+  memorized its user's titles instead of learning their taste is turned down for that user
+  alone; the pick never leaves the client.
 
 Schedule (``decoupling.schedule``). "sequential", the default, trains the shared part first
 with the personal part switched off, so the averaged adapter is exactly plain FedAvg's (the
