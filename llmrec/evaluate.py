@@ -149,7 +149,13 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
         "max_history_items": cfg.prompts.max_history_items,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
-        "user_sample": "federated cohort" if runs else "seeded sample of users with a test item",
+        "user_sample": (
+            "federated cohort"
+            if runs
+            else "all users with a test item"
+            if len(users) == len(split.test)
+            else "seeded sample of users with a test item"
+        ),
     }
 
     def run(name: str, make_ranker: Callable[[], Ranker | tuple[Ranker, Scorer]]) -> None:

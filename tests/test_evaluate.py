@@ -82,3 +82,19 @@ def test_users_better_counts_lower_nll():
     assert users_better({"a": 1.0, "b": 3.0, "c": 2.0}, {"a": 2.0, "b": 2.0, "c": 2.0}) == (
         "1/3 users"
     )
+
+
+@pytest.mark.parametrize(
+    ("n_users", "sample"),
+    [(0, "all users with a test item"), (2, "seeded sample of users with a test item")],
+)
+def test_report_states_its_user_sample(cfg_for, tiny_dataset, tmp_path, n_users, sample):
+    from llmrec.evaluate import evaluate
+
+    cfg = cfg_for(
+        f"eval.n_users={n_users}", "eval.methods=[popularity]", f"eval.results_dir={tmp_path}"
+    )
+    report = evaluate(cfg, tiny_dataset)
+    everyone = len(leave_last_out(tiny_dataset.histories).test)
+    assert report.meta["user_sample"] == sample
+    assert report.users == (everyone if n_users == 0 else 2)
