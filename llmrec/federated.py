@@ -519,9 +519,12 @@ def server_update(
         mean, _ = private_mean(deltas, cfg.dp.clip_norm, cfg.dp.noise_multiplier, generator)
     else:
         counts = [float(accepted[u][1]) for u in ids]
-        mean = aggregate(cfg.aggregation, deltas, counts, cfg.trim_ratio)
+        # In float64 and added in float64: the exact mean is rounded once, as the Flower
+        # server rounds its float64 mean of weights (numerically the same adapter).
+        wide = [{k: d[k].double() for k in d} for d in deltas]
+        mean = aggregate(cfg.aggregation, wide, counts, cfg.trim_ratio)
     for key in state:
-        state[key] = state[key] + mean[key].to(state[key].dtype)
+        state[key] = (state[key].double() + mean[key].double()).to(state[key].dtype)
     return ServerOutcome(state, ids, rejected, norms, noised=cfg.dp.enabled)
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -154,9 +156,10 @@ class Rounds(Strategy):
         # clipping bounds every update and a data-dependent rejection would change n.
         if not (fed.flower.secagg or fed.dp.enabled):
             results, rejected = self._filter(results)
-        aggregated, metrics = self.inner.aggregate_fit(server_round, results, failures)
-        if aggregated is not None:
+        aggregated, metrics = self.inner.aggregate_fit(server_round, _float64(results), failures)
+        if aggregated is not None:  # back to float32: the wire and the adapters' dtype
             self.current = from_ndarrays(parameters_to_ndarrays(aggregated), self.keys)
+            aggregated = ndarrays_to_parameters(to_ndarrays(self.current, self.keys))
         noised = fed.dp.enabled and aggregated is not None
         if noised and self.accountant is not None:
             self.accountant.step()
@@ -281,6 +284,22 @@ class Rounds(Strategy):
         write_json_atomic(
             self.output_dir / "metrics.json", {"rounds": self.records}, allow_nan=False
         )
+
+
+def _float64(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
+    """The results with float64 weights, so that the inner strategy averages in float64.
+
+    The accelerate runner averages in float64 and adds in float64 (``server_update``): both
+    then round the same exact mean once to float32, whatever order the clients answered in.
+    Averaged in float32, the two would differ by an ulp here and there, and AdamW's first
+    step of the next round (about lr * sign(gradient)) turns such an ulp on a near-zero
+    gradient into a step of size lr.
+    """
+    out = []
+    for proxy, res in results:
+        arrays = [np.asarray(a, dtype=np.float64) for a in parameters_to_ndarrays(res.parameters)]
+        out.append((proxy, replace(res, parameters=ndarrays_to_parameters(arrays))))
+    return out
 
 
 def _failure(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
