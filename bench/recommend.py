@@ -24,9 +24,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from llmrec.config import load_config  # noqa: E402
-from llmrec.data import leave_last_out  # noqa: E402
+from llmrec.data import (
+    dataset_from_config,  # noqa: E402
+    leave_last_out,  # noqa: E402
+)
 from llmrec.finetune import sample_users  # noqa: E402
-from llmrec.runtime import build_recommender, dataset_from_config, load_base  # noqa: E402
+from llmrec.model import load_base  # noqa: E402
+from llmrec.recommend import build_recommender  # noqa: E402
 
 
 def main() -> None:

@@ -42,19 +42,22 @@ matplotlib.use("Agg")
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 import matplotlib.pyplot as plt  # noqa: E402
 
+from llmrec.adapters import (  # noqa: E402
+    AdapterStore,
+    LoraWeights,  # noqa: E402
+    module_shapes_for,
+)
 from llmrec.data import load_dataset  # noqa: E402
-from llmrec.lora import LoraWeights  # noqa: E402
 from llmrec.model import (  # noqa: E402
     BASE_MODEL_ALIAS,
     build_tiny_model,
     fingerprint_model_dir,
     prepare_base_model,
 )
-from llmrec.store import AdapterStore, module_shapes_for  # noqa: E402
-from serving.app import create_app  # noqa: E402
-from serving.config import load_serving_config  # noqa: E402
-from serving.keys import KeyStore  # noqa: E402
-from serving.runtime import build_services  # noqa: E402
+from llmrec_serving.app import create_app  # noqa: E402
+from llmrec_serving.config import load_serving_config  # noqa: E402
+from llmrec_serving.keys import KeyStore  # noqa: E402
+from llmrec_serving.runtime import build_services  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -76,8 +76,7 @@ def config_show(config: ConfigOpt = None, overrides: OverridesArg = None) -> Non
 @data_app.command("stats")
 def data_stats(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     """Load the data set, validate it, and print its size and split."""
-    from llmrec.data import DataError, dataset_stats, leave_last_out
-    from llmrec.runtime import dataset_from_config
+    from llmrec.data import DataError, dataset_from_config, dataset_stats, leave_last_out
 
     cfg = _config(config, overrides)
     try:
@@ -117,9 +116,9 @@ def model_prepare(
 @app.command()
 def finetune(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     """Train the centralized LoRA on the training split (upper bound without privacy)."""
-    from llmrec.data import leave_last_out
+    from llmrec.data import dataset_from_config, leave_last_out
     from llmrec.evaluate import train_centralized
-    from llmrec.runtime import dataset_from_config, load_base
+    from llmrec.model import load_base
 
     cfg = _config(config, overrides)
     ds = dataset_from_config(cfg)
@@ -167,7 +166,9 @@ def recommend(
     ] = None,
 ) -> None:
     """Recommend the top-k unseen catalog items for one user's full history."""
-    from llmrec.runtime import attach_adapter, build_recommender, dataset_from_config, load_base
+    from llmrec.data import dataset_from_config
+    from llmrec.model import attach_adapter, load_base
+    from llmrec.recommend import build_recommender
 
     cfg = _config(config, overrides)
     ds = dataset_from_config(cfg)
@@ -204,9 +205,9 @@ def personalize(
     overrides: OverridesArg = None,
 ) -> None:
     """Local personal-adapter refresh from the current history; publishes a new version."""
-    from llmrec.personalize import Personalizer, RefreshError
-    from llmrec.profile import ProfileStore
-    from llmrec.runtime import dataset_from_config
+    from llmrec.agent import ProfileStore
+    from llmrec.data import dataset_from_config
+    from llmrec.federated import Personalizer, RefreshError
 
     if (user is None) == (not all_queued):
         raise typer.BadParameter("give --user USER or --all-queued", param_hint="--user")

@@ -22,21 +22,17 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from llmrec.adapters import AdapterSlot, AdapterStore, module_shapes_for
 from llmrec.atomic import write_json_atomic, write_text_atomic
-from llmrec.baselines import ItemKNN, Popularity
 from llmrec.config import AppConfig
-from llmrec.data import Dataset, Split, leave_last_out
+from llmrec.data import Dataset, Split, dataset_from_config, leave_last_out
 from llmrec.federated import adapter_for
 from llmrec.finetune import ADAPTER_DIR, next_item_examples, sample_users, train_lora
 from llmrec.launch import train_command
-from llmrec.metrics import mean_metrics
-from llmrec.model import resolve_model_path
+from llmrec.model import attach_adapter, load_base, resolve_model_path
 from llmrec.plots import plot_metric_bars
 from llmrec.prompts import PromptBuilder
-from llmrec.runtime import attach_adapter, build_recommender, dataset_from_config, load_base
-from llmrec.sasrec import SASRec
-from llmrec.slot import AdapterSlot
-from llmrec.store import AdapterStore, module_shapes_for
+from llmrec.recommend import ItemKNN, Popularity, SASRec, build_recommender, mean_metrics
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ def _random_lora(shapes, targets, rank: int, seed: int, base: str):
     """A LoRA with weights big enough to move the tiny model's outputs visibly."""
     import torch
 
-    from llmrec.lora import LoraWeights
+    from llmrec.adapters import LoraWeights
 
     gen = torch.Generator().manual_seed(seed)
     state = {}
@@ -55,9 +55,9 @@ def serving_world(tmp_path_factory, tiny_model_dir):
     version. One per test module: tests that publish use users of their own."""
     from types import SimpleNamespace
 
+    from llmrec.adapters import AdapterStore, module_shapes_for
     from llmrec.model import fingerprint_model_dir
-    from llmrec.store import AdapterStore, module_shapes_for
-    from serving.keys import KeyStore
+    from llmrec_serving.keys import KeyStore
 
     tmp_path = tmp_path_factory.mktemp("serving")
     targets = ("q_proj", "v_proj")

@@ -10,12 +10,10 @@ import asyncio
 
 import pytest
 
-from llmrec.agent import Agent, AgentEvent, LocalEngine
-from llmrec.grounding import Grounder
+from llmrec.agent import Agent, AgentEvent, LocalEngine, ProfileStore, UnknownConversationError
 from llmrec.model import load_model
-from llmrec.profile import ProfileStore, UnknownConversationError
 from llmrec.prompts import PromptBuilder
-from llmrec.recommender import Recommender
+from llmrec.recommend import Grounder, Recommender
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import zipfile
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import create_app
-from serving.config import load_serving_config
-from serving.runtime import build_services
+from llmrec_serving.app import create_app
+from llmrec_serving.config import load_serving_config
+from llmrec_serving.runtime import build_services
 
 
 @pytest.fixture(scope="module")

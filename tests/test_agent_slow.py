@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import create_app
-from serving.config import load_serving_config
-from serving.keys import KeyStore
-from serving.runtime import build_services
+from llmrec_serving.app import create_app
+from llmrec_serving.config import load_serving_config
+from llmrec_serving.keys import KeyStore
+from llmrec_serving.runtime import build_services
 
 pytestmark = pytest.mark.slow
 TRANSCRIPT = Path(__file__).resolve().parent.parent / "results" / "agent-transcript.md"

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from llmrec.aggregate import (
+from llmrec.federated import (
     AGGREGATORS,
     UpdateCheck,
     aggregate,

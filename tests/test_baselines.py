@@ -1,7 +1,7 @@
 """Popularity and ItemKNN: full-catalog rankings that never return a seen item."""
 
-from llmrec.baselines import ItemKNN, Popularity
 from llmrec.data import Catalog, Item
+from llmrec.recommend import ItemKNN, Popularity
 
 CATALOG = Catalog(Item(str(i), f"Movie {i}", 2000, ()) for i in range(1, 7))
 TRAIN = {

@@ -18,9 +18,9 @@ import httpx
 import pytest
 import uvicorn
 
-from serving.app import create_app
-from serving.config import load_serving_config
-from serving.runtime import build_services
+from llmrec_serving.app import create_app
+from llmrec_serving.config import load_serving_config
+from llmrec_serving.runtime import build_services
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parent.parent / "results" / "chat-page"

@@ -7,7 +7,7 @@ import pytest
 from llmrec.config import load_config
 from llmrec.data import leave_last_out
 from llmrec.evaluate import CENTRALIZED_SECTIONS, centralized_adapter, training_inputs
-from llmrec.runtime import load_base
+from llmrec.model import load_base
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tiny"
 
@@ -65,7 +65,7 @@ def test_centralized_adapter_is_reused_only_for_the_same_config(cfg_for, tiny_da
 
 def test_item_logprob_is_the_beam_search_score(cfg_for, tiny_dataset):
     """The test-item NLL column scores exactly what the ranking scores."""
-    from llmrec.runtime import build_recommender
+    from llmrec.recommend import build_recommender
 
     cfg = cfg_for("recommend.beam_width=40")
     model, tokenizer = load_base(cfg)

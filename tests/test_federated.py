@@ -23,15 +23,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmrec import federated as F
-from llmrec.aggregate import fedavg, update_norm
+from llmrec.federated.core import _module_of as module_of
+from llmrec.adapters import AdapterStore, lora_delta, read_adapter, write_adapter
 from llmrec.config import ConfigError, load_config
 from llmrec.data import leave_last_out
+from llmrec.federated import fedavg, update_norm
 from llmrec.finetune import IGNORE_INDEX, next_item_examples
-from llmrec.lora import lora_delta, read_adapter, write_adapter
 from llmrec.model import load_model
 from llmrec.prompts import PromptBuilder
-from llmrec.recommender import Recommender
-from llmrec.store import AdapterStore
+from llmrec.recommend import Recommender
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "training" / "federated.py"
@@ -108,7 +108,7 @@ def test_both_slots_active_and_trainable_base_frozen(setup):
     a_s = next(v for k, v in slots.shared.items() if k.endswith("lora_A.weight"))
     a_p = next(v for k, v in slots.personal.items() if k.endswith("lora_A.weight"))
     assert (a_s.shape[0], a_p.shape[0]) == (cfg.fed.shared_rank, cfg.fed.personal_rank)
-    assert {F._module_of(k) for k in slots.shared} == {F._module_of(k) for k in slots.personal}
+    assert {module_of(k) for k in slots.shared} == {module_of(k) for k in slots.personal}
 
 
 def test_init_is_seeded(setup):

@@ -9,9 +9,8 @@ import torch
 from llmrec.config import FinetuneConfig, LoraConfig
 from llmrec.data import leave_last_out
 from llmrec.finetune import IGNORE_INDEX, collate, next_item_examples, sample_users, train_lora
-from llmrec.model import load_model
+from llmrec.model import attach_adapter, load_model
 from llmrec.prompts import PromptBuilder
-from llmrec.runtime import attach_adapter
 
 
 @pytest.fixture(scope="module")

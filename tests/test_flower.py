@@ -16,13 +16,12 @@ import pytest
 import torch
 
 from llmrec import federated as F
+from llmrec.adapters import read_adapter
 from llmrec.config import ConfigError, load_config
 from llmrec.data import leave_last_out
-from llmrec.lora import read_adapter
-from llmrec.metrics import mean_metrics
 from llmrec.model import load_model
 from llmrec.prompts import PromptBuilder
-from llmrec.recommender import Recommender
+from llmrec.recommend import Recommender, mean_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "training" / "flower"
@@ -125,7 +124,7 @@ def test_client_fit_is_the_library_round_and_uploads_only_shared(tiny_model_dir,
 
 def _shared_hr(model_dir: Path, cfg, shared: F.State, cohort: list[str]) -> dict[str, float]:
     """Validation HR@10 / NDCG@10 / NLL of a shared adapter alone over ``cohort``."""
-    from llmrec.runtime import dataset_from_config
+    from llmrec.data import dataset_from_config
 
     dataset = dataset_from_config(cfg)
     split = leave_last_out(dataset.histories)
@@ -209,7 +208,7 @@ def test_loopback_deployment_survives_a_client_killed_mid_round(tiny_model_dir, 
     """SuperLink + 3 SuperNodes as processes; the first node handed a round is SIGKILLed."""
     out = tmp_path / "server"
     cfg = load_config(TINY_YAML, _overrides(tiny_model_dir, out))
-    from llmrec.runtime import dataset_from_config
+    from llmrec.data import dataset_from_config
 
     cohort = F.federated_cohort(leave_last_out(dataset_from_config(cfg).histories), cfg.fed)
     overrides = " ".join(

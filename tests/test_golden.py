@@ -16,15 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmrec.adapters import LoraWeights, module_shapes_for, stack, write_adapter
 from llmrec.config import FinetuneConfig, LoraConfig, load_config
 from llmrec.data import leave_last_out
 from llmrec.finetune import next_item_examples, train_lora
-from llmrec.lora import LoraWeights, stack, write_adapter
-from llmrec.model import load_model
+from llmrec.model import attach_adapter, load_model
 from llmrec.prompts import PromptBuilder
-from llmrec.recommender import Recommender
-from llmrec.runtime import attach_adapter
-from llmrec.store import module_shapes_for
+from llmrec.recommend import Recommender
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_YAML = ROOT / "training" / "configs" / "tiny.yaml"

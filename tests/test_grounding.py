@@ -3,7 +3,7 @@
 import pytest
 
 from llmrec.data import Catalog, Item
-from llmrec.grounding import Grounder, extract_title_mentions, normalize_title, split_year
+from llmrec.recommend import Grounder, extract_title_mentions, normalize_title, split_year
 
 ITEMS = [
     Item("1", "Toy Story", 1995, ("Animation",)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmrec.intent import IntentParser, Ref, YearRange
+from llmrec.agent import IntentParser, Ref, YearRange
 
 ML100K_GENRES = [
     "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",

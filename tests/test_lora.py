@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from llmrec.lora import (
+from llmrec.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AdapterValidationError,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from llmrec.metrics import hit_rate_at_k, mean_metrics, ndcg_at_k
+from llmrec.recommend import hit_rate_at_k, mean_metrics, ndcg_at_k
 
 
 def test_hit_and_ndcg_by_rank():

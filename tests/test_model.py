@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmrec import model as M
+from llmrec.model import load as M
 from llmrec.model import (
     BASE_MODEL_ALIAS,
     MARKER_FILE,

@@ -9,13 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from llmrec.adapters import AdapterStore
+from llmrec.agent import ProfileStore
 from llmrec.cli import app
 from llmrec.config import load_config
-from llmrec.federated import build_slots, init_shared_state, shared_weights
+from llmrec.federated import LOCAL_STATE, build_slots, client_dir, init_shared_state, shared_weights
 from llmrec.model import fingerprint_model_dir, load_model
-from llmrec.personalize import LOCAL_STATE, client_dir
-from llmrec.profile import ProfileStore
-from llmrec.store import AdapterStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_YAML = ROOT / "training" / "configs" / "tiny.yaml"

@@ -7,8 +7,14 @@ import sys
 import pytest
 import torch
 
-from llmrec.aggregate import fedavg, update_norm
-from llmrec.privacy import PrivacyAccountant, add_noise, clip_update, private_mean
+from llmrec.federated import (
+    PrivacyAccountant,
+    add_noise,
+    clip_update,
+    fedavg,
+    private_mean,
+    update_norm,
+)
 
 
 def update(seed: int, scale: float) -> dict[str, torch.Tensor]:
@@ -151,5 +157,5 @@ def test_accountant_rejects_bad_args(kwargs, match):
 
 
 def test_importing_privacy_does_not_import_opacus():
-    code = "import sys, llmrec.privacy; assert 'opacus' not in sys.modules"
+    code = "import sys, llmrec.federated.privacy; assert 'opacus' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

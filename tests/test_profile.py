@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from llmrec.profile import ProfileStore, UnknownConversationError, UnknownItemError
+from llmrec.agent import ProfileStore, UnknownConversationError, UnknownItemError
 
 
 @pytest.fixture

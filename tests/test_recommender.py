@@ -9,7 +9,7 @@ import torch
 
 from llmrec.model import load_model
 from llmrec.prompts import PromptBuilder
-from llmrec.recommender import Recommender
+from llmrec.recommend import Recommender
 
 
 @pytest.fixture(scope="module")

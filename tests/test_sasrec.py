@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llmrec.data import Catalog, Item
-from llmrec.sasrec import SASRec, SASRecConfig
+from llmrec.recommend import SASRec, SASRecConfig
 
 N_ITEMS = 20
 CATALOG = Catalog(Item(str(i), f"Movie {i}", 2000, ()) for i in range(1, N_ITEMS + 1))

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from llmrec.cli import app
 from llmrec.evaluate import federated_store_dir
-from serving.config import load_serving_config
-from serving.keys import KeyStore
+from llmrec_serving.config import load_serving_config
+from llmrec_serving.keys import KeyStore
 
 runner = CliRunner()
 

@@ -15,14 +15,13 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from llmrec.cli import app as cli_app
-from llmrec.model import load_model
+from llmrec.model import attach_adapter, load_model
 from llmrec.prompts import PromptBuilder
-from llmrec.recommender import Recommender
-from llmrec.runtime import attach_adapter
-from serving.admission import Admission, Rejected
-from serving.app import create_app
-from serving.config import load_serving_config
-from serving.runtime import build_services
+from llmrec.recommend import Recommender
+from llmrec_serving.admission import Admission, Rejected
+from llmrec_serving.app import create_app
+from llmrec_serving.config import load_serving_config
+from llmrec_serving.runtime import build_services
 
 
 @pytest.fixture(scope="module")
@@ -353,10 +352,10 @@ def test_llmrec_never_imports_serving():
 
     code = (
         "import sys, pkgutil, importlib\n"
-        "sys.modules['serving'] = sys.modules['fastapi'] = sys.modules['vllm'] = None\n"
+        "sys.modules['llmrec_serving'] = sys.modules['fastapi'] = sys.modules['vllm'] = None\n"
         "import llmrec\n"
-        "for m in pkgutil.iter_modules(llmrec.__path__):\n"
-        "    if m.name != '__main__': importlib.import_module('llmrec.' + m.name)\n"
+        "for m in pkgutil.walk_packages(llmrec.__path__, 'llmrec.'):\n"
+        "    if m.name != 'llmrec.__main__': importlib.import_module(m.name)\n"
         "from llmrec.cli import app\n"
         "assert 'serve' not in {c.name for c in app.registered_commands}\n"
     )
@@ -375,7 +374,7 @@ def test_client_disconnect_cancels_the_work(services):
     """The work of a request whose client went away is cancelled, not finished."""
     from starlette.requests import Request
 
-    from serving.app import _guarded
+    from llmrec_serving.app import _guarded
 
     async def scenario() -> tuple[int, bool]:
         async def receive():

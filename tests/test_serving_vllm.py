@@ -16,13 +16,12 @@ import openai
 import pytest
 import uvicorn
 
-from llmrec.model import load_model
+from llmrec.model import attach_adapter, load_model
 from llmrec.prompts import PromptBuilder
-from llmrec.recommender import Recommender
-from llmrec.runtime import attach_adapter
-from serving.app import create_app
-from serving.config import load_serving_config
-from serving.runtime import build_services
+from llmrec.recommend import Recommender
+from llmrec_serving.app import create_app
+from llmrec_serving.config import load_serving_config
+from llmrec_serving.runtime import build_services
 
 pytestmark = pytest.mark.slow
 

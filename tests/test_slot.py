@@ -4,9 +4,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from llmrec.lora import LoraWeights, read_adapter, write_adapter
+from llmrec.adapters import AdapterSlot, LoraWeights, pad_rank, read_adapter, write_adapter
 from llmrec.model import load_model
-from llmrec.slot import AdapterSlot, pad_rank
 
 TARGETS = ("q_proj", "v_proj")
 

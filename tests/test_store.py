@@ -19,19 +19,22 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from llmrec.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraWeights, state_equal
-from llmrec.model import fingerprint_model_dir
-from llmrec.store import (
+from llmrec.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     CURRENT,
     MANIFEST,
     SHARED_ID,
     AdapterManifest,
     AdapterStore,
     AdapterValidationError,
+    LoraWeights,
     module_shapes_for,
+    state_equal,
     validate_adapter,
     validate_user_id,
 )
+from llmrec.model import fingerprint_model_dir
 
 TARGETS = ("q_proj", "v_proj")
 
@@ -258,7 +261,7 @@ def test_publishers_without_a_lock_still_never_clobber(
     """Where flock is unavailable, a rename that collides moves on to the next number."""
     import contextlib
 
-    from llmrec import store as store_module
+    from llmrec.adapters import store as store_module
 
     monkeypatch.setattr(store_module, "_locked", lambda user_dir: contextlib.nullcontext())
     errors: list[BaseException] = []
@@ -344,7 +347,7 @@ def _edit_config(path: Path, **changes) -> None:
 def test_validation_rejects_unsupported_configs(
     tmp_path: Path, shapes, changes: dict, match: str
 ) -> None:
-    from llmrec.lora import write_adapter
+    from llmrec.adapters import write_adapter
 
     folder = write_adapter(make_weights(shapes), tmp_path / "a")
     validate_adapter(folder, shapes, max_rank=16)  # fine before the edit

@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmrec.trie import TitleTrie
+from llmrec.recommend import TitleTrie
 
 EOS = 0
 VOCAB = {"the": 1, "matrix": 2, "reloaded": 3, "heat": 4, "(1999)": 5, "(2003)": 6, "(1995)": 7}

@@ -7,10 +7,10 @@ import json
 
 from typer.testing import CliRunner
 
+from llmrec.agent import ProfileStore
 from llmrec.cli import app
-from llmrec.personalize import LOCAL_STATE, client_dir
-from llmrec.profile import ProfileStore
-from serving.keys import KeyStore
+from llmrec.federated import LOCAL_STATE, client_dir
+from llmrec_serving.keys import KeyStore
 
 runner = CliRunner()
 

@@ -53,12 +53,14 @@ from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
+from llmrec.adapters import read_adapter, write_adapter
 from llmrec.atomic import fsync_path, fsync_tree, write_json_atomic
 from llmrec.config import AppConfig, ConfigError, load_config
-from llmrec.data import Split, leave_last_out, user_sort_key
+from llmrec.data import Split, dataset_from_config, leave_last_out, user_sort_key
 from llmrec.federated import (
     VAL_K,
     ClientFn,
+    PrivacyAccountant,
     Slots,
     State,
     build_slots,
@@ -71,6 +73,7 @@ from llmrec.federated import (
     prune_personal,
     publish_user,
     run_client,
+    secure_generator,
     select_clients,
     server_update,
     shard,
@@ -79,14 +82,10 @@ from llmrec.federated import (
     validate_user,
 )
 from llmrec.finetune import Example, sample_users
-from llmrec.lora import read_adapter, write_adapter
-from llmrec.metrics import mean_metrics
 from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
 from llmrec.plots import plot_curve
-from llmrec.privacy import PrivacyAccountant, secure_generator
 from llmrec.prompts import PromptBuilder
-from llmrec.recommender import Recommender
-from llmrec.runtime import dataset_from_config
+from llmrec.recommend import Recommender, mean_metrics
 
 logger = get_logger(__name__)
 

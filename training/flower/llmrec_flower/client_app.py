@@ -36,7 +36,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from llmrec.config import AppConfig
-from llmrec.data import Split, leave_last_out
+from llmrec.data import Split, dataset_from_config, leave_last_out
 from llmrec.federated import (
     Slots,
     build_slots,
@@ -49,11 +49,9 @@ from llmrec.federated import (
     validate_user,
 )
 from llmrec.finetune import Example
-from llmrec.metrics import hit_rate_at_k, ndcg_at_k
 from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
 from llmrec.prompts import PromptBuilder
-from llmrec.recommender import Recommender
-from llmrec.runtime import dataset_from_config
+from llmrec.recommend import Recommender, hit_rate_at_k, ndcg_at_k
 
 from .codec import CONFIG_KEY, EXPORT_KEY, ROUND_KEY, from_ndarrays, node_config, to_ndarrays
 

@@ -33,10 +33,10 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
+from llmrec.adapters import write_adapter
 from llmrec.atomic import write_json_atomic
 from llmrec.config import AppConfig, load_config
 from llmrec.federated import State, build_slots, init_shared_state, open_store, shared_weights
-from llmrec.lora import write_adapter
 from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
 
 from .codec import to_ndarrays

@@ -41,11 +41,9 @@ from flwr.server.strategy import (
     Strategy,
 )
 
-from llmrec.aggregate import filter_updates
 from llmrec.atomic import write_json_atomic
 from llmrec.config import AppConfig
-from llmrec.federated import VAL_K, State
-from llmrec.privacy import PrivacyAccountant
+from llmrec.federated import VAL_K, PrivacyAccountant, State, filter_updates
 
 from .codec import CONFIG_KEY, EXPORT_KEY, ROUND_KEY, from_ndarrays, to_ndarrays
 

@@ -33,7 +33,7 @@ OverridesArg = Annotated[
 
 def _config(config: Path | None, overrides: list[str] | None):
     from llmrec.config import ConfigError
-    from serving.config import load_serving_config
+    from llmrec_serving.config import load_serving_config
 
     try:
         return load_serving_config(config, overrides or [])
@@ -45,8 +45,8 @@ def serve(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     """Serve recommendations and chat: the vLLM server with per-user LoRA and the gateway."""
     import uvicorn
 
-    from serving.app import create_app
-    from serving.runtime import build_services
+    from llmrec_serving.app import create_app
+    from llmrec_serving.runtime import build_services
 
     cfg = _config(config, overrides)
     app = create_app(build_services(cfg))
@@ -59,7 +59,7 @@ def serve_demo(config: ConfigOpt = None, overrides: OverridesArg = None) -> None
     REST and for a chat answer as one of its users, print both, stop (same config)."""
     from rich.console import Console
 
-    from serving.demo import DemoError, run_demo, show
+    from llmrec_serving.demo import DemoError, run_demo, show
 
     try:
         result = run_demo(_config(config, overrides))
@@ -77,7 +77,7 @@ def keys_add(
     overrides: OverridesArg = None,
 ) -> None:
     """Make a key and print it once (only its hash is stored)."""
-    from serving.keys import KeyStore
+    from llmrec_serving.keys import KeyStore
 
     if (user is None) != admin:
         raise typer.BadParameter("give a user id, or --admin without one", param_hint="user")
@@ -96,7 +96,7 @@ def keys_revoke(
     overrides: OverridesArg = None,
 ) -> None:
     """Revoke every key of a user (or every admin key)."""
-    from serving.keys import KeyStore
+    from llmrec_serving.keys import KeyStore
 
     store = KeyStore(_config(config, overrides).serve.keys_file)
     typer.echo(f"revoked {store.revoke(user, admin=admin)} key(s)")
@@ -105,7 +105,7 @@ def keys_revoke(
 @keys_app.command("ls")
 def keys_ls(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     """List who has keys (never the keys themselves)."""
-    from serving.keys import KeyStore
+    from llmrec_serving.keys import KeyStore
 
     for record in KeyStore(_config(config, overrides).serve.keys_file).list():
         who = "admin" if record.admin else record.user_id

@@ -34,12 +34,11 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel
 
+from llmrec.agent.intent import IntentParser, Parsed, Ref
+from llmrec.agent.profile import ProfileStore
 from llmrec.data import Catalog
-from llmrec.grounding import Grounder
-from llmrec.intent import IntentParser, Parsed, Ref
-from llmrec.profile import ProfileStore
 from llmrec.prompts import PromptBuilder
-from llmrec.recommender import Recommender
+from llmrec.recommend import Grounder, Recommender
 
 log = logging.getLogger(__name__)
 

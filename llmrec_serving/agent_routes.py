@@ -30,17 +30,15 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmrec.agent import Agent
-from llmrec.erasure import UserErasure, erase_user
-from llmrec.grounding import Grounder
-from llmrec.profile import FeedbackRecord, UnknownConversationError
-from llmrec.store import validate_user_id
-from serving.admission import Rejected
-from serving.backend import BackendError, GenerationParams
-from serving.keys import Principal
+from llmrec.adapters import validate_user_id
+from llmrec.agent import Agent, FeedbackRecord, UnknownConversationError, UserErasure, erase_user
+from llmrec.recommend import Grounder
+from llmrec_serving.admission import Rejected
+from llmrec_serving.backend import BackendError, GenerationParams
+from llmrec_serving.keys import Principal
 
 if TYPE_CHECKING:
-    from serving.app import Services
+    from llmrec_serving.app import Services
 
 log = logging.getLogger(__name__)
 

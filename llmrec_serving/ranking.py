@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 from llmrec.data import Catalog
 from llmrec.prompts import PromptBuilder
-from llmrec.recommender import trie_beam_search
-from llmrec.trie import TitleTrie
-from serving.backend import Backend, GenerationParams, ServedAdapter
+from llmrec.recommend import TitleTrie, trie_beam_search
+from llmrec_serving.backend import Backend, GenerationParams, ServedAdapter
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from llmrec.atomic import fsync_path, fsync_tree, write_json_atomic
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `import llmrec` is fast
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from llmrec.config import AppConfig
 
 logger = logging.getLogger(__name__)
 
@@ -633,3 +636,26 @@ def build_tiny_model(out_dir: Path, tokenizer_source: str | None = None, seed: i
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def load_base(cfg: AppConfig) -> tuple[torch.nn.Module, object]:
+    """The frozen base model and its tokenizer, as the config describes them."""
+    return load_model(
+        cfg.model.name_or_path,
+        quantization=cfg.model.quantization,
+        dtype=cfg.model.dtype,
+        cache_dir=cfg.model.cache_dir,
+    )
+
+
+def attach_adapter(
+    model: torch.nn.Module, adapter_dir: Path, merge: bool = True
+) -> torch.nn.Module:
+    """The base with a PEFT LoRA adapter on top; merged into the weights for speed when possible."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    # Merging is exact for full-precision bases and removes the LoRA overhead at inference;
+    # a quantized base cannot absorb the update, so it keeps the adapter as a side branch.
+    quantized = getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None)
+    return peft_model.merge_and_unload() if merge and not quantized else peft_model

@@ -26,18 +26,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llmrec.adapters import validate_user_id
+from llmrec.agent import ProfileStore
 from llmrec.data import Catalog
-from llmrec.profile import ProfileStore
 from llmrec.prompts import PromptBuilder
-from llmrec.store import validate_user_id
-from serving.adapters import AdapterRouter
-from serving.admission import Admission, Rejected
-from serving.backend import Backend, BackendError, Delta, GenerationParams
-from serving.config import ServingConfig
-from serving.keys import KeyStore, Principal
-from serving.metrics import Metrics
-from serving.ranking import Ranker
-from serving.schemas import (
+from llmrec_serving.adapters import AdapterRouter
+from llmrec_serving.admission import Admission, Rejected
+from llmrec_serving.backend import Backend, BackendError, Delta, GenerationParams
+from llmrec_serving.config import ServingConfig
+from llmrec_serving.keys import KeyStore, Principal
+from llmrec_serving.metrics import Metrics
+from llmrec_serving.ranking import Ranker
+from llmrec_serving.schemas import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -465,7 +465,7 @@ def create_app(services: Services) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    from serving.agent_routes import agent_router  # the personal agent and the chat page
+    from llmrec_serving.agent_routes import agent_router  # the personal agent and the chat page
 
     app.include_router(agent_router(services, principal))
     return app

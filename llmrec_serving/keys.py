@@ -21,8 +21,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
+from llmrec.adapters import validate_user_id
 from llmrec.atomic import write_atomic
-from llmrec.store import validate_user_id
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llmrec.atomic import FILE_MODE, fsync_path, write_text_atomic
-from llmrec.lora import (
+from llmrec.adapters.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AdapterValidationError,
@@ -52,6 +51,7 @@ from llmrec.lora import (
     read_adapter_config,
     write_adapter,
 )
+from llmrec.atomic import FILE_MODE, fsync_path, write_text_atomic
 
 __all__ = [
     "AdapterManifest",

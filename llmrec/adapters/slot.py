@@ -14,7 +14,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from peft.utils import set_peft_model_state_dict
 
-from llmrec.lora import KEY_PREFIX, LoraWeights
+from llmrec.adapters.lora import KEY_PREFIX, LoraWeights
 
 SLOT = "user"
 

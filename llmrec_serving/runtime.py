@@ -6,6 +6,9 @@ import contextlib
 import logging
 from pathlib import Path
 
+from llmrec.adapters import AdapterStore, AdapterValidationError, module_shapes_for
+from llmrec.agent import ProfileStore
+from llmrec.data import dataset_from_config
 from llmrec.model import (
     BASE_MODEL_ALIAS,
     auto_dtype,
@@ -15,19 +18,16 @@ from llmrec.model import (
     prepare_base_model,
     resolve_model_path,
 )
-from llmrec.profile import ProfileStore
 from llmrec.prompts import PromptBuilder
-from llmrec.runtime import dataset_from_config
-from llmrec.store import AdapterStore, AdapterValidationError, module_shapes_for
-from serving.adapters import AdapterRouter
-from serving.admission import Admission
-from serving.app import Services
-from serving.backend import Backend, ResetListeners
-from serving.config import ServingConfig, engine_rank
-from serving.keys import KeyStore
-from serving.launcher import EngineSpec, ManagedServer
-from serving.metrics import Metrics
-from serving.ranking import Ranker
+from llmrec_serving.adapters import AdapterRouter
+from llmrec_serving.admission import Admission
+from llmrec_serving.app import Services
+from llmrec_serving.backend import Backend, ResetListeners
+from llmrec_serving.config import ServingConfig, engine_rank
+from llmrec_serving.keys import KeyStore
+from llmrec_serving.launcher import EngineSpec, ManagedServer
+from llmrec_serving.metrics import Metrics
+from llmrec_serving.ranking import Ranker
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def build_backend(cfg: ServingConfig, base_dir: Path, store: AdapterStore, token
     """The configured backend (not started yet)."""
     serve = cfg.serve
     if serve.backend == "inprocess":
-        from serving.inprocess import InProcessBackend
+        from llmrec_serving.inprocess import InProcessBackend
 
         model, _ = load_model(
             str(base_dir), quantization=cfg.model.quantization, dtype=cfg.model.dtype
@@ -81,7 +81,7 @@ def build_backend(cfg: ServingConfig, base_dir: Path, store: AdapterStore, token
         return InProcessBackend(
             model, tokenizer, store.max_rank, cfg.fed.target_modules or [], serve.max_model_len
         )
-    from serving.vllm_backend import VLLMBackend
+    from llmrec_serving.vllm_backend import VLLMBackend
 
     if serve.vllm_url is not None:
         return VLLMBackend(serve.vllm_url, BASE_NAME, serve.max_model_len)

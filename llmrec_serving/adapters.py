@@ -28,11 +28,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from llmrec.adapters import (
+    ADAPTER_WEIGHTS,
+    SHARED_ID,
+    AdapterRef,
+    AdapterStore,
+    AdapterValidationError,
+)
 from llmrec.federated import adapter_for
-from llmrec.lora import ADAPTER_WEIGHTS, AdapterValidationError
-from llmrec.store import SHARED_ID, AdapterRef, AdapterStore
-from serving.backend import Backend, BackendError, ServedAdapter
-from serving.metrics import Metrics
+from llmrec_serving.backend import Backend, BackendError, ServedAdapter
+from llmrec_serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from llmrec.data import Catalog
-from llmrec.grounding import GroundedItem, Grounder
+from llmrec.config import AppConfig
+from llmrec.data import Catalog, Dataset
 from llmrec.prompts import PromptBuilder
-from llmrec.trie import TitleTrie, TrieNode
+from llmrec.recommend.grounding import GroundedItem, Grounder
+from llmrec.recommend.trie import TitleTrie, TrieNode
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +270,17 @@ class ChatAnswer:
 
     text: str
     items: list[GroundedItem]
+
+
+def build_recommender(
+    cfg: AppConfig, dataset: Dataset, model: torch.nn.Module, tokenizer
+) -> Recommender:
+    """A recommender over ``dataset``'s catalog with the config's prompt and decoding settings."""
+    prompts = PromptBuilder(
+        tokenizer,
+        max_history_items=cfg.prompts.max_history_items,
+        max_prompt_tokens=cfg.prompts.max_prompt_tokens,
+    )
+    return Recommender(
+        model, tokenizer, dataset.catalog, prompts, beam_width=cfg.recommend.beam_width
+    )

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from llmrec.personalize import client_dir
-from llmrec.profile import ErasureReport, ProfileStore
-from llmrec.store import AdapterStore
+from llmrec.adapters import AdapterStore
+from llmrec.agent.profile import ErasureReport, ProfileStore
+from llmrec.federated import client_dir
 
 log = logging.getLogger(__name__)
 

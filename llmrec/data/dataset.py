@@ -30,6 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from llmrec.config import AppConfig
+
 logger = logging.getLogger(__name__)
 
 ML100K = "ml-100k"
@@ -606,3 +608,8 @@ def dataset_stats(ds: Dataset) -> dict[str, Any]:
         "density": interactions / (users * items) if users and items else 0.0,
         "mean_history_length": interactions / users if users else 0.0,
     }
+
+
+def dataset_from_config(cfg: AppConfig) -> Dataset:
+    """The data set the config names."""
+    return load_dataset(cfg.data.name, cfg.data.interactions, cfg.data.catalog)

@@ -20,10 +20,9 @@ from contextlib import asynccontextmanager
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from llmrec.lora import AdapterValidationError, LoraWeights
-from llmrec.recommender import BeamStep, KVCacheScorer, Scores
-from llmrec.slot import AdapterSlot
-from serving.backend import Delta, GenerationParams, ResetListeners, ServedAdapter, Usage
+from llmrec.adapters import AdapterSlot, AdapterValidationError, LoraWeights
+from llmrec.recommend import BeamStep, KVCacheScorer, Scores
+from llmrec_serving.backend import Delta, GenerationParams, ResetListeners, ServedAdapter, Usage
 
 
 class _Cancelled(StoppingCriteria):

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmrec.baselines import top_k
 from llmrec.data import Catalog
+from llmrec.recommend.baselines import top_k
 
 log = logging.getLogger(__name__)
 

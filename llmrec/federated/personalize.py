@@ -23,10 +23,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from llmrec.adapters import DEFAULT_MAX_RANK, AdapterStore, module_shapes_for, validate_user_id
 from llmrec.atomic import write_atomic
 from llmrec.config import AppConfig
 from llmrec.data import Catalog
-from llmrec.federated import (
+from llmrec.federated.core import (
     CLIENTS_DIR,
     State,
     build_slots,
@@ -39,7 +40,6 @@ from llmrec.federated import (
 from llmrec.finetune import next_item_examples
 from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
 from llmrec.prompts import PromptBuilder
-from llmrec.store import DEFAULT_MAX_RANK, AdapterStore, module_shapes_for, validate_user_id
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from llmrec.aggregate import Update, fedavg, update_norm
+from llmrec.federated.aggregate import Update, fedavg, update_norm
 
 
 def _check_positive(name: str, value: float) -> None:

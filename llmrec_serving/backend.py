@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from llmrec.lora import LoraWeights
-from llmrec.recommender import BeamStep, Scores
+from llmrec.adapters import LoraWeights
+from llmrec.recommend import BeamStep, Scores
 
 
 @dataclass(frozen=True)

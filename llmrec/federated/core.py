@@ -72,19 +72,25 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmrec.aggregate import aggregate, filter_updates, update_norm
+from llmrec.adapters import (
+    DEFAULT_MAX_RANK,
+    KEY_PREFIX,
+    AdapterStore,
+    LoraWeights,
+    module_shapes_for,
+    stack,
+)
 from llmrec.atomic import write_atomic
 from llmrec.config import FedConfig
 from llmrec.data import Catalog, Split, user_sort_key
+from llmrec.federated.aggregate import aggregate, filter_updates, update_norm
+from llmrec.federated.privacy import private_mean
 from llmrec.finetune import IGNORE_INDEX, Example, collate, next_item_examples, sample_users
-from llmrec.lora import KEY_PREFIX, LoraWeights, stack
-from llmrec.privacy import private_mean
-from llmrec.store import DEFAULT_MAX_RANK, AdapterStore, module_shapes_for
 
 if TYPE_CHECKING:
+    from llmrec.adapters import AdapterRef
     from llmrec.prompts import PromptBuilder
-    from llmrec.recommender import Recommender
-    from llmrec.store import AdapterRef
+    from llmrec.recommend import Recommender
 
 log = logging.getLogger(__name__)
 

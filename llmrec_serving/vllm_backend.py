@@ -28,9 +28,9 @@ from typing import Any
 
 import httpx
 
-from llmrec.lora import LoraWeights
-from llmrec.recommender import BeamStep, Scores
-from serving.backend import (
+from llmrec.adapters import LoraWeights
+from llmrec.recommend import BeamStep, Scores
+from llmrec_serving.backend import (
     BackendError,
     Delta,
     GenerationParams,
@@ -38,7 +38,7 @@ from serving.backend import (
     ServedAdapter,
     Usage,
 )
-from serving.launcher import ManagedServer
+from llmrec_serving.launcher import ManagedServer
 
 log = logging.getLogger(__name__)
 

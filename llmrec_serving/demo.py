@@ -28,9 +28,9 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from llmrec.adapters import AdapterStore
 from llmrec.evaluate import federated_store_dir
-from llmrec.store import AdapterStore
-from serving.config import ServingConfig
+from llmrec_serving.config import ServingConfig
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, An
 
 def run_demo(cfg: ServingConfig) -> DemoResult:
     """Serve the federated run, ask as one of its users, stop; the key is always revoked."""
-    from serving.app import create_app
-    from serving.runtime import build_services
+    from llmrec_serving.app import create_app
+    from llmrec_serving.runtime import build_services
 
     cfg = demo_config(cfg)
     if not cfg.store_dir.is_dir():

@@ -33,11 +33,11 @@ UserArg = Annotated[str, typer.Argument(help="The user id.")]
 
 def _open(config: Path | None, overrides: list[str] | None, user: str):
     """(config, data set, profile store) after checking the user id."""
+    from llmrec.adapters import validate_user_id
+    from llmrec.agent import ProfileStore
     from llmrec.config import ConfigError
-    from llmrec.profile import ProfileStore
-    from llmrec.runtime import dataset_from_config
-    from llmrec.store import validate_user_id
-    from serving.config import load_serving_config
+    from llmrec.data import dataset_from_config
+    from llmrec_serving.config import load_serving_config
 
     try:
         validate_user_id(user)
@@ -62,7 +62,7 @@ def history(
     overrides: OverridesArg = None,
 ) -> None:
     """Show (and edit) a user's history; exclusions and feedback are listed after it."""
-    from llmrec.profile import UnknownItemError
+    from llmrec.agent import UnknownItemError
 
     _, ds, profiles = _open(config, overrides, user)
     try:
@@ -81,7 +81,7 @@ def history(
 
 
 def _store(cfg):
-    from serving.runtime import base_model_dir, open_store
+    from llmrec_serving.runtime import base_model_dir, open_store
 
     return open_store(cfg, base_model_dir(cfg))
 
@@ -110,7 +110,7 @@ def import_(
     overrides: OverridesArg = None,
 ) -> None:
     """Validate an exported zip and publish it as the user's next adapter version."""
-    from llmrec.store import AdapterValidationError
+    from llmrec.adapters import AdapterValidationError
 
     cfg, _, _ = _open(config, overrides, user)
     try:
@@ -128,8 +128,8 @@ def delete(
     overrides: OverridesArg = None,
 ) -> None:
     """Delete a user: history, feedback, conversations, personal adapters and state, keys."""
-    from llmrec.erasure import erase_user
-    from serving.keys import KeyStore
+    from llmrec.agent import erase_user
+    from llmrec_serving.keys import KeyStore
 
     if not yes:
         raise typer.BadParameter("deleting a user cannot be undone: add --yes", param_hint="--yes")

@@ -48,8 +48,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
+from llmrec.adapters import validate_user_id
 from llmrec.data import Catalog
-from llmrec.store import validate_user_id
 
 log = logging.getLogger(__name__)
 
