@@ -1,8 +1,10 @@
-"""How the federated training application is launched (`accelerate launch`), for the CLI and
-the evaluation; llmrec never imports `training/`, it only starts it as a program."""
+"""How llmrec's programs are launched: the federated training application (``accelerate
+launch``), for the CLI and the evaluation, and the loopback port a started server listens
+on. llmrec never imports ``training/``, it only starts it as a program."""
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -39,3 +41,10 @@ def train_command(
     if resume:
         cmd.append("--resume")
     return cmd + list(overrides)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on ``host`` (a server started next can bind it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
