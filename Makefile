@@ -27,5 +27,6 @@ test: setup
 test-fast: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not slow"; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
+LINTED := llmrec llmrec_serving training tests bench
 lint: setup
-	$(VENV)/bin/ruff check llmrec tests bench && $(VENV)/bin/ruff format --check llmrec tests bench
+	$(VENV)/bin/ruff check $(LINTED) && $(VENV)/bin/ruff format --check $(LINTED)

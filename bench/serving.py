@@ -9,7 +9,7 @@ run: that cost is part of the figure. Also measures adapter load time: cold (val
 loaded from disk into vLLM) and warm (already loaded: a cache hit), as the latency of a
 user's first request against their next one. Prints a table, writes JSON and a PNG.
 
-CPU command (tiny 2-layer Llama, the ML-100K catalog: about 10 minutes on 2 cores):
+CPU command (tiny 2-layer Llama, the ML-100K catalog):
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/serving.py --model tiny
 The real SmolLM2-135M (much slower on a CPU):
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/serving.py --model smollm2 \
@@ -23,18 +23,15 @@ import asyncio
 import json
 import platform
 import re
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import matplotlib
 import torch
-import uvicorn
 
 matplotlib.use("Agg")
 # Run as a script, this file's folder is sys.path[0], and this file would shadow the
@@ -48,24 +45,19 @@ from llmrec.adapters import (  # noqa: E402
     module_shapes_for,
 )
 from llmrec.data import load_dataset  # noqa: E402
+from llmrec.launch import free_port  # noqa: E402
 from llmrec.model import (  # noqa: E402
     BASE_MODEL_ALIAS,
     build_tiny_model,
     fingerprint_model_dir,
     prepare_base_model,
 )
-from llmrec_serving.app import create_app  # noqa: E402
+from llmrec_serving.app import create_app, serve_in_thread  # noqa: E402
 from llmrec_serving.config import load_serving_config  # noqa: E402
 from llmrec_serving.keys import KeyStore  # noqa: E402
-from llmrec_serving.runtime import build_services  # noqa: E402
+from llmrec_serving.services import build_services  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def random_lora(shapes, rank: int, seed: int, base: str) -> LoraWeights:
@@ -164,20 +156,12 @@ def main() -> None:
         "serve.limits.queue_timeout_s=600",
     ])  # fmt: skip
     services = build_services(cfg)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(services), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    startup_timeout_s = cfg.serve.vllm_startup_timeout_s + 60
     t0 = time.perf_counter()
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise SystemExit("gateway failed to start; see outputs/serving/vllm.log")
-        time.sleep(0.5)
-    startup_s = time.perf_counter() - t0
-    url = f"http://127.0.0.1:{port}"
-    served_rank = services.router.store.max_rank
-    print(f"stack up in {startup_s:.1f} s ({args.model} model, vLLM rank {served_rank})")
-    try:
+    with serve_in_thread(create_app(services), "127.0.0.1", startup_timeout_s) as url:
+        startup_s = time.perf_counter() - t0
+        served_rank = services.router.store.max_rank
+        print(f"stack up in {startup_s:.1f} s ({args.model} model, vLLM rank {served_rank})")
         # Adapter load, cold vs warm: a fresh user's first request, then the same again.
         cold, warm = [], []
         for user in users[n_adapters - 4 : n_adapters] if n_adapters >= 4 else []:
@@ -214,9 +198,6 @@ def main() -> None:
                 f"{name:>16}: {row['throughput_rps']:6.2f} req/s  p50 {row['p50_s']:.3f} s  "
                 f"p99 {row['p99_s']:.3f} s  loads {row['adapter_loads']:.0f}  errors {errors}"
             )
-    finally:
-        server.should_exit = True
-        thread.join(timeout=120)
     base = scenarios.get("base (no LoRA)")
     report = {
         "model": args.model,

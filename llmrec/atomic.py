@@ -144,14 +144,14 @@ def file_lock(path: Path) -> Iterator[None]:
     flock locks belong to the open file description, so two threads that each open the file
     exclude each other too. Callers never depend on it for correctness (their publish is an
     atomic rename that a loser survives); without fcntl (Windows) or on filesystems that
-    refuse locks it is a no-op.
+    refuse locks it is a no-op. The folder holding ``path`` must exist: the lock never
+    recreates one, e.g. a user folder of the adapter store that a concurrent delete removed.
     """
     try:
         import fcntl
     except ImportError:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)

@@ -1,4 +1,4 @@
-"""The evaluation protocol of the design map, applied to every method side by side.
+"""The evaluation protocol (docs/design.md), applied to every method side by side.
 
 Leave-last-out split; the test item of each sampled user is ranked against the
 whole catalog minus that user's history; HR@k and NDCG@k. Every method sees
@@ -22,16 +22,16 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from llmrec.adapters import AdapterSlot, AdapterStore, module_shapes_for
+from llmrec.adapters import AdapterStore, SwappableLora, module_shapes_for
 from llmrec.atomic import write_json_atomic, write_text_atomic
 from llmrec.config import AppConfig
-from llmrec.data import Dataset, Split, dataset_from_config, leave_last_out
+from llmrec.data import Dataset, Split, dataset_from_config, leave_last_out, user_sort_key
 from llmrec.federated import adapter_for
 from llmrec.finetune import ADAPTER_DIR, next_item_examples, sample_users, train_lora
 from llmrec.launch import train_command
 from llmrec.model import attach_adapter, load_base, resolve_model_path
 from llmrec.plots import plot_metric_bars
-from llmrec.prompts import PromptBuilder
+from llmrec.prompts import PromptBuilder, template_digests
 from llmrec.recommend import ItemKNN, Popularity, SASRec, build_recommender, mean_metrics
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
     if runs:
         users = _cohort(runs)
     else:
-        users = sample_users(sorted(split.test, key=_user_key), cfg.eval.n_users, cfg.eval.seed)
+        users = sample_users(sorted(split.test, key=user_sort_key), cfg.eval.n_users, cfg.eval.seed)
     report = EvalReport(dataset.name, len(users), cfg.eval.seed, k)
     report.meta = {
         "model": cfg.model.name_or_path,
@@ -204,11 +204,13 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
 
 
 def training_inputs(cfg: AppConfig, sections: Sequence[str]) -> dict:
-    """The config sections a training run depends on, minus where its outputs go."""
+    """What a training run depends on: the config sections, minus where its outputs go,
+    plus the content of the prompt templates it renders (``prompt_templates``)."""
     dumped = json.loads(cfg.model_dump_json(include=set(sections)))
     # Flower's settings shape only training/flower runs, never the accelerate runner's.
     for section, key in (*NOT_INPUTS, ("fed", "flower")):
         dumped.get(section, {}).pop(key, None)
+    dumped["prompt_templates"] = template_digests()
     return dumped
 
 
@@ -240,7 +242,7 @@ def train_centralized(cfg: AppConfig, dataset: Dataset, split: Split, model, tok
         max_prompt_tokens=cfg.prompts.max_prompt_tokens,
     )
     users = sample_users(
-        sorted(split.train, key=_user_key), cfg.finetune.n_users, cfg.finetune.seed
+        sorted(split.train, key=user_sort_key), cfg.finetune.n_users, cfg.finetune.seed
     )
     examples = next_item_examples(
         {u: split.train[u] for u in users},
@@ -321,7 +323,7 @@ def _store_methods(
     weights = {ref.adapter_name: store.load(ref) for ref in refs.values()}
     first = next(iter(weights.values()))
     model, tokenizer = load_base(cfg)
-    slot = AdapterSlot(model, max(w.r for w in weights.values()), first.target_modules)
+    slot = SwappableLora(model, max(w.r for w in weights.values()), first.target_modules)
     recommender = build_recommender(cfg, dataset, slot.model, tokenizer)
 
     def use(user_id: str) -> None:
@@ -352,8 +354,3 @@ def write_report(report: EvalReport, results_dir: Path) -> tuple[Path, Path]:
         title=f"{report.dataset}, {report.users} users (seed {report.seed}), full ranking",
     )
     return json_path, png_path
-
-
-def _user_key(user_id: str) -> tuple[int, str]:
-    """Numeric ids in numeric order, others after them alphabetically."""
-    return (int(user_id), "") if user_id.isdigit() else (1 << 62, user_id)

@@ -104,8 +104,8 @@ def answer_nll_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     """Summed NLL of one unpadded sequence's labeled tokens, and how many there are.
 
     The vocabulary projection runs only at the positions that predict a label
-    (``logits_to_keep``): on a 49k vocabulary the full logits of a batch took gigabytes
-    and a fifth of the compute, for prompt positions that carry no loss.
+    (``logits_to_keep``): the full logits are a vocabulary's worth of floats at every
+    position, and the prompt positions carry no loss.
     """
     positions = (labels[1:] != IGNORE_INDEX).nonzero().squeeze(1)
     logits = model(input_ids=input_ids[None], logits_to_keep=positions).logits[0]

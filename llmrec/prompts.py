@@ -26,6 +26,8 @@ from typing import Any
 
 import jinja2
 
+from llmrec.atomic import sha256_file
+
 log = logging.getLogger(__name__)
 
 # The package is installed editable from the repo root, so prompts/ sits beside llmrec/.
@@ -35,6 +37,8 @@ RECOMMEND_SYSTEM = "recommend_system.jinja"
 RECOMMEND_USER = "recommend_user.jinja"
 CHAT_SYSTEM = "chat_system.jinja"
 EXPLAIN = "explain.jinja"
+RECOMMEND_TEMPLATES = (RECOMMEND_SYSTEM, RECOMMEND_USER)
+"""The templates of the recommendation prompt: all that training and ranking render."""
 
 # Each history item is one "- Title (Year)" line of the assistant's answer.
 ITEM_BULLET = "-"
@@ -67,6 +71,18 @@ def load_template(name: str, prompts_dir: Path | None = None) -> jinja2.Template
 def render_template(name: str, prompts_dir: Path | None = None, **variables: Any) -> str:
     """Render ``name`` with ``variables``; surrounding whitespace is stripped."""
     return load_template(name, prompts_dir).render(**variables).strip()
+
+
+def template_digests(
+    names: Sequence[str] = RECOMMEND_TEMPLATES, prompts_dir: Path | None = None
+) -> dict[str, str]:
+    """The sha256 of each template ``name`` in ``prompts_dir`` (default: the repo's prompts/).
+
+    A trained run's fingerprint holds these, so that editing a template's wording trains
+    anew instead of reusing a run trained on the old wording.
+    """
+    folder = Path(prompts_dir or DEFAULT_PROMPTS_DIR).resolve()
+    return {name: sha256_file(folder / name) for name in names}
 
 
 def _as_id_list(encoded: Any) -> list[int]:

@@ -35,9 +35,10 @@ from llmrec.adapters import (
     AdapterStore,
     AdapterValidationError,
 )
+from llmrec.data import user_sort_key
 from llmrec.federated import adapter_for
-from llmrec_serving.backend import Backend, BackendError, ServedAdapter
-from llmrec_serving.metrics import Metrics
+from llmrec_serving.engines import Backend, BackendError, ServedAdapter
+from llmrec_serving.prometheus import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -236,4 +237,5 @@ class AdapterRouter:
         if not loaded:
             return []
         stored = set(await asyncio.to_thread(self.store.users))
-        return [name for user in sorted(loaded - stored) for name in await self.forget(user)]
+        gone = sorted(loaded - stored, key=user_sort_key)
+        return [name for user in gone for name in await self.forget(user)]

@@ -3,7 +3,7 @@
 At most ``max_concurrency`` requests run; at most ``max_queue`` wait, in arrival order.
 Beyond that a request is refused at once (503 + Retry-After) instead of making everyone's
 wait longer, and one user may hold at most ``per_user`` places (429 + Retry-After), so one
-client cannot starve the rest. A finishing request hands its slot straight to the oldest
+client cannot starve the rest. A finishing request hands its permit straight to the oldest
 waiter, so nobody can overtake the queue.
 """
 
@@ -51,8 +51,9 @@ class Admission:
         return len(self._waiters)
 
     @asynccontextmanager
-    async def slot(self, user_id: str) -> AsyncIterator[None]:
-        """Hold one backend slot for ``user_id``'s request, or raise :class:`Rejected`."""
+    async def permit(self, user_id: str) -> AsyncIterator[None]:
+        """Hold one permit to run ``user_id``'s request on the backend, or raise
+        :class:`Rejected`."""
         if self._by_user[user_id] >= self.per_user:
             raise Rejected(429, "too many concurrent requests for this user", self.retry_after_s)
         busy = self.running >= self.max_concurrency or self._waiters
@@ -74,13 +75,13 @@ class Admission:
                 del self._by_user[user_id]
 
     async def _wait(self) -> None:
-        """Queue up until a finishing request hands over its slot."""
+        """Queue up until a finishing request hands over its permit."""
         turn = asyncio.get_running_loop().create_future()
         self._waiters.append(turn)
         try:
             await asyncio.wait_for(asyncio.shield(turn), self.queue_timeout_s)
         except BaseException as err:
-            if turn.done():  # handed a slot just as we gave up: pass it on
+            if turn.done():  # handed a permit just as we gave up: pass it on
                 self._release()
             else:
                 turn.cancel()
@@ -95,6 +96,6 @@ class Admission:
         while self._waiters:
             turn = self._waiters.popleft()
             if not turn.done():
-                turn.set_result(None)  # the slot moves to the oldest waiter: running unchanged
+                turn.set_result(None)  # the permit moves to the oldest waiter: running unchanged
                 return
         self.running -= 1

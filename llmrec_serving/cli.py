@@ -29,9 +29,11 @@ ConfigOpt = Annotated[
 OverridesArg = Annotated[
     list[str] | None, typer.Argument(help="Overrides like serve.port=9000 (applied last).")
 ]
+KeyUserArg = Annotated[str | None, typer.Argument(help="User id (omit with --admin).")]
 
 
-def _config(config: Path | None, overrides: list[str] | None):
+def serving_config(config: Path | None, overrides: list[str] | None):
+    """The serving config of a command's ``-c FILE`` and overrides (a bad one: exit 2)."""
     from llmrec.config import ConfigError
     from llmrec_serving.config import load_serving_config
 
@@ -46,9 +48,9 @@ def serve(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     import uvicorn
 
     from llmrec_serving.app import create_app
-    from llmrec_serving.runtime import build_services
+    from llmrec_serving.services import build_services
 
-    cfg = _config(config, overrides)
+    cfg = serving_config(config, overrides)
     app = create_app(build_services(cfg))
     typer.echo(f"llmrec gateway on http://{cfg.serve.host}:{cfg.serve.port} (docs at /docs)")
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
@@ -59,29 +61,34 @@ def serve_demo(config: ConfigOpt = None, overrides: OverridesArg = None) -> None
     REST and for a chat answer as one of its users, print both, stop (same config)."""
     from rich.console import Console
 
+    from llmrec_serving.app import GatewayStartError
     from llmrec_serving.demo import DemoError, run_demo, show
 
     try:
-        result = run_demo(_config(config, overrides))
-    except DemoError as err:
+        result = run_demo(serving_config(config, overrides))
+    except (DemoError, GatewayStartError) as err:
         typer.echo(f"serve-demo: {err}", err=True)
         raise typer.Exit(1) from err
     show(result, Console())
 
 
+def _key_store(config: Path | None, overrides: list[str] | None):
+    from llmrec_serving.keys import KeyStore
+
+    return KeyStore(serving_config(config, overrides).serve.keys_file)
+
+
 @keys_app.command("add")
 def keys_add(
-    user: Annotated[str | None, typer.Argument(help="User id (omit with --admin).")] = None,
+    user: KeyUserArg = None,
     admin: Annotated[bool, typer.Option(help="Make an admin key.")] = False,
     config: ConfigOpt = None,
     overrides: OverridesArg = None,
 ) -> None:
     """Make a key and print it once (only its hash is stored)."""
-    from llmrec_serving.keys import KeyStore
-
     if (user is None) != admin:
         raise typer.BadParameter("give a user id, or --admin without one", param_hint="user")
-    store = KeyStore(_config(config, overrides).serve.keys_file)
+    store = _key_store(config, overrides)
     try:
         typer.echo(store.add(user, admin=admin))
     except ValueError as err:
@@ -90,24 +97,20 @@ def keys_add(
 
 @keys_app.command("revoke")
 def keys_revoke(
-    user: Annotated[str | None, typer.Argument(help="User id (omit with --admin).")] = None,
+    user: KeyUserArg = None,
     admin: Annotated[bool, typer.Option(help="Revoke every admin key.")] = False,
     config: ConfigOpt = None,
     overrides: OverridesArg = None,
 ) -> None:
     """Revoke every key of a user (or every admin key)."""
-    from llmrec_serving.keys import KeyStore
-
-    store = KeyStore(_config(config, overrides).serve.keys_file)
+    store = _key_store(config, overrides)
     typer.echo(f"revoked {store.revoke(user, admin=admin)} key(s)")
 
 
 @keys_app.command("ls")
 def keys_ls(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     """List who has keys (never the keys themselves)."""
-    from llmrec_serving.keys import KeyStore
-
-    for record in KeyStore(_config(config, overrides).serve.keys_file).list():
+    for record in _key_store(config, overrides).list():
         who = "admin" if record.admin else record.user_id
         typer.echo(f"{who}\t{record.created_at}")
 

@@ -46,7 +46,7 @@ class LimitsConfig(BaseModel):
     per_user_concurrency: int = Field(4, ge=1)
     """Requests one user may have queued or running; one more gets 429 + Retry-After."""
     queue_timeout_s: float = Field(30.0, gt=0)
-    """Longest wait for a free slot before 503 + Retry-After."""
+    """Longest wait in the queue for a permit to run before 503 + Retry-After."""
     retry_after_s: int = Field(1, ge=1)
     """The Retry-After seconds sent with 429/503."""
 
@@ -69,7 +69,7 @@ class ServeConfig(BaseModel):
     vllm_args: list[str] = []
     """Extra command-line arguments for the managed vLLM server."""
     vllm_startup_timeout_s: float = Field(600.0, gt=0)
-    """How long the managed server may take to become healthy (CPU start-up is ~1 min)."""
+    """How long the managed server may take to become healthy."""
     vllm_max_restarts: int = Field(3, ge=0)
     """Restarts of a managed server that died before the gateway gives up (readyz -> 503)."""
     store_dir: Path | None = None

@@ -13,13 +13,8 @@ chat answer, prints both, then revokes the key and stops everything.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
-import socket
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +24,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from llmrec.adapters import AdapterStore
+from llmrec.data import user_sort_key
 from llmrec.evaluate import federated_store_dir
 from llmrec_serving.config import ServingConfig
 
@@ -42,11 +38,6 @@ QUESTION = "I have a free evening. What should I watch, and why?"
 """The demo's one chat message."""
 K = 5
 CHAT_MAX_TOKENS = 64
-_STOP_S = 120.0
-
-
-class DemoError(RuntimeError):
-    """The demo cannot run (nothing trained yet) or the stack answered with an error."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +55,10 @@ class DemoResult:
     def answer(self) -> str:
         """The chat answer's text."""
         return self.chat["choices"][0]["message"]["content"]
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run (nothing trained yet) or the stack answered with an error."""
 
 
 def demo_config(cfg: ServingConfig) -> ServingConfig:
@@ -85,35 +80,7 @@ def pick_user(store: AdapterStore) -> str:
             f"{store.root} holds no personal adapter: run `llmrec demo` first "
             f"(its evaluation trains the federated method {METHOD!r})"
         )
-    return min(users, key=lambda u: (not u.isdigit(), int(u) if u.isdigit() else 0, u))
-
-
-@contextlib.contextmanager
-def running(app, host: str, timeout_s: float) -> Iterator[str]:
-    """The gateway ``app`` served on a free port of ``host``; yields its base URL.
-
-    The app's lifespan starts and stops the engine (the managed vLLM server with it)."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind((host, 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not server.started:
-            if not thread.is_alive():
-                raise DemoError("the gateway failed to start (its log is above)")
-            if time.monotonic() > deadline:
-                raise DemoError(f"the gateway did not start in {timeout_s:.0f} s")
-            time.sleep(0.2)
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=_STOP_S)
-        sock.close()
+    return min(users, key=user_sort_key)
 
 
 def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -125,8 +92,8 @@ def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, An
 
 def run_demo(cfg: ServingConfig) -> DemoResult:
     """Serve the federated run, ask as one of its users, stop; the key is always revoked."""
-    from llmrec_serving.app import create_app
-    from llmrec_serving.runtime import build_services
+    from llmrec_serving.app import create_app, serve_in_thread
+    from llmrec_serving.services import build_services
 
     cfg = demo_config(cfg)
     if not cfg.store_dir.is_dir():
@@ -139,7 +106,7 @@ def run_demo(cfg: ServingConfig) -> DemoResult:
     key = services.keys.add(user)
     try:
         startup = cfg.serve.vllm_startup_timeout_s + 60
-        with running(create_app(services), cfg.serve.host, startup) as url:
+        with serve_in_thread(create_app(services), cfg.serve.host, startup) as url:
             headers = {"Authorization": f"Bearer {key}"}
             timeout = cfg.serve.limits.request_timeout_s + 10
             with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:

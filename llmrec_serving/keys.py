@@ -10,7 +10,6 @@ takes effect on a running gateway.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -22,7 +21,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from llmrec.adapters import validate_user_id
-from llmrec.atomic import write_atomic
+from llmrec.atomic import write_json_atomic
+from llmrec.data import user_sort_key
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,8 @@ class KeyStore:
         return self._records
 
     def _write(self, records: dict[str, KeyRecord]) -> None:
-        data = json.dumps(
-            {h: r.model_dump() for h, r in sorted(records.items())}, indent=2, sort_keys=True
-        )
-
-        def write(tmp: str) -> None:
-            Path(tmp).write_text(data + "\n", encoding="utf-8")
-
-        write_atomic(self.path, write)
+        data = {h: r.model_dump() for h, r in sorted(records.items())}
+        write_json_atomic(self.path, data, sort_keys=True)
         os.chmod(self.path, 0o600)  # hashes only, but nobody else needs to read them
 
     def add(self, user_id: str | None, admin: bool = False) -> str:
@@ -137,7 +131,8 @@ class KeyStore:
     def list(self) -> list[KeyRecord]:
         """All key records (never the keys)."""
         with self._lock:
-            return sorted(self._read().values(), key=lambda r: (not r.admin, r.user_id or ""))
+            records = self._read().values()
+            return sorted(records, key=lambda r: (not r.admin, user_sort_key(r.user_id or "")))
 
     def authenticate(self, key: str | None) -> Principal | None:
         """The principal a presented key stands for, or None."""

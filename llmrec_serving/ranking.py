@@ -1,6 +1,6 @@
 """Recommendations over any backend: the shared trie beam search, then one-line reasons.
 
-The search is ``llmrec.recommender.trie_beam_search`` (the exact code the library and the
+The search is ``llmrec.recommend.trie_beam_search`` (the exact code the library and the
 evaluation run), driven here asynchronously: each step's scores come from the backend's
 scorer, so every result is a catalog item, never an excluded one, ranked by the
 log-probability of its title. Reasons come from the same adapter through the explain prompt.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from llmrec.data import Catalog
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend import TitleTrie, trie_beam_search
-from llmrec_serving.backend import Backend, GenerationParams, ServedAdapter
+from llmrec_serving.engines import Backend, GenerationParams, ServedAdapter
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Request and response models: the recommendation API and the OpenAI chat subset.
+"""Request and response models: recommendations, the agent's routes, the OpenAI chat subset.
 
 Our own API forbids unknown fields (a typo is a 422, not silently ignored); the OpenAI
 models ignore them, as vLLM does, so clients that send extra OpenAI options still work.
@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from llmrec.agent import FeedbackRecord
 
 # ----------------------------------------------------------------------------- ours
 
@@ -72,6 +74,59 @@ class ErrorResponse(BaseModel):
     """Every error the gateway answers."""
 
     error: ErrorBody
+
+
+# ----------------------------------------------------------------------------- the agent's
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ChatRequest(_Body):
+    """One user turn."""
+
+    message: str = Field(min_length=1)
+    """What the user says."""
+    conversation_id: str | None = Field(None, max_length=36)
+    """Continue this conversation (one of the caller's); None starts a new one."""
+
+
+class FeedbackRequest(_Body):
+    """Feedback on one item (a card's buttons)."""
+
+    item_id: str = Field(min_length=1, max_length=128)
+    action: Literal["up", "down", "forget"]
+    """up: liked (joins the history); down: disliked (excluded); forget: never show it
+    again, without saying it was disliked."""
+
+
+class ItemEdit(_Body):
+    """Items to add and remove."""
+
+    add: list[str] = []
+    remove: list[str] = []
+
+
+class ItemView(BaseModel):
+    """A catalog item as the page lists it."""
+
+    item_id: str
+    title: str
+    year: int | None
+    genres: list[str]
+
+
+class HistoryView(BaseModel):
+    """What the profile holds about the caller."""
+
+    user: str
+    history: list[ItemView]
+    """Oldest first."""
+    exclusions: list[ItemView]
+    feedback: list[FeedbackRecord]
+    refresh_queued: bool
+    """Whether a personal-adapter refresh is due (``llmrec personalize --all-queued``)."""
 
 
 # ----------------------------------------------------------------------------- OpenAI chat

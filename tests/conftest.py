@@ -13,6 +13,15 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
+def free_port():
+    """``llmrec.launch.free_port`` itself: call it (``free_port()``) for a loopback TCP port
+    that is free right now, as many times as a test or fixture needs ports."""
+    from llmrec.launch import free_port
+
+    return free_port
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama built locally from a config, with the real SmolLM2 tokenizer."""
     from llmrec.model import build_tiny_model

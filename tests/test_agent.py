@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from llmrec.agent import Agent, AgentEvent, LocalEngine, ProfileStore, UnknownConversationError
+from llmrec.agent import Agent, AgentEvent, LocalTools, ProfileStore, UnknownConversationError
 from llmrec.model import load_model
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend import Grounder, Recommender
@@ -26,7 +26,7 @@ def agent(tmp_path_factory, tiny_model_dir, tiny_dataset):
     return Agent(
         tiny_dataset.catalog,
         profiles,
-        LocalEngine(recommender),
+        LocalTools(recommender),
         Grounder(tiny_dataset.catalog),
         prompts,
         reason_tokens=12,

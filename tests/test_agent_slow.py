@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from llmrec_serving.app import create_app
 from llmrec_serving.config import load_serving_config
 from llmrec_serving.keys import KeyStore
-from llmrec_serving.runtime import build_services
+from llmrec_serving.services import build_services
 
 pytestmark = pytest.mark.slow
 TRANSCRIPT = Path(__file__).resolve().parent.parent / "results" / "agent-transcript.md"

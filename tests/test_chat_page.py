@@ -8,19 +8,15 @@ The gateway runs for real on loopback (uvicorn, in-process backend, the tiny mod
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from llmrec_serving.app import create_app
+from llmrec_serving.app import create_app, serve_in_thread
 from llmrec_serving.config import load_serving_config
-from llmrec_serving.runtime import build_services
+from llmrec_serving.services import build_services
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parent.parent / "results" / "chat-page"
@@ -41,12 +37,6 @@ require_chromium = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gateway(serving_world):
     cfg = load_serving_config(
@@ -60,22 +50,8 @@ def gateway(serving_world):
         ],
     )
     services = build_services(cfg)
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(services), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url, services
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(create_app(services), "127.0.0.1", startup_timeout_s=600) as url:
+        yield url, services
 
 
 @pytest.fixture

@@ -45,6 +45,32 @@ def test_training_inputs_leave_out_where_outputs_go(cfg_for, tmp_path):
     assert "eval" not in base  # evaluating differently does not retrain
 
 
+def test_fingerprints_see_the_prompt_templates(cfg_for, tmp_path, monkeypatch):
+    """Editing a template the runs render trains anew; the same wording reuses the run."""
+    import shutil
+
+    import llmrec.prompts
+    from llmrec.evaluate import federated_store_dir
+    from llmrec.prompts import DEFAULT_PROMPTS_DIR, RECOMMEND_USER
+
+    prompts_dir = tmp_path / "prompts"
+    shutil.copytree(DEFAULT_PROMPTS_DIR, prompts_dir)
+    monkeypatch.setattr(llmrec.prompts, "DEFAULT_PROMPTS_DIR", prompts_dir)
+    cfg = cfg_for()
+
+    def fingerprints():
+        return training_inputs(cfg, CENTRALIZED_SECTIONS), federated_store_dir(cfg, "ours")
+
+    before = fingerprints()
+    template = prompts_dir / RECOMMEND_USER
+    wording = template.read_text()
+    template.write_text(wording + "Name one title only.\n")
+    edited = fingerprints()
+    assert edited[0] != before[0] and edited[1] != before[1]
+    template.write_text(wording)
+    assert fingerprints() == before
+
+
 def test_centralized_adapter_is_reused_only_for_the_same_config(cfg_for, tiny_dataset):
     split = leave_last_out(tiny_dataset.histories)
 

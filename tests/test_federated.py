@@ -23,11 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmrec import federated as F
-from llmrec.federated.core import _module_of as module_of
 from llmrec.adapters import AdapterStore, lora_delta, read_adapter, write_adapter
 from llmrec.config import ConfigError, load_config
 from llmrec.data import leave_last_out
-from llmrec.federated import fedavg, update_norm
+from llmrec.federated import fedavg, module_of, update_norm
 from llmrec.finetune import IGNORE_INDEX, next_item_examples
 from llmrec.model import load_model
 from llmrec.prompts import PromptBuilder
@@ -70,17 +69,17 @@ def runner():
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tiny_dataset):
-    """Slots on the tiny model plus each user's examples."""
+    """The dual LoRA on the tiny model plus each user's examples."""
     cfg = load_config(TINY_YAML, [f"model.name_or_path={tiny_model_dir}"])
     model, tokenizer = load_model(str(tiny_model_dir))
-    slots = F.build_slots(model, cfg.fed, tokenizer.pad_token_id)
+    dual = F.build_dual_lora(model, cfg.fed, tokenizer.pad_token_id)
     prompts = PromptBuilder(tokenizer, max_history_items=5, max_prompt_tokens=256)
     split = leave_last_out(tiny_dataset.histories)
 
     def examples(user_id):
         return next_item_examples({user_id: split.train[user_id]}, tiny_dataset.catalog, prompts, 4)
 
-    return cfg, slots, examples, tokenizer
+    return cfg, dual, examples, tokenizer
 
 
 # --------------------------------------------------------------------------- library
@@ -96,36 +95,36 @@ def test_saved_key_is_the_one_name_bridge():
     assert F.saved_key(name.replace("lora_A", "lora_B"), "shared").endswith("lora_B.weight")
 
 
-def test_both_slots_active_and_trainable_base_frozen(setup):
-    cfg, slots, _, _ = setup
-    peft_model = slots.model
+def test_both_adapters_active_and_trainable_base_frozen(setup):
+    cfg, dual, _, _ = setup
+    peft_model = dual.model
     assert sorted(peft_model.base_model.active_adapter) == ["personal", "shared"]
-    assert slots.shared and slots.personal and slots.gates
-    lora = {id(p) for p in [*slots.shared.values(), *slots.personal.values()]}
+    assert dual.shared and dual.personal and dual.gates
+    lora = {id(p) for p in [*dual.shared.values(), *dual.personal.values()]}
     for name, param in peft_model.named_parameters():
         assert param.requires_grad == (id(param) in lora), name
     # ranks as configured, on the same modules
-    a_s = next(v for k, v in slots.shared.items() if k.endswith("lora_A.weight"))
-    a_p = next(v for k, v in slots.personal.items() if k.endswith("lora_A.weight"))
+    a_s = next(v for k, v in dual.shared.items() if k.endswith("lora_A.weight"))
+    a_p = next(v for k, v in dual.personal.items() if k.endswith("lora_A.weight"))
     assert (a_s.shape[0], a_p.shape[0]) == (cfg.fed.shared_rank, cfg.fed.personal_rank)
-    assert {module_of(k) for k in slots.shared} == {module_of(k) for k in slots.personal}
+    assert {module_of(k) for k in dual.shared} == {module_of(k) for k in dual.personal}
 
 
 def test_init_is_seeded(setup):
-    _, slots, _, _ = setup
-    a, b = F.init_shared_state(slots, 0), F.init_shared_state(slots, 0)
+    _, dual, _, _ = setup
+    a, b = F.init_shared_state(dual, 0), F.init_shared_state(dual, 0)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    p1, p2 = F.init_personal_state(slots, 0, "1"), F.init_personal_state(slots, 0, "2")
+    p1, p2 = F.init_personal_state(dual, 0, "1"), F.init_personal_state(dual, 0, "2")
     assert any(not torch.equal(p1[k], p2[k]) for k in p1)
     assert all(not v.any() for k, v in p1.items() if "lora_B" in k)  # starts as the base
 
 
 def test_one_round_shared_is_the_aggregate_and_personal_stays_home(setup):
-    cfg, slots, examples, _ = setup
-    shared = F.init_shared_state(slots, 0)
+    cfg, dual, examples, _ = setup
+    shared = F.init_shared_state(dual, 0)
     users = ["1", "2", "4"]
     results = [
-        F.client_update(slots, u, examples(u), shared, F.init_personal_state(slots, 0, u), 1)
+        F.client_update(dual, u, examples(u), shared, F.init_personal_state(dual, 0, u), 1)
         for u in users
     ]
     uploads = [r.upload() for r in results]
@@ -158,29 +157,29 @@ def test_one_round_shared_is_the_aggregate_and_personal_stays_home(setup):
 
 
 def test_client_update_is_a_function_of_seed_round_user(setup):
-    _, slots, examples, _ = setup
-    shared = F.init_shared_state(slots, 0)
-    personal = F.init_personal_state(slots, 0, "3")
-    a = F.client_update(slots, "3", examples("3"), shared, personal, 2)
-    F.client_update(slots, "5", examples("5"), shared, F.init_personal_state(slots, 0, "5"), 2)
-    b = F.client_update(slots, "3", examples("3"), shared, personal, 2)
+    _, dual, examples, _ = setup
+    shared = F.init_shared_state(dual, 0)
+    personal = F.init_personal_state(dual, 0, "3")
+    a = F.client_update(dual, "3", examples("3"), shared, personal, 2)
+    F.client_update(dual, "5", examples("5"), shared, F.init_personal_state(dual, 0, "5"), 2)
+    b = F.client_update(dual, "3", examples("3"), shared, personal, 2)
     assert all(torch.equal(a.shared_delta[k], b.shared_delta[k]) for k in a.shared_delta)
     assert all(torch.equal(a.personal_state[k], b.personal_state[k]) for k in a.personal_state)
     # another round draws other batches (a user with 4 examples in batches of 2)
     assert len(examples("1")) == 4
-    one = F.client_update(slots, "1", examples("1"), shared, personal, 2).shared_delta
+    one = F.client_update(dual, "1", examples("1"), shared, personal, 2).shared_delta
     others = [
-        F.client_update(slots, "1", examples("1"), shared, personal, r).shared_delta
+        F.client_update(dual, "1", examples("1"), shared, personal, r).shared_delta
         for r in (3, 4, 5)
     ]
     assert any(not torch.equal(one[k], other[k]) for other in others for k in one)
 
 
-def _trained_states(slots, examples, seed: int):
+def _trained_states(dual, examples, seed: int):
     """User 2's shared and personal state after one round, every gate far from neutral."""
-    shared = F.init_shared_state(slots, 0)
+    shared = F.init_shared_state(dual, 0)
     result = F.client_update(
-        slots, "2", examples("2"), shared, F.init_personal_state(slots, 0, "2"), 1
+        dual, "2", examples("2"), shared, F.init_personal_state(dual, 0, "2"), 1
     )
     shared = {k: shared[k] + result.shared_delta[k] for k in shared}
     personal = dict(result.personal_state)
@@ -191,19 +190,19 @@ def _trained_states(slots, examples, seed: int):
     return shared, personal
 
 
-def test_stacked_adapter_equals_both_slots(setup, tiny_model_dir, tmp_path):
-    cfg, slots, examples, tokenizer = setup
+def test_stacked_adapter_equals_both_adapters(setup, tiny_model_dir, tmp_path):
+    cfg, dual, examples, tokenizer = setup
     from peft import PeftModel
 
-    shared, personal = _trained_states(slots, examples, seed=1)
+    shared, personal = _trained_states(dual, examples, seed=1)
     ids = torch.tensor([tokenizer.encode("Recommend me a movie like The Hidden Lake")])
 
-    slots.load(shared, personal)
-    slots.model.eval()
+    dual.load(shared, personal)
+    dual.model.eval()
     with torch.no_grad():
-        both = slots.model(input_ids=ids).logits
+        both = dual.model(input_ids=ids).logits
 
-    weights = F.user_weights(shared, personal, cfg.fed, slots.base_model)
+    weights = F.user_weights(shared, personal, cfg.fed, dual.base_model)
     assert weights.r == cfg.fed.shared_rank + cfg.fed.personal_rank
     write_adapter(weights, tmp_path / "user")
     base, _ = load_model(str(tiny_model_dir))
@@ -215,18 +214,18 @@ def test_stacked_adapter_equals_both_slots(setup, tiny_model_dir, tmp_path):
 
 
 def test_regularizers_shrink_what_they_target(setup):
-    cfg, slots, examples, _ = setup
-    shared = F.init_shared_state(slots, 0)
-    personal = F.init_personal_state(slots, 0, "1")
+    cfg, dual, examples, _ = setup
+    shared = F.init_shared_state(dual, 0)
+    personal = F.init_personal_state(dual, 0, "1")
 
     def run(**decoupling):
         dec = cfg.fed.decoupling.model_copy(update=decoupling)
         # enough steps for the weights to drift: the penalties act on the drift
-        slots.cfg = cfg.fed.model_copy(update={"decoupling": dec, "local_steps": 6})
+        dual.cfg = cfg.fed.model_copy(update={"decoupling": dec, "local_steps": 6})
         try:
-            return F.client_update(slots, "1", examples("1"), shared, personal, 1)
+            return F.client_update(dual, "1", examples("1"), shared, personal, 1)
         finally:
-            slots.cfg = cfg.fed
+            dual.cfg = cfg.fed
 
     def b_norm(state):
         return sum(float((v**2).sum()) for k, v in state.items() if "lora_B" in k) ** 0.5
@@ -247,8 +246,8 @@ def _fake_update(user_id, shared, fill=None, scale=1e-3, n=4):
 
 
 def test_poisoned_updates_are_rejected_and_the_round_completes(setup):
-    cfg, slots, _, _ = setup
-    shared = F.init_shared_state(slots, 0)
+    cfg, dual, _, _ = setup
+    shared = F.init_shared_state(dual, 0)
     key = next(iter(shared))
     wrong_shape = dict(_fake_update("5", shared).shared_delta)
     wrong_shape[key] = torch.zeros(3, 3)
@@ -270,8 +269,8 @@ def test_poisoned_updates_are_rejected_and_the_round_completes(setup):
 
 
 def test_dp_adds_calibrated_noise(setup):
-    cfg, slots, _, _ = setup
-    shared = F.init_shared_state(slots, 0)
+    cfg, dual, _, _ = setup
+    shared = F.init_shared_state(dual, 0)
     dp = cfg.fed.model_copy(
         update={
             "dp": cfg.fed.dp.model_copy(
@@ -292,9 +291,9 @@ def test_dp_adds_calibrated_noise(setup):
 
 
 def test_export_helpers_and_ablations(setup):
-    cfg, slots, _, _ = setup
-    shared = F.init_shared_state(slots, 0)
-    personal = F.init_personal_state(slots, 0, "1")
+    cfg, dual, _, _ = setup
+    shared = F.init_shared_state(dual, 0)
+    personal = F.init_personal_state(dual, 0, "1")
     assert F.personal_weight_mean(personal) == pytest.approx(1.0)
     assert F.shared_weights(shared, cfg.fed, "base").r == cfg.fed.shared_rank
     shared_only = cfg.fed.model_copy(update={"personal_rank": 0})
@@ -305,8 +304,8 @@ def test_export_helpers_and_ablations(setup):
 
 
 def test_personal_scale_interpolates_from_shared_to_as_trained(setup):
-    cfg, slots, examples, _ = setup
-    shared, personal = _trained_states(slots, examples, seed=2)
+    cfg, dual, examples, _ = setup
+    shared, personal = _trained_states(dual, examples, seed=2)
     plain = F.shared_weights(shared, cfg.fed, "base")
     trained = F.user_weights(shared, personal, cfg.fed, "base")
     for scale in (0.0, 0.3, 1.0):
@@ -318,32 +317,32 @@ def test_personal_scale_interpolates_from_shared_to_as_trained(setup):
 
 
 def test_pick_personal_scale_keeps_the_lowest_validation_loss(setup, tiny_dataset):
-    cfg, slots, examples, tokenizer = setup
+    cfg, dual, examples, tokenizer = setup
     split = leave_last_out(tiny_dataset.histories)
     prompts = PromptBuilder(tokenizer, max_history_items=5, max_prompt_tokens=256)
-    recommender = Recommender(slots.model, tokenizer, tiny_dataset.catalog, prompts)
-    shared = F.init_shared_state(slots, 0)
+    recommender = Recommender(dual.model, tokenizer, tiny_dataset.catalog, prompts)
+    shared = F.init_shared_state(dual, 0)
     result = F.client_update(
-        slots, "3", examples("3"), shared, F.init_personal_state(slots, 0, "3"), 1
+        dual, "3", examples("3"), shared, F.init_personal_state(dual, 0, "3"), 1
     )
     scale, losses = F.pick_personal_scale(
-        slots, recommender, split, "3", shared, result.personal_state
+        dual, recommender, split, "3", shared, result.personal_state
     )
     assert sorted(losses) == sorted(set(cfg.fed.decoupling.personal_scales))
     assert losses[scale] == min(losses.values())
     assert len(set(losses.values())) > 1  # the personal part does change the loss
     # without holdout targets, each loss is the validation loss of that scaled state
     no_holdout = cfg.fed.decoupling.model_copy(update={"holdout_targets": 0})
-    slots.cfg = cfg.fed.model_copy(update={"decoupling": no_holdout})
+    dual.cfg = cfg.fed.model_copy(update={"decoupling": no_holdout})
     try:
         _, val_only = F.pick_personal_scale(
-            slots, recommender, split, "3", shared, result.personal_state
+            dual, recommender, split, "3", shared, result.personal_state
         )
-        slots.load(shared, F.scale_personal(result.personal_state, 0.5))
-        assert F.validation_loss(slots, recommender, split, "3") == pytest.approx(val_only[0.5])
+        dual.load(shared, F.scale_personal(result.personal_state, 0.5))
+        assert F.validation_loss(dual, recommender, split, "3") == pytest.approx(val_only[0.5])
         assert val_only != losses  # the holdout targets are scored too
     finally:
-        slots.cfg = cfg.fed
+        dual.cfg = cfg.fed
 
 
 def test_client_examples_hold_out_the_last_targets(setup, tiny_dataset):
@@ -365,22 +364,22 @@ def test_client_examples_hold_out_the_last_targets(setup, tiny_dataset):
 
 def test_sequential_shared_update_is_plain_fedavgs(setup, tiny_model_dir, tiny_dataset):
     """With the personal part on (gates far from neutral), ours uploads shared-only's delta."""
-    cfg, slots, _, tokenizer = setup
+    cfg, dual, _, tokenizer = setup
     split = leave_last_out(tiny_dataset.histories)
     prompts = PromptBuilder(tokenizer, max_history_items=5, max_prompt_tokens=256)
     examples = F.client_examples(split, tiny_dataset.catalog, prompts, cfg.fed, "5")
-    shared = F.init_shared_state(slots, 0)
-    first = F.client_update(slots, "5", examples, shared, F.init_personal_state(slots, 0, "5"), 1)
+    shared = F.init_shared_state(dual, 0)
+    first = F.client_update(dual, "5", examples, shared, F.init_personal_state(dual, 0, "5"), 1)
     personal = dict(first.personal_state)
     for key in personal:
         if key.endswith(F.GATE_SUFFIX):
             personal[key] = torch.full((1,), 1.5)
-    ours = F.client_update(slots, "5", examples, shared, personal, 2)
+    ours = F.client_update(dual, "5", examples, shared, personal, 2)
 
     shared_only = cfg.fed.model_copy(update={"personal_rank": 0})
     model, _ = load_model(str(tiny_model_dir))
-    plain_slots = F.build_slots(model, shared_only, tokenizer.pad_token_id)
-    plain = F.client_update(plain_slots, "5", examples, shared, {}, 2)
+    plain_dual = F.build_dual_lora(model, shared_only, tokenizer.pad_token_id)
+    plain = F.client_update(plain_dual, "5", examples, shared, {}, 2)
     for key, delta in plain.shared_delta.items():
         torch.testing.assert_close(ours.shared_delta[key], delta, atol=1e-6, rtol=0)
     assert any(  # while the personal part did train
@@ -390,9 +389,9 @@ def test_sequential_shared_update_is_plain_fedavgs(setup, tiny_model_dir, tiny_d
 
 def test_selection_and_sharding_are_deterministic():
     cohort = [str(u) for u in range(1, 21)]
-    a = F.select_clients(cohort, 5, seed=0, round=1)
-    assert a == F.select_clients(cohort, 5, seed=0, round=1) and len(set(a)) == 5
-    assert a != F.select_clients(cohort, 5, seed=0, round=2)
+    a = F.select_clients(cohort, 5, seed=0, server_round=1)
+    assert a == F.select_clients(cohort, 5, seed=0, server_round=1) and len(set(a)) == 5
+    assert a != F.select_clients(cohort, 5, seed=0, server_round=2)
     parts = [F.shard(a, i, 2) for i in range(2)]
     assert parts == [a[0::2], a[1::2]]
     assert F.derive_seed(0, "x", 1) == F.derive_seed(0, "x", 1) != F.derive_seed(0, "x", 2)
@@ -450,13 +449,13 @@ def _assert_same_run(a: Path, b: Path, atol: float = 1e-6) -> None:
 def _sabotage(calls: list):
     """A client_fn that, in round 1, crashes the 1st client and poisons the 2nd and 3rd."""
 
-    def client_fn(slots, user_id, examples, shared, personal, r):
-        if r == 1:
+    def client_fn(dual, user_id, examples, shared, personal, server_round):
+        if server_round == 1:
             calls.append(user_id)
-        nth = len(calls) if r == 1 else 0
+        nth = len(calls) if server_round == 1 else 0
         if nth == 1:
             raise RuntimeError("the phone went offline")
-        result = F.client_update(slots, user_id, examples, shared, personal, r)
+        result = F.client_update(dual, user_id, examples, shared, personal, server_round)
         if nth in (2, 3):
             bad = math.nan if nth == 2 else 1e6
             delta = {k: torch.full_like(v, bad) for k, v in result.shared_delta.items()}
@@ -505,7 +504,7 @@ def test_metrics_checkpoints_and_export(sabotaged_run, tiny_model_dir):
     store = AdapterStore(out / "adapters")
     shared_ref = store.shared()
     assert (
-        shared_ref.manifest.round == 2
+        shared_ref.manifest.server_round == 2
         and shared_ref.manifest.base_fingerprint == export["base_fingerprint"]
     )
     trained = sorted(export["users"])

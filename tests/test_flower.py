@@ -101,12 +101,12 @@ def test_client_fit_is_the_library_round_and_uploads_only_shared(tiny_model_dir,
     client = client_app.UserClient({"partition-id": 1})
     rt = client_app.runtime(cfg.model_dump_json(), "")
     user_id = rt.cohort[1]
-    shared = F.init_shared_state(rt.slots, cfg.fed.seed)
+    shared = F.init_shared_state(rt.dual, cfg.fed.seed)
     config = {codec.ROUND_KEY: 1, codec.CONFIG_KEY: cfg.model_dump_json()}
     arrays, weight, metrics = client.fit(codec.to_ndarrays(shared, rt.keys), config)
 
     # The same round through the library, in another folder: identical upload.
-    expected = F.run_client(rt.slots, tmp_path / "lib", user_id, rt.examples(user_id), shared, 1)
+    expected = F.run_client(rt.dual, tmp_path / "lib", user_id, rt.examples(user_id), shared, 1)
     got = codec.from_ndarrays(arrays, rt.keys)
     for k in rt.keys:
         torch.testing.assert_close(got[k] - shared[k], expected.shared_delta[k])
@@ -129,15 +129,15 @@ def _shared_hr(model_dir: Path, cfg, shared: F.State, cohort: list[str]) -> dict
     dataset = dataset_from_config(cfg)
     split = leave_last_out(dataset.histories)
     model, tokenizer = load_model(str(model_dir))
-    slots = F.build_slots(model, cfg.fed, tokenizer.pad_token_id)
+    dual = F.build_dual_lora(model, cfg.fed, tokenizer.pad_token_id)
     prompts = PromptBuilder(
         tokenizer,
         max_history_items=cfg.prompts.max_history_items,
         max_prompt_tokens=cfg.prompts.max_prompt_tokens,
     )
-    rec = Recommender(slots.model, tokenizer, dataset.catalog, prompts, cfg.recommend.beam_width)
+    rec = Recommender(dual.model, tokenizer, dataset.catalog, prompts, cfg.recommend.beam_width)
     empty = Path("/nonexistent-client-dir")  # no personal state: the shared adapter alone
-    rows = [F.validate_user(slots, rec, split, empty, u, shared, cfg.fed.rounds) for u in cohort]
+    rows = [F.validate_user(dual, rec, split, empty, u, shared, cfg.fed.rounds) for u in cohort]
     out = mean_metrics([(ranked, target) for ranked, target, _ in rows], F.VAL_K)
     out["loss"] = float(np.mean([loss for *_, loss in rows]))
     return out
@@ -274,7 +274,7 @@ def test_secagg_plus_run_completes(tiny_model_dir, tmp_path):
     assert record["applied"] and record["accepted"] == 3 and not record["failed"]
     cfg = load_config(TINY_YAML, overrides.split())
     model, tokenizer = load_model(str(tiny_model_dir))
-    init = F.init_shared_state(F.build_slots(model, cfg.fed, tokenizer.pad_token_id), 0)
+    init = F.init_shared_state(F.build_dual_lora(model, cfg.fed, tokenizer.pad_token_id), 0)
     shared = _shared_after(out, 1)
     moved = max(float((shared[k] - init[k]).abs().max()) for k in init)
     assert 0 < moved < 1 and all(torch.isfinite(t).all() for t in shared.values())

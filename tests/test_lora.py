@@ -1,4 +1,4 @@
-"""Tests for llmrec.lora: PEFT folder round trips and the shared + personal stacking algebra.
+"""Tests for llmrec.adapters.lora: PEFT folder round trips and the shared + personal stacking.
 
 Everything runs on the tiny Llama from ``conftest.py`` with adapters made by peft itself
 (``init_lora_weights=False`` so that B != 0 and every adapter really changes the outputs).

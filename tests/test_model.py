@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmrec.model import load as M
+from llmrec.atomic import sha256_file
 from llmrec.model import (
     BASE_MODEL_ALIAS,
     MARKER_FILE,
@@ -29,6 +29,8 @@ from llmrec.model import (
     prepare_base_model,
     resolve_model_path,
 )
+from llmrec.model import gguf as G
+from llmrec.model import load as M
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -49,7 +51,7 @@ def fake_gguf(tmp_path: Path) -> Path:
 
 
 class FakeConverter:
-    """Stands in for the 15 s dequantization: copies the tiny folder and counts calls."""
+    """Stands in for the dequantization: copies the tiny folder and counts calls."""
 
     def __init__(self, src: Path, delay_s: float = 0.0, fail: bool = False) -> None:
         self.src, self.delay_s, self.fail = src, delay_s, fail
@@ -102,14 +104,14 @@ def test_prepare_builds_once_then_reuses_without_rewrite(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_gguf: Path, tiny_dir: Path
 ) -> None:
     convert = FakeConverter(tiny_dir)
-    monkeypatch.setattr(M, "_convert_gguf", convert)
+    monkeypatch.setattr(G, "_convert_gguf", convert)
     cache = tmp_path / "cache"
 
     first = prepare_base_model(cache_dir=cache, gguf_path=fake_gguf)
-    sha = M._sha256_file(fake_gguf)
+    sha = sha256_file(fake_gguf)
     assert first.parent == cache
-    assert first.name == f"fake-model.q4_1-{sha[:16]}-tf{M._transformers_major()}"
-    marker = M._read_json(first / MARKER_FILE)
+    assert first.name == f"fake-model.q4_1-{sha[:16]}-tf{G._transformers_major()}"
+    marker = G._read_json(first / MARKER_FILE)
     assert marker is not None and marker["source_sha256"] == sha
     assert marker["model_fingerprint"] == fingerprint_model_dir(first)
     assert convert.calls == 1
@@ -119,7 +121,7 @@ def test_prepare_builds_once_then_reuses_without_rewrite(
     def no_hash(path: Path) -> str:
         raise AssertionError(f"re-hashed {path}")
 
-    monkeypatch.setattr(M, "_sha256_file", no_hash)
+    monkeypatch.setattr(G, "sha256_file", no_hash)
     second = prepare_base_model(cache_dir=cache, gguf_path=fake_gguf)
     assert second == first
     assert convert.calls == 1
@@ -130,7 +132,7 @@ def test_prepare_builds_once_then_reuses_without_rewrite(
 def test_prepare_changed_gguf_gets_new_folder(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_gguf: Path, tiny_dir: Path
 ) -> None:
-    monkeypatch.setattr(M, "_convert_gguf", FakeConverter(tiny_dir))
+    monkeypatch.setattr(G, "_convert_gguf", FakeConverter(tiny_dir))
     cache = tmp_path / "cache"
     first = prepare_base_model(cache_dir=cache, gguf_path=fake_gguf)
     fake_gguf.write_bytes(b"GGUF other weights")
@@ -143,7 +145,7 @@ def test_prepare_force_and_stale_folder_are_rebuilt(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_gguf: Path, tiny_dir: Path
 ) -> None:
     convert = FakeConverter(tiny_dir)
-    monkeypatch.setattr(M, "_convert_gguf", convert)
+    monkeypatch.setattr(G, "_convert_gguf", convert)
     cache = tmp_path / "cache"
     path = prepare_base_model(cache_dir=cache, gguf_path=fake_gguf)
 
@@ -159,7 +161,7 @@ def test_prepare_force_and_stale_folder_are_rebuilt(
 def test_prepare_failure_leaves_nothing_behind(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_gguf: Path, tiny_dir: Path
 ) -> None:
-    monkeypatch.setattr(M, "_convert_gguf", FakeConverter(tiny_dir, fail=True))
+    monkeypatch.setattr(G, "_convert_gguf", FakeConverter(tiny_dir, fail=True))
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError, match="half way"):
         prepare_base_model(cache_dir=cache, gguf_path=fake_gguf)
@@ -170,7 +172,7 @@ def test_prepare_concurrent_callers_convert_once(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_gguf: Path, tiny_dir: Path
 ) -> None:
     convert = FakeConverter(tiny_dir, delay_s=0.3)
-    monkeypatch.setattr(M, "_convert_gguf", convert)
+    monkeypatch.setattr(G, "_convert_gguf", convert)
     cache = tmp_path / "cache"
     results: list[Path] = []
     errors: list[BaseException] = []
@@ -189,18 +191,6 @@ def test_prepare_concurrent_callers_convert_once(
     assert errors == []
     assert len(set(results)) == 1 and convert.calls == 1
     assert _leftovers(cache) == []
-
-
-def test_publish_loses_race_gracefully(tmp_path: Path) -> None:
-    final = tmp_path / "model"
-    final.mkdir()
-    (final / "config.json").write_text("winner")
-    tmp = tmp_path / ".model.tmp"
-    tmp.mkdir()
-    (tmp / "config.json").write_text("loser")
-    assert M._publish_dir(tmp, final) is False
-    assert not tmp.exists()
-    assert (final / "config.json").read_text() == "winner"
 
 
 def test_prepare_missing_gguf(tmp_path: Path) -> None:
@@ -272,7 +262,7 @@ def test_tiny_model_layout_and_forward(tiny_dir: Path) -> None:
 
 
 def test_tiny_model_deterministic_per_seed(tiny_dir: Path, tmp_path: Path) -> None:
-    # Taking the tokenizer from an existing folder keeps this test at ~0.5 s.
+    # Taking the tokenizer from an existing folder keeps this test fast.
     again = build_tiny_model(tmp_path / "again", tokenizer_source=str(tiny_dir), seed=0)
     other = build_tiny_model(tmp_path / "other", tokenizer_source=str(tiny_dir), seed=1)
     same = (again / "model.safetensors").read_bytes() == (
@@ -400,12 +390,12 @@ def test_prepare_real_reuses_without_loading(
     def no_convert(gguf_path: Path, dst: Path) -> None:
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(M, "_convert_gguf", no_convert)
+    monkeypatch.setattr(G, "_convert_gguf", no_convert)
     before = _mtimes(prepared_dir)
     assert prepare_base_model(cache_dir=prepared_dir.parent) == prepared_dir
     assert resolve_model_path(BASE_MODEL_ALIAS, cache_dir=prepared_dir.parent) == str(prepared_dir)
     assert _mtimes(prepared_dir) == before
-    marker = M._read_json(prepared_dir / MARKER_FILE)
+    marker = G._read_json(prepared_dir / MARKER_FILE)
     assert marker is not None and marker["model_fingerprint"] == fingerprint_model_dir(prepared_dir)
 
 

@@ -13,7 +13,13 @@ from llmrec.adapters import AdapterStore
 from llmrec.agent import ProfileStore
 from llmrec.cli import app
 from llmrec.config import load_config
-from llmrec.federated import LOCAL_STATE, build_slots, client_dir, init_shared_state, shared_weights
+from llmrec.federated import (
+    LOCAL_STATE,
+    build_dual_lora,
+    client_dir,
+    init_shared_state,
+    shared_weights,
+)
 from llmrec.model import fingerprint_model_dir, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,13 +42,13 @@ def world(tmp_path_factory, tiny_model_dir):
     cfg = load_config(TINY_YAML, overrides)
     # A shared adapter as federated training publishes it (B moved off zero).
     model, tokenizer = load_model(str(tiny_model_dir))
-    slots = build_slots(model, cfg.fed, tokenizer.pad_token_id)
-    shared = init_shared_state(slots, seed=0)
+    dual = build_dual_lora(model, cfg.fed, tokenizer.pad_token_id)
+    shared = init_shared_state(dual, seed=0)
     gen = torch.Generator().manual_seed(1)
     shared = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in shared.items()}
     store = AdapterStore(cfg.fed.store_dir)
     store.publish_shared(
-        shared_weights(shared, cfg.fed, slots.base_model),
+        shared_weights(shared, cfg.fed, dual.base_model),
         base_fingerprint=fingerprint_model_dir(tiny_model_dir),
     )
     return cfg, overrides, store

@@ -99,7 +99,7 @@ def test_erase_deletes_everything_and_history_is_not_reimported(profiles, tiny_d
     assert profiles.history("7") == [] and profiles.exclusions("7") == []
     assert profiles.feedback("7") == [] and profiles.conversations("7") == []
     assert profiles.queued() == [] and profiles.history("8") == other
-    with profiles.engine.connect() as conn:  # nothing of user 7 is left in any table
+    with profiles.db.connect() as conn:  # nothing of user 7 is left in any table
         for table in ("history", "feedback", "exclusions", "conversations", "messages"):
             rows = conn.exec_driver_sql(f"SELECT count(*) FROM {table} WHERE user_id='7'")
             assert rows.scalar() == 0

@@ -2,7 +2,6 @@
 
 import importlib.util
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -66,10 +65,8 @@ def _chat_ids(tokenizer, messages, **kwargs) -> list[int]:
 @pytest.mark.parametrize("path", sorted(DEFAULT_PROMPTS_DIR.glob("*.jinja")), ids=lambda p: p.name)
 def test_every_template_renders(path: Path):
     text = path.read_text()
-    # Each template documents its version and variables in a leading comment.
+    # Each template documents its variables in a leading comment.
     assert text.startswith("{#-"), f"{path.name} must start with a {{#- comment -#}}"
-    header = text[: text.index("#}")]
-    assert re.search(r"\bv\d+\b", header), "the header names the template version (v1, v2, ...)"
     rendered = render_template(path.name, **SAMPLE_VARIABLES)
     assert rendered and "{{" not in rendered and "{%" not in rendered
     # Empty optional inputs render too (cold-start user, no request).
@@ -193,7 +190,7 @@ def test_long_history_fits_budget_and_keeps_most_recent(tokenizer):
     # Tightest fit: one more item would overflow.
     longer = builder.recommend_messages(history[-kept - 1 :])
     assert len(_chat_ids(tokenizer, longer, continue_final_message=True)) > 256
-    # Loose bound on a shared 2-core machine (typically ~10 ms); bench/ measures it.
+    # A loose bound, for a shared machine; bench/ measures it.
     assert elapsed < 0.5
 
 

@@ -8,7 +8,6 @@ loopback, asks as one of its users, prints, revokes its key and stops.
 from __future__ import annotations
 
 import shutil
-import socket
 
 import pytest
 from typer.testing import CliRunner
@@ -59,15 +58,12 @@ def test_serve_demo_needs_a_trained_run(demo_world, tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_demo_on_vllm(demo_world):
+def test_serve_demo_on_vllm(demo_world, free_port):
     pytest.importorskip("vllm")
     overrides, keys_file = demo_world
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        vllm_port = s.getsockname()[1]
     extra = [
         "serve.backend=vllm",
-        f"serve.vllm_port={vllm_port}",
+        f"serve.vllm_port={free_port()}",
         "serve.cpu_threads=nobind",
         "serve.kv_cache_gib=1",
         "serve.max_cpu_loras=4",

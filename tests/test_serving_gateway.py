@@ -21,7 +21,7 @@ from llmrec.recommend import Recommender
 from llmrec_serving.admission import Admission, Rejected
 from llmrec_serving.app import create_app
 from llmrec_serving.config import load_serving_config
-from llmrec_serving.runtime import build_services
+from llmrec_serving.services import build_services
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +325,7 @@ def test_admission_bounds_the_queue():
 
         async def hold(user: str) -> None:
             try:
-                async with gate.slot(user):
+                async with gate.permit(user):
                     await release.wait()
                 statuses.append(200)
             except Rejected as err:
@@ -374,7 +374,7 @@ def test_client_disconnect_cancels_the_work(services):
     """The work of a request whose client went away is cancelled, not finished."""
     from starlette.requests import Request
 
-    from llmrec_serving.app import _guarded
+    from llmrec_serving.api import guarded
 
     async def scenario() -> tuple[int, bool]:
         async def receive():
@@ -391,7 +391,7 @@ def test_client_disconnect_cancels_the_work(services):
                 cancelled.set()
                 raise
 
-        response = await asyncio.wait_for(_guarded(services, request, "test", work), 5)
+        response = await asyncio.wait_for(guarded(services, request, "test", work), 5)
         await asyncio.wait_for(cancelled.wait(), 5)
         return response.status_code, cancelled.is_set()
 

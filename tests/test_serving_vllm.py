@@ -1,39 +1,28 @@
 """The gateway in front of the REAL vLLM OpenAI server (CPU build) on loopback.
 
-One module-scoped gateway starts a managed vLLM server (~1-2 min on CPU) for the tiny Llama
+One module-scoped gateway starts a managed vLLM server for the tiny Llama
 and an adapter store with two users' adapters and a shared one; every test then talks HTTP
 to the gateway, with httpx and the official openai client, as a user would.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from llmrec.model import attach_adapter, load_model
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend import Recommender
-from llmrec_serving.app import create_app
+from llmrec_serving.app import create_app, serve_in_thread
 from llmrec_serving.config import load_serving_config
-from llmrec_serving.runtime import build_services
+from llmrec_serving.services import build_services
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def gateway(serving_world):
+def gateway(serving_world, free_port):
     """(base url, services) of a gateway + managed vLLM server, stopped after the module."""
     cfg = load_serving_config(
         None,
@@ -48,20 +37,8 @@ def gateway(serving_world):
         ],
     )
     services = build_services(cfg)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(services), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 600
-    while not server.started:
-        assert thread.is_alive(), "the gateway failed to start (see the vLLM log)"
-        assert time.monotonic() < deadline, "the gateway did not start in 10 minutes"
-        time.sleep(0.5)
-    yield f"http://127.0.0.1:{port}", services
-    server.should_exit = True
-    thread.join(timeout=120)
+    with serve_in_thread(create_app(services), "127.0.0.1", startup_timeout_s=600) as url:
+        yield url, services
     assert services.backend.server.pid is None, "vLLM outlived the gateway"
 
 

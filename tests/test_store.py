@@ -1,4 +1,4 @@
-"""Tests for llmrec.store: versioned per-user adapters, atomic publish, validation, zip I/O.
+"""Tests for llmrec.adapters: versioned per-user adapters, atomic publish, validation, zip I/O.
 
 Adapters here are built directly as tensors against the tiny Llama's real module shapes
 (``module_shapes_for``), so each test takes milliseconds; ``tests/test_lora.py`` covers that
@@ -127,7 +127,9 @@ def test_publish_current_versions_users(store: AdapterStore, shapes, fingerprint
     a1 = _publish(store, "alice", make_weights(shapes, seed=1), fingerprint)
     a2 = _publish(store, "alice", make_weights(shapes, seed=2), fingerprint)
     b1 = _publish(store, "bob", make_weights(shapes, seed=3), fingerprint)
-    s1 = store.publish_shared(make_weights(shapes, seed=4), base_fingerprint=fingerprint, round=3)
+    s1 = store.publish_shared(
+        make_weights(shapes, seed=4), base_fingerprint=fingerprint, server_round=3
+    )
 
     assert (a1.version, a2.version, b1.version, s1.version) == (1, 2, 1, 1)
     assert a2.adapter_name == "alice@v2" and s1.adapter_name == "_shared@v1"
@@ -135,7 +137,7 @@ def test_publish_current_versions_users(store: AdapterStore, shapes, fingerprint
     assert store.get("alice", 1) == a1 and store.get("alice", 9) is None
     assert store.versions("alice") == [1, 2] and store.versions("carol") == []
     assert store.users() == ["alice", "bob"]  # the shared adapter is not a user
-    assert store.shared() == s1 and s1.manifest.kind == "shared" and s1.manifest.round == 3
+    assert store.shared() == s1 and s1.manifest.kind == "shared" and s1.manifest.server_round == 3
 
     user_dir = store.root / "alice"
     assert (user_dir / CURRENT).read_text() == "v0002\n"
@@ -150,12 +152,12 @@ def test_publish_current_versions_users(store: AdapterStore, shapes, fingerprint
 
 def test_manifest_round_trip(store: AdapterStore, shapes, fingerprint) -> None:
     weights = make_weights(shapes, r=4, alpha=12.0)
-    ref = _publish(store, "alice", weights, fingerprint, round=7, metrics={"hr@10": 0.25})
+    ref = _publish(store, "alice", weights, fingerprint, server_round=7, metrics={"hr@10": 0.25})
     m = ref.manifest
     assert (m.user_id, m.version, m.kind) == ("alice", 1, "user")
     assert (m.rank, m.alpha, m.target_modules) == (4, 12.0, ["q_proj", "v_proj"])
     assert (m.base_model, m.base_fingerprint) == ("tiny-llama", fingerprint)
-    assert (m.round, m.metrics) == (7, {"hr@10": 0.25})
+    assert (m.server_round, m.metrics) == (7, {"hr@10": 0.25})
     assert set(m.files) == {ADAPTER_CONFIG, ADAPTER_WEIGHTS}
     import hashlib
 
@@ -263,7 +265,7 @@ def test_publishers_without_a_lock_still_never_clobber(
 
     from llmrec.adapters import store as store_module
 
-    monkeypatch.setattr(store_module, "_locked", lambda user_dir: contextlib.nullcontext())
+    monkeypatch.setattr(store_module, "file_lock", lambda path: contextlib.nullcontext())
     errors: list[BaseException] = []
 
     def publisher(offset: int) -> None:
@@ -473,7 +475,7 @@ def test_delete_removes_everything(store: AdapterStore, shapes, fingerprint) -> 
 
 def test_export_import_round_trip(store: AdapterStore, shapes, fingerprint, tmp_path) -> None:
     weights = make_weights(shapes, seed=5)
-    ref = _publish(store, "alice", weights, fingerprint, round=2, metrics={"ndcg@10": 0.1})
+    ref = _publish(store, "alice", weights, fingerprint, server_round=2, metrics={"ndcg@10": 0.1})
     zip_path = store.export("alice", tmp_path / "out" / "alice.zip")
     with zipfile.ZipFile(zip_path) as zf:
         assert sorted(zf.namelist()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST])
@@ -484,7 +486,7 @@ def test_export_import_round_trip(store: AdapterStore, shapes, fingerprint, tmp_
     assert back.version == 2 and store.current("alice") == back
     assert state_equal(store.load(back).state, store.load(ref).state)
     assert state_equal(store.load(back).state, weights.state)
-    assert (back.manifest.round, back.manifest.metrics) == (2, {"ndcg@10": 0.1})
+    assert (back.manifest.server_round, back.manifest.metrics) == (2, {"ndcg@10": 0.1})
     assert back.manifest.base_fingerprint == fingerprint
 
     moved = store.import_zip("bob", zip_path)  # e.g. a user moving to a new id

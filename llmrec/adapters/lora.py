@@ -9,7 +9,7 @@ LoRA engine serves is representable: no DoRA, no LoRA bias, no ``modules_to_save
 per-module ranks. Anything else is refused with an :class:`AdapterValidationError` rather than
 silently dropped. Pickled weights (``adapter_model.bin``) are never read.
 
-Stacking (DESIGN.md, "export"): federated training gives each user a shared LoRA
+Stacking (``docs/design.md``, "Flow of data"): federated training gives each user a shared LoRA
 ``(A_s, B_s, scale s_s)`` and a personal one ``(A_p, B_p, s_p)`` on the same modules. Their
 summed update ``s_s B_s A_s + s_p B_p A_p`` equals ``B' A'`` with
 ``B' = [s_s B_s | s_p B_p]`` (columns) and ``A' = [A_s ; A_p]`` (rows), a single LoRA of rank
@@ -32,18 +32,12 @@ from typing import Any
 
 import torch
 
+from llmrec.adapters.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX, PICKLE_WEIGHTS
 from llmrec.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PICKLE_WEIGHTS = "adapter_model.bin"
-"""PEFT's legacy pickled weights: never loaded (unpickling runs arbitrary code)."""
-
-KEY_PREFIX = "base_model.model."
-"""Prefix of every tensor key in a saved PEFT causal-LM adapter (vLLM relies on it too)."""
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_KEY_RE = re.compile(rf"^{re.escape(KEY_PREFIX)}(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 
 # Config fields whose non-default value changes what the tensors mean (or adds tensors) in a
 # way LoraWeights cannot represent and vLLM does not serve. Value: the accepted "off" values.
@@ -303,7 +297,7 @@ def write_adapter(weights: LoraWeights, path: str | Path) -> Path:
     """Write ``weights`` as a plain PEFT LoRA folder at ``path`` (created if missing).
 
     Each file is replaced atomically, but the folder as a whole is not: publish through
-    :class:`llmrec.store.AdapterStore` when readers may be looking.
+    :class:`llmrec.adapters.AdapterStore` when readers may be looking.
     """
     from safetensors.torch import save_file
 

@@ -1,6 +1,6 @@
 """The personal agent: one chat turn in, actions on the profile and a short answer out.
 
-A turn is read by ``llmrec.intent`` (rules: see why there), then:
+A turn is read by ``llmrec.agent.intent`` (rules: see why there), then:
 
 - a request ranks the catalog with the user's own adapter under the turn's constraints:
   genre and year filters from the catalog's metadata, the user's exclusions, seen items
@@ -18,9 +18,10 @@ reason (the explain prompt); a reason that names a title outside the catalog is 
 by one built from the history, and each card also lists the history items it shares
 genres with, so every answer explains itself from what the user watched.
 
-The agent is async and engine-agnostic: :class:`Engine` ranks and writes for a user
-(``LocalEngine`` here runs a local :class:`~llmrec.recommender.Recommender`; the gateway
-plugs in its multi-adapter backend).
+The agent is async and model-agnostic: it ranks and writes through :class:`AgentTools`,
+for one user at a time (:class:`LocalTools` here run a local
+:class:`~llmrec.recommend.Recommender`; the gateway plugs in tools over its multi-adapter
+engine).
 """
 
 from __future__ import annotations
@@ -54,15 +55,11 @@ _NAMED_TITLE_RE = re.compile(
 )
 
 
-class Engine(Protocol):
-    """What the agent needs from a model: ranking and short text, for one user."""
+class AgentTools(Protocol):
+    """The tools the agent calls: rank the catalog and write a short text, for one user."""
 
     async def rank(
-        self,
-        user_id: str,
-        history: Sequence[str],
-        k: int,
-        excluded: set[str],
+        self, user_id: str, history: Sequence[str], k: int, excluded: set[str]
     ) -> list[tuple[str, float]]:
         """Top-k ``(item_id, log-prob)`` not in ``excluded``, best first, with the user's
         adapter."""
@@ -122,13 +119,13 @@ class _Context:
 
 
 class Agent:
-    """The personal agent over one catalog, profile database and engine."""
+    """The personal agent over one catalog, profile database and set of tools."""
 
     def __init__(
         self,
         catalog: Catalog,
         profiles: ProfileStore,
-        engine: Engine,
+        tools: AgentTools,
         grounder: Grounder,
         prompts: PromptBuilder,
         k: int = 3,
@@ -137,7 +134,7 @@ class Agent:
     ):
         self.catalog = catalog
         self.profiles = profiles
-        self.engine = engine
+        self.tools = tools
         self.grounder = grounder
         self.prompts = prompts
         self.k = k
@@ -263,7 +260,7 @@ class Agent:
         # constraints are exclusions in the search, not prompt text: the adapters are
         # trained on history-only prompts, and an exclusion cannot be ignored.
         seen = [i for i in history if i != anchor] + ([anchor] if anchor else [])
-        ranked = await self.engine.rank(
+        ranked = await self.tools.rank(
             user_id, seen, min(k, len(allowed)), set(self.catalog.ids) - allowed
         )
         intro = f"Here {'are' if len(ranked) != 1 else 'is'} {len(ranked)} " + (
@@ -381,12 +378,7 @@ class Agent:
         titles = [self.catalog.display(i) for i in history if i in self.catalog]
         messages = self.prompts.explain_messages(titles, card.title)
         text = "".join(
-            [
-                t
-                async for t in self.engine.write(
-                    user_id, messages, max_tokens or self.reason_tokens
-                )
-            ]
+            [t async for t in self.tools.write(user_id, messages, max_tokens or self.reason_tokens)]
         )
         reason = self._checked_reason(text) or self._fallback_reason(card)
         return card.model_copy(update={"reason": reason, "score": score})
@@ -413,8 +405,8 @@ class Agent:
         return f"A {genres} pick the model ranks high for you."
 
 
-class LocalEngine:
-    """An :class:`Engine` over one local :class:`Recommender` (one adapter, every user):
+class LocalTools:
+    """:class:`AgentTools` over one local :class:`Recommender` (one adapter, every user):
     for the CLI and tests. Calls run one at a time in a worker thread."""
 
     def __init__(self, recommender: Recommender):
@@ -422,11 +414,7 @@ class LocalEngine:
         self._lock = asyncio.Lock()
 
     async def rank(
-        self,
-        user_id: str,
-        history: Sequence[str],
-        k: int,
-        excluded: set[str],
+        self, user_id: str, history: Sequence[str], k: int, excluded: set[str]
     ) -> list[tuple[str, float]]:
         """Top-k with the local model (``user_id`` is not used: one model)."""
         async with self._lock:

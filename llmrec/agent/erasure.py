@@ -4,8 +4,8 @@ What goes: the profile (history, feedback, exclusions, conversations, queue entr
 version of the user's stacked adapter in the store, and the client-side personal state
 that federated training and local refreshes keep (``<fed.output_dir>/clients/<user>/``).
 What cannot go is written in docs/privacy.md: what the user's past updates contributed
-to the shared adapter, averaged with everybody else's. The serving application adds the
-user's API keys (``serving``'s ``erase``).
+to the shared adapter, averaged with everybody else's. The serving application
+(``llmrec_serving``) adds the user's API keys.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ One embedded database (SQLite by default; any SQLAlchemy URL) holds, per user:
 user id and the time of erasure and nothing else, so that the data set's original history
 of that id is not imported again on the next access (docs/privacy.md).
 
+The tables are in :mod:`llmrec.agent.tables`; callers see only the frozen records here.
 This module knows nothing about models, adapters or HTTP; every method is synchronous
 (the gateway calls it from a worker thread).
 """
@@ -27,28 +28,25 @@ import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import (
-    JSON,
-    DateTime,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
-    create_engine,
-    delete,
-    event,
-    func,
-    select,
-)
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from sqlalchemy.pool import StaticPool
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
 from llmrec.adapters import validate_user_id
+from llmrec.agent.tables import (
+    USER_TABLES,
+    Base,
+    ConversationRow,
+    ExclusionRow,
+    FeedbackRow,
+    HistoryRow,
+    MessageRow,
+    ProfileRow,
+    QueuedRow,
+    open_db,
+)
 from llmrec.data import Catalog
 
 log = logging.getLogger(__name__)
@@ -74,86 +72,14 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-# --------------------------------------------------------------------------- tables
-
-
-class _Base(DeclarativeBase):
-    pass
-
-
-class _Profile(_Base):
-    __tablename__ = "profiles"
-    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-
-
-class _History(_Base):
-    __tablename__ = "history"
-    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    item_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    seq: Mapped[int] = mapped_column(Integer, index=True)
-    """Position in the user's history (larger = later); gaps are fine."""
-    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    source: Mapped[str] = mapped_column(String(16))
-
-
-class _Feedback(_Base):
-    __tablename__ = "feedback"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    user_id: Mapped[str] = mapped_column(String(64), index=True)
-    item_id: Mapped[str] = mapped_column(String(128))
-    sentiment: Mapped[str] = mapped_column(String(8))
-    source: Mapped[str] = mapped_column(String(8))
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-class _Exclusion(_Base):
-    __tablename__ = "exclusions"
-    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    item_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-class _Conversation(_Base):
-    __tablename__ = "conversations"
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    user_id: Mapped[str] = mapped_column(String(64), index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-class _Message(_Base):
-    __tablename__ = "messages"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    conversation_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("conversations.id", ondelete="CASCADE"), index=True
-    )
-    user_id: Mapped[str] = mapped_column(String(64), index=True)
-    role: Mapped[str] = mapped_column(String(16))
-    content: Mapped[str] = mapped_column(Text)
-    items: Mapped[list] = mapped_column(JSON)
-    """Item ids the message showed, in the order shown (assistant answers only)."""
-    kind: Mapped[str] = mapped_column(String(16), default="")
-    """What the answer was (the agent's act: ``recommend``, ``why``, ...); "" for users."""
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-class _Queued(_Base):
-    __tablename__ = "refresh_queue"
-    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    reason: Mapped[str] = mapped_column(String(64))
-    queued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-_USER_TABLES = (_History, _Feedback, _Exclusion, _Message, _Conversation, _Queued)
-"""Every table holding a user's data (messages before conversations: foreign key)."""
-
-
 # --------------------------------------------------------------------------- records
 
 
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, from_attributes=True)
+
+
+_R = TypeVar("_R", bound=_Record)
 
 
 class HistoryEntry(_Record):
@@ -206,42 +132,6 @@ class ErasureReport(_Record):
 # --------------------------------------------------------------------------- the store
 
 
-def _engine(url: str) -> Engine:
-    """A SQLAlchemy engine; SQLite gets its folder created, foreign keys and WAL."""
-    parsed = make_url(url)
-    kwargs: dict = {}
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database in ("", ":memory:"):
-            # One shared connection, or every thread would see its own empty database.
-            kwargs = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
-        else:
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
-    engine = create_engine(url, **kwargs)
-    if parsed.get_backend_name() == "sqlite":
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(connection, _record) -> None:
-            connection.isolation_level = None  # transactions are begun below, not by pysqlite
-            cursor = connection.cursor()
-            cursor.execute("PRAGMA foreign_keys=ON")
-            # WAL: the gateway and a CLI edit can open the file at the same time.
-            if parsed.database not in (None, "", ":memory:"):
-                cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _begin(connection) -> None:
-            # Take the write lock up front: a deferred transaction that reads then writes
-            # fails at once (no busy wait) when another writer got in between, and every
-            # transaction here reads before it writes (e.g. "first access imports the
-            # history"). Transactions are milliseconds long, so serializing them is cheap.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
-
-
 class ProfileStore:
     """The profile database of one deployment.
 
@@ -261,17 +151,16 @@ class ProfileStore:
         self.catalog = catalog
         self.base_histories = base_histories or {}
         self.max_conversations = max_conversations
-        self.engine = _engine(url)
-        _Base.metadata.create_all(self.engine)
+        self.db = open_db(url)
 
     def close(self) -> None:
         """Release the database connections."""
-        self.engine.dispose()
+        self.db.dispose()
 
     # ----------------------------------------------------------------- internals
 
     def _session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+        return Session(self.db, expire_on_commit=False)
 
     def _check_items(self, item_ids: Iterable[str]) -> list[str]:
         ids = list(dict.fromkeys(item_ids))  # keep order, drop repeats
@@ -283,38 +172,47 @@ class ProfileStore:
     def _open(self, s: Session, user_id: str) -> None:
         """Create the user's profile on first access, importing the data set's history."""
         validate_user_id(user_id)
-        if s.get(_Profile, user_id) is not None:
+        if s.get(ProfileRow, user_id) is not None:
             return
         now = _now()
-        s.add(_Profile(user_id=user_id, created_at=now))
+        s.add(ProfileRow(user_id=user_id, created_at=now))
         base = [i for i in dict.fromkeys(self.base_histories.get(user_id, ())) if i in self.catalog]
         s.add_all(
-            _History(user_id=user_id, item_id=i, seq=n, added_at=now, source="dataset")
+            HistoryRow(user_id=user_id, item_id=i, seq=n, added_at=now, source="dataset")
             for n, i in enumerate(base)
         )
         s.flush()
 
     def _history_ids(self, s: Session, user_id: str) -> list[str]:
         rows = s.scalars(
-            select(_History.item_id).where(_History.user_id == user_id).order_by(_History.seq)
+            select(HistoryRow.item_id).where(HistoryRow.user_id == user_id).order_by(HistoryRow.seq)
         )
         return list(rows)
 
     def _append(self, s: Session, user_id: str, item_ids: list[str], source: str) -> list[str]:
         have = set(self._history_ids(s, user_id))
         new = [i for i in item_ids if i not in have]
-        top = s.scalar(select(func.max(_History.seq)).where(_History.user_id == user_id))
+        top = s.scalar(select(func.max(HistoryRow.seq)).where(HistoryRow.user_id == user_id))
         start = -1 if top is None else top
         now = _now()
         s.add_all(
-            _History(user_id=user_id, item_id=i, seq=start + 1 + n, added_at=now, source=source)
+            HistoryRow(user_id=user_id, item_id=i, seq=start + 1 + n, added_at=now, source=source)
             for n, i in enumerate(new)
         )
         return new
 
+    def _user_rows(
+        self, user_id: str, table: type[Base], order_by: Any, record: type[_R]
+    ) -> list[_R]:
+        """The user's rows of ``table`` in ``order_by`` order, as ``record``s."""
+        with self._session() as s, s.begin():
+            self._open(s, user_id)
+            rows = s.scalars(select(table).where(table.user_id == user_id).order_by(order_by))
+            return [record.model_validate(r) for r in rows]
+
     def _enqueue(self, s: Session, user_id: str, reason: str) -> None:
-        if s.get(_Queued, user_id) is None:
-            s.add(_Queued(user_id=user_id, reason=reason, queued_at=_now()))
+        if s.get(QueuedRow, user_id) is None:
+            s.add(QueuedRow(user_id=user_id, reason=reason, queued_at=_now()))
 
     # ----------------------------------------------------------------- history
 
@@ -326,12 +224,7 @@ class ProfileStore:
 
     def history_entries(self, user_id: str) -> list[HistoryEntry]:
         """The user's history with when and how each item was added, oldest first."""
-        with self._session() as s, s.begin():
-            self._open(s, user_id)
-            rows = s.scalars(
-                select(_History).where(_History.user_id == user_id).order_by(_History.seq)
-            )
-            return [HistoryEntry.model_validate(r) for r in rows]
+        return self._user_rows(user_id, HistoryRow, HistoryRow.seq, HistoryEntry)
 
     def add_history(self, user_id: str, item_ids: Sequence[str], source: str = "api") -> list[str]:
         """Append items to the history (ones already there stay where they are); returns the
@@ -353,7 +246,9 @@ class ProfileStore:
             gone = [i for i in ids if i in present]
             if gone:
                 s.execute(
-                    delete(_History).where(_History.user_id == user_id, _History.item_id.in_(gone))
+                    delete(HistoryRow).where(
+                        HistoryRow.user_id == user_id, HistoryRow.item_id.in_(gone)
+                    )
                 )
                 self._enqueue(s, user_id, "history")
             return gone
@@ -370,37 +265,32 @@ class ProfileStore:
         with self._session() as s, s.begin():
             self._open(s, user_id)
             s.add(
-                _Feedback(
+                FeedbackRow(
                     user_id=user_id, item_id=item_id, sentiment=sentiment, source=source, at=_now()
                 )
             )
             if sentiment == "positive":
                 s.execute(
-                    delete(_Exclusion).where(
-                        _Exclusion.user_id == user_id, _Exclusion.item_id == item_id
+                    delete(ExclusionRow).where(
+                        ExclusionRow.user_id == user_id, ExclusionRow.item_id == item_id
                     )
                 )
                 if self._append(s, user_id, [item_id], source):
                     self._enqueue(s, user_id, "feedback")
-            elif s.get(_Exclusion, (user_id, item_id)) is None:
-                s.add(_Exclusion(user_id=user_id, item_id=item_id, at=_now()))
+            elif s.get(ExclusionRow, (user_id, item_id)) is None:
+                s.add(ExclusionRow(user_id=user_id, item_id=item_id, at=_now()))
 
     def feedback(self, user_id: str) -> list[FeedbackRecord]:
         """Every thumbs up or down of the user, oldest first."""
-        with self._session() as s, s.begin():
-            self._open(s, user_id)
-            rows = s.scalars(
-                select(_Feedback).where(_Feedback.user_id == user_id).order_by(_Feedback.id)
-            )
-            return [FeedbackRecord.model_validate(r) for r in rows]
+        return self._user_rows(user_id, FeedbackRow, FeedbackRow.id, FeedbackRecord)
 
     def exclude(self, user_id: str, item_ids: Sequence[str]) -> list[str]:
         """Never recommend these items again; returns the ones newly excluded."""
         ids = self._check_items(item_ids)
         with self._session() as s, s.begin():
             self._open(s, user_id)
-            new = [i for i in ids if s.get(_Exclusion, (user_id, i)) is None]
-            s.add_all(_Exclusion(user_id=user_id, item_id=i, at=_now()) for i in new)
+            new = [i for i in ids if s.get(ExclusionRow, (user_id, i)) is None]
+            s.add_all(ExclusionRow(user_id=user_id, item_id=i, at=_now()) for i in new)
             return new
 
     def unexclude(self, user_id: str, item_ids: Sequence[str]) -> list[str]:
@@ -409,12 +299,12 @@ class ProfileStore:
         with self._session() as s, s.begin():
             self._open(s, user_id)
             present = set(
-                s.scalars(select(_Exclusion.item_id).where(_Exclusion.user_id == user_id))
+                s.scalars(select(ExclusionRow.item_id).where(ExclusionRow.user_id == user_id))
             )
             gone = [i for i in ids if i in present]
             s.execute(
-                delete(_Exclusion).where(
-                    _Exclusion.user_id == user_id, _Exclusion.item_id.in_(gone)
+                delete(ExclusionRow).where(
+                    ExclusionRow.user_id == user_id, ExclusionRow.item_id.in_(gone)
                 )
             )
             return gone
@@ -424,9 +314,9 @@ class ProfileStore:
         with self._session() as s, s.begin():
             self._open(s, user_id)
             rows = s.scalars(
-                select(_Exclusion.item_id)
-                .where(_Exclusion.user_id == user_id)
-                .order_by(_Exclusion.at, _Exclusion.item_id)
+                select(ExclusionRow.item_id)
+                .where(ExclusionRow.user_id == user_id)
+                .order_by(ExclusionRow.at, ExclusionRow.item_id)
             )
             return list(rows)
 
@@ -437,23 +327,23 @@ class ProfileStore:
         with self._session() as s, s.begin():
             self._open(s, user_id)
             conversation_id = str(uuid.uuid4())
-            s.add(_Conversation(id=conversation_id, user_id=user_id, created_at=_now()))
+            s.add(ConversationRow(id=conversation_id, user_id=user_id, created_at=_now()))
             s.flush()
             ids = list(
                 s.scalars(
-                    select(_Conversation.id)
-                    .where(_Conversation.user_id == user_id)
-                    .order_by(_Conversation.created_at.desc(), _Conversation.id)
+                    select(ConversationRow.id)
+                    .where(ConversationRow.user_id == user_id)
+                    .order_by(ConversationRow.created_at.desc(), ConversationRow.id)
                 )
             )
             old = ids[self.max_conversations :]
             if old:
-                s.execute(delete(_Message).where(_Message.conversation_id.in_(old)))
-                s.execute(delete(_Conversation).where(_Conversation.id.in_(old)))
+                s.execute(delete(MessageRow).where(MessageRow.conversation_id.in_(old)))
+                s.execute(delete(ConversationRow).where(ConversationRow.id.in_(old)))
             return conversation_id
 
-    def _owned(self, s: Session, user_id: str, conversation_id: str) -> _Conversation:
-        conv = s.get(_Conversation, conversation_id)
+    def _owned(self, s: Session, user_id: str, conversation_id: str) -> ConversationRow:
+        conv = s.get(ConversationRow, conversation_id)
         if conv is None or conv.user_id != user_id:
             raise UnknownConversationError(f"no conversation {conversation_id!r} of this user")
         return conv
@@ -461,7 +351,7 @@ class ProfileStore:
     def has_conversation(self, user_id: str, conversation_id: str) -> bool:
         """Whether ``conversation_id`` exists and belongs to ``user_id``."""
         with self._session() as s:
-            conv = s.get(_Conversation, conversation_id)
+            conv = s.get(ConversationRow, conversation_id)
             return conv is not None and conv.user_id == user_id
 
     def add_message(
@@ -478,7 +368,7 @@ class ProfileStore:
         with self._session() as s, s.begin():
             self._owned(s, user_id, conversation_id)
             s.add(
-                _Message(
+                MessageRow(
                     conversation_id=conversation_id,
                     user_id=user_id,
                     role=role,
@@ -494,9 +384,9 @@ class ProfileStore:
         with self._session() as s, s.begin():
             self._owned(s, user_id, conversation_id)
             rows = s.scalars(
-                select(_Message)
-                .where(_Message.conversation_id == conversation_id)
-                .order_by(_Message.id)
+                select(MessageRow)
+                .where(MessageRow.conversation_id == conversation_id)
+                .order_by(MessageRow.id)
             )
             return [MessageRecord.model_validate(r) for r in rows]
 
@@ -505,16 +395,16 @@ class ProfileStore:
         with self._session() as s, s.begin():
             self._open(s, user_id)
             counts = (
-                select(_Message.conversation_id, func.count().label("n"))
-                .where(_Message.user_id == user_id)
-                .group_by(_Message.conversation_id)
+                select(MessageRow.conversation_id, func.count().label("n"))
+                .where(MessageRow.user_id == user_id)
+                .group_by(MessageRow.conversation_id)
                 .subquery()
             )
             rows = s.execute(
-                select(_Conversation, func.coalesce(counts.c.n, 0))
-                .outerjoin(counts, counts.c.conversation_id == _Conversation.id)
-                .where(_Conversation.user_id == user_id)
-                .order_by(_Conversation.created_at.desc())
+                select(ConversationRow, func.coalesce(counts.c.n, 0))
+                .outerjoin(counts, counts.c.conversation_id == ConversationRow.id)
+                .where(ConversationRow.user_id == user_id)
+                .order_by(ConversationRow.created_at.desc())
             )
             return [
                 ConversationRecord(id=c.id, created_at=c.created_at, messages=n) for c, n in rows
@@ -525,12 +415,12 @@ class ProfileStore:
     def queued(self) -> list[str]:
         """Users due for a personal-adapter refresh, longest waiting first."""
         with self._session() as s:
-            return list(s.scalars(select(_Queued.user_id).order_by(_Queued.queued_at)))
+            return list(s.scalars(select(QueuedRow.user_id).order_by(QueuedRow.queued_at)))
 
     def queued_at(self, user_id: str) -> datetime | None:
         """When ``user_id`` was queued for a refresh, or None."""
         with self._session() as s:
-            row = s.get(_Queued, user_id)
+            row = s.get(QueuedRow, user_id)
             return None if row is None else row.queued_at
 
     def dequeue(self, user_id: str, queued_before: datetime | None = None) -> bool:
@@ -539,9 +429,9 @@ class ProfileStore:
         With ``queued_before`` only an entry at most that old goes: a user queued again
         while their refresh ran stays queued for the next one.
         """
-        query = delete(_Queued).where(_Queued.user_id == user_id)
+        query = delete(QueuedRow).where(QueuedRow.user_id == user_id)
         if queued_before is not None:
-            query = query.where(_Queued.queued_at <= queued_before)
+            query = query.where(QueuedRow.queued_at <= queued_before)
         with self._session() as s, s.begin():
             return s.execute(query).rowcount > 0
 
@@ -552,21 +442,12 @@ class ProfileStore:
         for the one row that stays)."""
         validate_user_id(user_id)
         counts: dict[str, int] = {}
-        names = {
-            _History: "history",
-            _Feedback: "feedback",
-            _Exclusion: "exclusions",
-            _Message: "messages",
-            _Conversation: "conversations",
-            _Queued: "queued",
-        }
         with self._session() as s, s.begin():
-            for table in _USER_TABLES:
-                result = s.execute(delete(table).where(table.user_id == user_id))
-                counts[names[table]] = result.rowcount
-            profile = s.get(_Profile, user_id)
+            for table, name in USER_TABLES.items():
+                counts[name] = s.execute(delete(table).where(table.user_id == user_id)).rowcount
+            profile = s.get(ProfileRow, user_id)
             if profile is None:
-                s.add(_Profile(user_id=user_id, created_at=_now(), erased_at=_now()))
+                s.add(ProfileRow(user_id=user_id, created_at=_now(), erased_at=_now()))
             else:
                 profile.erased_at = _now()
         log.info("erased the profile of %s: %s", user_id, counts)

@@ -1,30 +1,44 @@
-"""Interaction data: catalog, per-user histories, the leave-last-out split."""
+"""Interaction data: catalog, per-user histories, the leave-last-out split.
 
-from .dataset import (
-    ARTICLES,
+Two sources feed the same `Dataset`: MovieLens-100K from the ``recbole`` wheel
+(`movielens`) and a user's own CSV/JSONL files (`generic`); `load` picks one by name.
+"""
+
+from .generic import (
     CATALOG_FIELDS,
-    DATASET_NAMES,
     GENERIC,
     INTERACTION_FIELDS,
+    load_generic,
+    read_catalog,
+)
+from .load import (
+    DATASET_NAMES,
+    dataset_from_config,
+    load_dataset,
+)
+from .movielens import (
     ML100K,
     PLACEHOLDER_GENRE,
+    load_ml100k,
+    ml100k_dir,
+)
+from .titles import (
+    ARTICLES,
     PLACEHOLDER_TITLES,
+    fix_title,
+    is_placeholder_title,
+)
+from .types import (
     Catalog,
     DataError,
     Dataset,
     Event,
     Item,
+    RawRow,
     Split,
-    dataset_from_config,
+    build_dataset,
     dataset_stats,
-    fix_title,
-    is_placeholder_title,
     leave_last_out,
-    load_dataset,
-    load_generic,
-    load_ml100k,
-    ml100k_dir,
-    read_catalog,
     user_sort_key,
 )
 
@@ -42,7 +56,9 @@ __all__ = [
     "ML100K",
     "PLACEHOLDER_GENRE",
     "PLACEHOLDER_TITLES",
+    "RawRow",
     "Split",
+    "build_dataset",
     "dataset_from_config",
     "dataset_stats",
     "fix_title",

@@ -1,4 +1,30 @@
-"""Federated shared + personal LoRA: clients, server, aggregation, privacy, export."""
+"""Federated shared + personal LoRA: the dual LoRA, clients, server, aggregation, privacy, export.
+
+Every user owns a LoRA adapter of two parts: a SHARED part the server averages across clients
+and a PERSONAL part that never leaves the client (docs/design.md, "Flow of data"). The
+position paper behind this project (arXiv 2506.11563) asks that averaging never wash a user
+out; each module below cites the published mechanisms it follows.
+
+Modules, in the order a round uses them:
+
+- ``dual_lora``: the frozen base with the two trainable adapters and their gate (FedSA-LoRA,
+  FedPA); key names; the seeded initial states. ``gates``: the gate in a saved state.
+- ``cohort``: the cohort, each round's clients, their sharding over processes; ``seeds``.
+- ``client``: the client's examples and local training (FedRep-style schedule, FedProx);
+  ``client_state``: its personal states on its own disk.
+- ``server``: checks and aggregation of the shared deltas; ``aggregate`` (FedAvg, Yin et
+  al.'s median and trimmed mean), ``privacy`` (DP-FedAvg).
+- ``validation``: the client's validation and personal-scale pick; ``export``: the served
+  adapters and publishing; ``layout``: the run folder both runners write.
+- ``personalize``: a local refresh of one user's personal adapter between rounds.
+
+Contract: library code that knows nothing about processes, transports or schedules: a runner
+(``training/federated.py`` with accelerate, ``training/flower/`` with Flower) selects clients,
+runs :func:`run_client` on each (:func:`client_update` plus the client's own personal-state
+folder), ships :class:`ClientUpdate` (the ONLY thing that leaves a client) to the server,
+which aggregates (:func:`server_update`, or Flower's strategies). Results depend on
+(seed, round, user_id) only, never on which process or machine ran a client.
+"""
 
 from .aggregate import (
     AGGREGATORS,
@@ -13,52 +39,72 @@ from .aggregate import (
     trimmed_mean,
     update_norm,
 )
-from .core import (
-    ADAPTER_GATE_KEY,
-    CLIENTS_DIR,
-    GATE_SUFFIX,
-    PERSONAL,
-    SHARED,
-    VAL_K,
+from .client import (
     ClientFn,
     ClientResult,
     ClientTimeout,
     ClientUpdate,
-    Published,
-    ServerOutcome,
-    Slots,
-    State,
-    adapter_for,
-    build_slots,
     client_examples,
     client_update,
-    derive_seed,
-    eligible_users,
-    federated_cohort,
-    gate_values,
     holdout_examples,
-    init_personal_state,
-    init_shared_state,
+    run_client,
+)
+from .client_state import (
     load_personal,
-    open_store,
     personal_path,
     personal_versions,
-    personal_weight_mean,
-    pick_personal_scale,
     prune_personal,
-    publish_user,
-    run_client,
     save_personal,
-    saved_key,
-    scale_personal,
+)
+from .cohort import (
+    eligible_users,
+    federated_cohort,
     select_clients,
-    server_update,
     shard,
-    shared_weights,
+)
+from .dual_lora import (
+    ADAPTER_GATE_KEY,
+    GATE_SUFFIX,
+    PERSONAL,
+    SHARED,
+    DualLora,
+    State,
+    build_dual_lora,
+    init_personal_state,
+    init_shared_state,
+    module_of,
+    saved_key,
     state_bytes,
+)
+from .export import (
+    Published,
+    adapter_for,
+    finite_metrics,
+    open_store,
+    publish_user,
+    shared_weights,
     user_weights,
-    validate_user,
-    validation_loss,
+)
+from .gates import (
+    gate_values,
+    personal_weight_mean,
+    scale_personal,
+)
+from .layout import (
+    CLIENTS_DIR,
+    EXPORT_JSON,
+    LOSS_PNG,
+    METRICS_JSON,
+    ROUND_JSON,
+    RUN_JSON,
+    SHARED_DIR,
+    VAL_PNG,
+    completed_rounds,
+    read_records,
+    remove_partial_rounds,
+    round_dir,
+    write_metrics,
+    write_round,
 )
 from .personalize import (
     LOCAL_STATE,
@@ -75,6 +121,20 @@ from .privacy import (
     private_mean,
     secure_generator,
 )
+from .seeds import (
+    derive_seed,
+)
+from .server import (
+    ServerOutcome,
+    mean_or_none,
+    server_update,
+)
+from .validation import (
+    VAL_K,
+    pick_personal_scale,
+    validate_user,
+    validation_loss,
+)
 
 __all__ = [
     "ADAPTER_GATE_KEY",
@@ -84,43 +144,54 @@ __all__ = [
     "ClientResult",
     "ClientTimeout",
     "ClientUpdate",
+    "DualLora",
+    "EXPORT_JSON",
     "GATE_SUFFIX",
     "LOCAL_STATE",
+    "LOSS_PNG",
+    "METRICS_JSON",
     "PERSONAL",
     "Personalizer",
     "PrivacyAccountant",
     "Published",
+    "ROUND_JSON",
+    "RUN_JSON",
     "RefreshError",
     "RefreshResult",
     "Rule",
     "SHARED",
+    "SHARED_DIR",
     "ServerOutcome",
-    "Slots",
     "State",
     "Update",
     "UpdateCheck",
     "VAL_K",
+    "VAL_PNG",
     "adapter_for",
     "add_noise",
     "aggregate",
-    "build_slots",
+    "build_dual_lora",
     "check_update",
     "client_dir",
     "client_examples",
     "client_update",
     "clip_update",
+    "completed_rounds",
     "coordinate_median",
     "derive_seed",
     "eligible_users",
     "fedavg",
     "federated_cohort",
     "filter_updates",
+    "finite_metrics",
     "gate_values",
     "holdout_examples",
     "init_personal_state",
     "init_shared_state",
     "latest_personal_state",
     "load_personal",
+    "mean_or_none",
+    "module_of",
     "open_store",
     "personal_path",
     "personal_versions",
@@ -129,6 +200,9 @@ __all__ = [
     "private_mean",
     "prune_personal",
     "publish_user",
+    "read_records",
+    "remove_partial_rounds",
+    "round_dir",
     "run_client",
     "save_personal",
     "saved_key",
@@ -144,4 +218,6 @@ __all__ = [
     "user_weights",
     "validate_user",
     "validation_loss",
+    "write_metrics",
+    "write_round",
 ]

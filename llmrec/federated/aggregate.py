@@ -15,8 +15,8 @@ Rules and where they come from:
 
 Validation (``check_update``/``filter_updates``) runs first, so a malformed or poisoned update
 (wrong keys or shapes, NaN/inf, oversized) is rejected with a reason and never averaged in.
-With client-level DP on, aggregate with ``llmrec.privacy`` instead (uniform mean of clipped
-updates plus noise).
+With client-level DP on, aggregate with ``llmrec.federated.privacy`` instead (uniform mean of
+clipped updates plus noise).
 """
 
 from __future__ import annotations
@@ -170,11 +170,11 @@ class UpdateCheck:
     reason: str | None
     """Why it was rejected; None when accepted."""
     norm: float
-    """Global L2 norm of the update; NaN when its structure was too broken to compute it."""
+    """L2 norm over all its tensors; NaN when its structure was too broken to compute it."""
 
 
 def update_norm(update: Mapping[str, torch.Tensor]) -> float:
-    """Global L2 norm over all tensors of ``update`` (as if flattened into one vector).
+    """L2 norm over all tensors of ``update`` (as if flattened into one vector).
 
     Computed in float64 so that fp32 values near the top of their range do not overflow.
     """
@@ -199,8 +199,9 @@ def check_update(
     """Validate one client update against the shared parameters' names and shapes.
 
     Rejects a non-dict, missing or extra keys, non-tensor or non-floating values, wrong shapes,
-    NaN/inf values, and a global L2 norm above ``max_norm`` (if given). The update is client
-    input, so this never raises on it; a bad ``max_norm`` (server config) raises ValueError.
+    NaN/inf values, and an L2 norm (over all tensors) above ``max_norm`` (if given). The update
+    is client input, so this never raises on it; a bad ``max_norm`` (server config) raises
+    ValueError.
     """
     if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
         raise ValueError(f"max_norm must be a finite number > 0 or None, got {max_norm}")

@@ -23,20 +23,15 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from llmrec.adapters import DEFAULT_MAX_RANK, AdapterStore, module_shapes_for, validate_user_id
+from llmrec.adapters import validate_user_id
 from llmrec.atomic import write_atomic
 from llmrec.config import AppConfig
 from llmrec.data import Catalog
-from llmrec.federated.core import (
-    CLIENTS_DIR,
-    State,
-    build_slots,
-    client_update,
-    init_personal_state,
-    personal_path,
-    personal_versions,
-    user_weights,
-)
+from llmrec.federated.client import client_update
+from llmrec.federated.client_state import personal_path, personal_versions
+from llmrec.federated.dual_lora import State, build_dual_lora, init_personal_state
+from llmrec.federated.export import open_store, user_weights
+from llmrec.federated.layout import CLIENTS_DIR
 from llmrec.finetune import next_item_examples
 from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
 from llmrec.prompts import PromptBuilder
@@ -92,8 +87,8 @@ class Personalizer:
         model, tokenizer = load_model(
             base_path, quantization=cfg.model.quantization, dtype=cfg.model.dtype
         )
-        self.slots = build_slots(model, fed, tokenizer.pad_token_id)
-        for param in self.slots.shared.values():
+        self.dual = build_dual_lora(model, fed, tokenizer.pad_token_id)
+        for param in self.dual.shared.values():
             param.requires_grad_(False)  # frozen: a local refresh uploads nothing
         self.prompts = PromptBuilder(
             tokenizer,
@@ -101,12 +96,7 @@ class Personalizer:
             max_prompt_tokens=cfg.prompts.max_prompt_tokens,
         )
         self.fingerprint = fingerprint_model_dir(base_path)
-        self.store = AdapterStore(
-            fed.store_dir,
-            max_rank=max(DEFAULT_MAX_RANK, fed.shared_rank + fed.personal_rank),
-            module_shapes=module_shapes_for(base_path),
-            base_fingerprint=self.fingerprint,
-        )
+        self.store = open_store(fed, base_path, base_fingerprint=self.fingerprint)
         self.shared = self._shared_state()
 
     def _shared_state(self) -> State:
@@ -128,9 +118,9 @@ class Personalizer:
     def _personal_state(self, user_id: str) -> State:
         path = latest_personal_state(self.cfg.fed.output_dir, user_id)
         if path is None:  # never a federated client: start as training would
-            return init_personal_state(self.slots, self.cfg.fed.seed, user_id)
+            return init_personal_state(self.dual, self.cfg.fed.seed, user_id)
         state = load_file(path)
-        expected = {**self.slots.personal, **self.slots.gates}
+        expected = {**self.dual.personal, **self.dual.gates}
         if set(state) != set(expected) or any(
             tuple(state[k].shape) != tuple(p.shape) for k, p in expected.items()
         ):
@@ -154,13 +144,13 @@ class Personalizer:
             raise RefreshError(f"{user_id}: a refresh needs at least 2 items in the history")
         personal = self._personal_state(user_id)
         current = self.store.current(user_id)
-        # The "round" only seeds the local batches: one more than the last version.
+        # The round number only seeds the local batches: one more than the last version.
         step = (current.version if current is not None else 0) + 1
-        result = client_update(self.slots, user_id, examples, self.shared, personal, step)
+        result = client_update(self.dual, user_id, examples, self.shared, personal, step)
         tensors = {k: v.contiguous() for k, v in result.personal_state.items()}
         state_path = client_dir(fed.output_dir, user_id) / LOCAL_STATE
         write_atomic(state_path, lambda tmp: save_file(tensors, tmp))
-        weights = user_weights(self.shared, result.personal_state, fed, self.slots.base_model)
+        weights = user_weights(self.shared, result.personal_state, fed, self.dual.base_model)
         ref = self.store.publish(
             user_id,
             weights,

@@ -41,7 +41,7 @@ def _check_positive(name: str, value: float) -> None:
 def clip_update(update: Update, clip_norm: float) -> tuple[Update, float]:
     """Scale ``update`` by ``min(1, clip_norm / norm)``; returns (clipped copy, original norm).
 
-    The global L2 norm of the result is at most ``clip_norm`` (up to the dtype's rounding).
+    The L2 norm of the result, over all tensors, is at most ``clip_norm`` (up to rounding).
     Raises ValueError on a non-finite update: validate with ``aggregate.check_update`` first.
     """
     _check_positive("clip_norm", clip_norm)

@@ -11,8 +11,8 @@ mentions (``extract_title_mentions``), then each mention is matched to the catal
    Hope (1977)" is "Star Wars (1977)"), accepted only above ``threshold`` and if the
    title/year rules hold.
 
-The rules exist because embeddings rate a sequel as nearly the same movie: "Toy Story 3"
-vs "Toy Story" scores ~0.9 without years and ~0.76 with them. So a mention whose year is
+The rules exist because embeddings rate a sequel as nearly the same movie ("Toy Story 3"
+vs "Toy Story", above the default threshold without years). So a mention whose year is
 more than one year off the candidate's is rejected, and without a confirming year the
 numbers in the two titles ("3", "II", "Twelve") must agree.
 
@@ -283,8 +283,7 @@ class _Entry:
 class Grounder:
     """Maps free-text movie mentions to items of one catalog.
 
-    All catalog titles are embedded once, at construction (about a second for
-    ML-100K's 1,682 titles on a CPU).
+    All catalog titles are embedded once, at construction.
     """
 
     def __init__(self, catalog: Catalog, model_path: Path | None = None, threshold: float = 0.8):

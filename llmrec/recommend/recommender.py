@@ -7,7 +7,7 @@ log-probabilities only fall as a beam grows, the search stops as soon as the
 k-th finished item beats every open beam, so the top-k it returns is exact
 within the beam. The search itself (:func:`trie_beam_search`) is a generator that
 asks for next-token log-probabilities and knows nothing about models, so the
-local KV-cache scorer here and a remote vLLM server (``serving``) run the very
+local KV-cache scorer here and a remote vLLM server (``llmrec_serving``) run the very
 same search with the same scores. ``chat`` is the free-text path: the model writes an answer
 and the grounder maps the titles it names onto catalog items.
 """

@@ -1,6 +1,6 @@
 """A Flower federation on this machine: SuperLink, SuperNodes and ``flwr run``, as processes.
 
-Used by the tests and ``parity.py``; by hand, run the commands in training/README.md. Every
+Used by tests/test_flower.py; by hand, run the commands in training/README.md. Every
 process gets its own session so that stopping one also stops the children Flower spawns for
 it (SuperExec, ``flwr-serverapp``, ``flwr-clientapp``, Ray workers).
 
@@ -25,15 +25,10 @@ from pathlib import Path
 
 import psutil
 
+from llmrec.launch import free_port
+
 BIN = Path(sys.executable).parent
 CONNECTION = "llmrec"
-
-
-def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def toml_value(value: object) -> str:
@@ -106,7 +101,7 @@ class Federation:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # Flower spawns its tools
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             # Ray's own OOM killer fires at 95% of the HOST's memory, whoever uses it: on a
-            # shared machine it kills a 0.3 GB client actor for others' jobs. The kernel's stays.
+            # shared machine it kills a small client actor for others' jobs. The kernel's stays.
             "RAY_memory_monitor_refresh_ms": "0",
             **(env or {}),
         }

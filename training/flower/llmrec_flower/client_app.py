@@ -38,8 +38,9 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from llmrec.config import AppConfig
 from llmrec.data import Split, dataset_from_config, leave_last_out
 from llmrec.federated import (
-    Slots,
-    build_slots,
+    VAL_K,
+    DualLora,
+    build_dual_lora,
     client_examples,
     federated_cohort,
     open_store,
@@ -60,11 +61,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Runtime:
-    """What a client process loads once: config, frozen base with the two slots, data."""
+    """What a client process loads once: config, the dual LoRA on the frozen base, data."""
 
     cfg: AppConfig
     base_path: str
-    slots: Slots
+    dual: DualLora
     keys: list[str]
     prompts: PromptBuilder
     split: Split
@@ -91,20 +92,20 @@ def runtime(cfg_json: str, overrides: str) -> Runtime:
     model, tokenizer = load_model(
         base_path, quantization=cfg.model.quantization, dtype=cfg.model.dtype
     )
-    slots = build_slots(model, cfg.fed, tokenizer.pad_token_id)
+    dual = build_dual_lora(model, cfg.fed, tokenizer.pad_token_id)
     prompts = PromptBuilder(
         tokenizer,
         max_history_items=cfg.prompts.max_history_items,
         max_prompt_tokens=cfg.prompts.max_prompt_tokens,
     )
     recommender = Recommender(
-        slots.model, tokenizer, dataset.catalog, prompts, cfg.recommend.beam_width
+        dual.model, tokenizer, dataset.catalog, prompts, cfg.recommend.beam_width
     )
     return Runtime(
         cfg,
         base_path,
-        slots,
-        sorted(slots.shared),
+        dual,
+        sorted(dual.shared),
         prompts,
         split,
         recommender,
@@ -136,26 +137,27 @@ class UserClient(NumPyClient):
 
     def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict]:
         rt, user_id, client_dir = self._setup(config)
-        r = int(config[ROUND_KEY])
+        server_round = int(config[ROUND_KEY])
         shared = from_ndarrays(parameters, rt.keys)
-        result = run_client(rt.slots, client_dir, user_id, rt.examples(user_id), shared, r)
-        prune_personal(client_dir, user_id, before=r)  # no resume under Flower
+        examples = rt.examples(user_id)
+        result = run_client(rt.dual, client_dir, user_id, examples, shared, server_round)
+        prune_personal(client_dir, user_id, before=server_round)  # no resume under Flower
         new = {k: shared[k] + result.shared_delta[k] for k in rt.keys}
-        # DP calibrates its noise for a uniform mean (as llmrec.privacy.private_mean does).
+        # DP calibrates its noise for a uniform mean (as llmrec.federated.private_mean does).
         weight = 1 if rt.cfg.fed.dp.enabled else result.n_examples
         metrics = {"loss": result.loss, "seconds": result.seconds, "targets": result.n_examples}
         return to_ndarrays(new, rt.keys), weight, metrics
 
     def evaluate(self, parameters: NDArrays, config: Config) -> tuple[float, int, dict]:
         rt, user_id, client_dir = self._setup(config)
-        r = int(config[ROUND_KEY])
+        server_round = int(config[ROUND_KEY])
         shared = from_ndarrays(parameters, rt.keys)
         ranked, target, loss = validate_user(
-            rt.slots, rt.recommender, rt.split, client_dir, user_id, shared, r
+            rt.dual, rt.recommender, rt.split, client_dir, user_id, shared, server_round
         )
         metrics: dict[str, Scalar] = {
-            "hit": hit_rate_at_k(ranked, target, 10),
-            "ndcg": ndcg_at_k(ranked, target, 10),
+            "hit": hit_rate_at_k(ranked, target, VAL_K),
+            "ndcg": ndcg_at_k(ranked, target, VAL_K),
             "exported": 0,
         }
         if config.get(EXPORT_KEY) and rt.cfg.fed.personal_rank:
@@ -165,9 +167,9 @@ class UserClient(NumPyClient):
                 client_dir,
                 user_id,
                 shared,
-                rt.slots,
+                rt.dual,
                 fingerprint_model_dir(rt.base_path),
-                r,
+                server_round,
                 {"val_hit": float(metrics["hit"]), "val_loss": loss},
                 validation=(rt.recommender, rt.split),
             )

@@ -5,9 +5,9 @@ FedMedian or FedTrimmedAvg(beta=trim_ratio), wrapped by Flower's central-DP wrap
 ``fed.dp.enabled`` (server-side clipping; client-side clipping with SecAgg+, where the server
 cannot see an update to clip it). :class:`Rounds` wraps the result to do what the accelerate
 runner's server does around its aggregation: reject malformed / oversized updates with
-``llmrec.aggregate.filter_updates`` (not with DP or SecAgg+: clipping bounds them, or the
+``llmrec.federated.filter_updates`` (not with DP or SecAgg+: clipping bounds them, or the
 server never sees them), sample validation clients, write ``round-XXXX/`` and
-``metrics.json``, and count epsilon with ``llmrec.privacy.PrivacyAccountant``.
+``metrics.json``, and count epsilon with ``llmrec.federated.PrivacyAccountant``.
 """
 
 from __future__ import annotations
@@ -41,16 +41,22 @@ from flwr.server.strategy import (
     Strategy,
 )
 
-from llmrec.atomic import write_json_atomic
 from llmrec.config import AppConfig
-from llmrec.federated import VAL_K, PrivacyAccountant, State, filter_updates
+from llmrec.federated import (
+    VAL_K,
+    PrivacyAccountant,
+    State,
+    filter_updates,
+    mean_or_none,
+    write_metrics,
+)
 
 from .codec import CONFIG_KEY, EXPORT_KEY, ROUND_KEY, from_ndarrays, to_ndarrays
 
 log = logging.getLogger(__name__)
 
 RoundWriter = Callable[[int, State, dict[str, Any]], None]
-"""(round, shared state after it, round record) -> writes ``round-XXXX/``."""
+"""(server round, shared state after it, round record) -> writes ``round-XXXX/``."""
 
 
 def flower_strategy(cfg: AppConfig) -> Strategy:
@@ -60,7 +66,7 @@ def flower_strategy(cfg: AppConfig) -> Strategy:
     ``fraction_fit=0`` and exactly ``clients_per_round`` clients.
     """
     fed = cfg.fed
-    common: dict[str, Any] = {
+    base_args: dict[str, Any] = {
         "fraction_fit": 0.0,
         "min_fit_clients": fed.clients_per_round,
         "min_available_clients": fed.flower.min_available_clients or fed.clients_per_round,
@@ -70,11 +76,11 @@ def flower_strategy(cfg: AppConfig) -> Strategy:
     }
     base: Strategy
     if fed.aggregation == "median":
-        base = FedMedian(**common)
+        base = FedMedian(**base_args)
     elif fed.aggregation == "trimmed_mean":
-        base = FedTrimmedAvg(beta=fed.trim_ratio, **common)
+        base = FedTrimmedAvg(beta=fed.trim_ratio, **base_args)
     else:
-        base = FedAvg(**common)
+        base = FedAvg(**base_args)
     if not fed.dp.enabled:
         return base
     wrapper = (
@@ -88,10 +94,6 @@ def flower_strategy(cfg: AppConfig) -> Strategy:
         clipping_norm=fed.dp.clip_norm,
         num_sampled_clients=fed.clients_per_round,
     )
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 class Rounds(Strategy):
@@ -169,8 +171,8 @@ class Rounds(Strategy):
             "accepted": len(results),
             "rejected": rejected,
             "failed": [_failure(f) for f in failures],
-            "train_loss": _mean(losses),
-            "client_seconds_mean": _mean(
+            "train_loss": mean_or_none(losses),
+            "client_seconds_mean": mean_or_none(
                 [float(r.metrics["seconds"]) for _, r in results if "seconds" in r.metrics]
             ),
             "applied": aggregated is not None,
@@ -181,7 +183,7 @@ class Rounds(Strategy):
         }
         self.records.append(record)
         self.write_round(server_round, self.current, record)
-        self._write_metrics()
+        write_metrics(self.output_dir, self.records)
         log.info(
             "round %d: %d accepted, %d rejected, %d failed, loss %s",
             server_round,
@@ -244,12 +246,12 @@ class Rounds(Strategy):
         if not results:
             return None, {}
         metrics: dict[str, Scalar] = {
-            f"HR@{VAL_K}": _mean([float(r.metrics["hit"]) for _, r in results]) or 0.0,
-            f"NDCG@{VAL_K}": _mean([float(r.metrics["ndcg"]) for _, r in results]) or 0.0,
+            f"HR@{VAL_K}": mean_or_none([float(r.metrics["hit"]) for _, r in results]) or 0.0,
+            f"NDCG@{VAL_K}": mean_or_none([float(r.metrics["ndcg"]) for _, r in results]) or 0.0,
             "users": len(results),
             "exported": sum(int(r.metrics.get("exported", 0)) for _, r in results),
         }
-        loss = _mean([float(r.loss) for _, r in results])
+        loss = mean_or_none([float(r.loss) for _, r in results])
         record = self.records[-1]
         record.update(
             {
@@ -264,7 +266,7 @@ class Rounds(Strategy):
             }
         )
         self.write_round(server_round, self.current, record)
-        self._write_metrics()
+        write_metrics(self.output_dir, self.records)
         log.info(
             "round %d: val HR@%d %.3f over %d clients",
             server_round,
@@ -277,11 +279,6 @@ class Rounds(Strategy):
     def evaluate(self, server_round: int, parameters: Parameters):
         """No central evaluation: validation data lives on the clients."""
         return None
-
-    def _write_metrics(self) -> None:
-        write_json_atomic(
-            self.output_dir / "metrics.json", {"rounds": self.records}, allow_nan=False
-        )
 
 
 def _float64(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:

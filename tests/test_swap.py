@@ -1,10 +1,10 @@
-"""Swapping adapters through one slot gives exactly what loading each adapter would."""
+"""Swapping adapters through one SwappableLora gives exactly what loading each would."""
 
 import pytest
 import torch
 from peft import PeftModel
 
-from llmrec.adapters import AdapterSlot, LoraWeights, pad_rank, read_adapter, write_adapter
+from llmrec.adapters import LoraWeights, SwappableLora, pad_rank, read_adapter, write_adapter
 from llmrec.model import load_model
 
 TARGETS = ("q_proj", "v_proj")
@@ -32,7 +32,7 @@ def tiny(tiny_model_dir):
     return str(tiny_model_dir)
 
 
-def test_swapped_slot_matches_peft_loading(tiny, tmp_path):
+def test_swapped_lora_matches_peft_loading(tiny, tmp_path):
     base, _ = load_model(tiny)
     ids = torch.tensor([[1, 50, 300, 7000, 12]])
     small = random_adapter(base, 2, 8, seed=1, base=tiny)
@@ -42,11 +42,11 @@ def test_swapped_slot_matches_peft_loading(tiny, tmp_path):
         write_adapter(weights, tmp_path / name)
         fresh, _ = load_model(tiny)
         expected[name] = logits(PeftModel.from_pretrained(fresh, str(tmp_path / name)), ids)
-    slot = AdapterSlot(base, rank=8, target_modules=TARGETS)
+    swap = SwappableLora(base, rank=8, target_modules=TARGETS)
     for name in ("small", "big", "small"):
         weights = read_adapter(tmp_path / name)
-        slot.use(weights, name)
-        assert torch.allclose(logits(slot.model, ids), expected[name], atol=1e-5)
+        swap.use(weights, name)
+        assert torch.allclose(logits(swap.model, ids), expected[name], atol=1e-5)
     assert not torch.allclose(expected["small"], expected["big"], atol=1e-3)
 
 

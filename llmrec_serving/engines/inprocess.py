@@ -1,10 +1,10 @@
 """The in-process backend: transformers + peft in the gateway, for hosts without vLLM.
 
-Adapters stay resident as tensors (validated LoraWeights, a few MB each); a request copies
-its adapter into the one LoRA slot of the base (``llmrec.slot``: a few ms, exact for any
-rank up to the slot's) and holds the slot until it ends, so requests run one at a time
-and the admission queue in front orders them. Ranking reuses ``llmrec.recommender``'s
-KV-cache scorer; each beam step runs in a worker thread so the event loop stays free and
+Adapters stay resident as tensors (validated LoraWeights); a request copies its adapter
+into the base's one swappable LoRA (``llmrec.adapters.SwappableLora``: exact for any rank up
+to its own) and holds it until the request ends, so requests run one at a time and the
+admission queue in front orders them. Ranking reuses ``llmrec.recommend``'s KV-cache
+scorer; each beam step runs in a worker thread so the event loop stays free and
 a cancelled request stops between steps. Generation streams through transformers'
 TextIteratorStreamer and stops at the next token when the client goes away.
 """
@@ -20,9 +20,16 @@ from contextlib import asynccontextmanager
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from llmrec.adapters import AdapterSlot, AdapterValidationError, LoraWeights
+from llmrec.adapters import AdapterValidationError, LoraWeights, SwappableLora
 from llmrec.recommend import BeamStep, KVCacheScorer, Scores
-from llmrec_serving.backend import Delta, GenerationParams, ResetListeners, ServedAdapter, Usage
+from llmrec_serving.engines.backend import (
+    Delta,
+    GenerationParams,
+    Messages,
+    ResetListeners,
+    ServedAdapter,
+    Usage,
+)
 
 
 class _Cancelled(StoppingCriteria):
@@ -42,7 +49,7 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
 
 
 class InProcessBackend:
-    """Serves one base model with per-request adapters through a single LoRA slot."""
+    """Serves one base model with per-request adapters through a single swappable LoRA."""
 
     kind = "inprocess"
 
@@ -54,7 +61,7 @@ class InProcessBackend:
         target_modules: Sequence[str],
         max_model_len: int,
     ):
-        self.slot = AdapterSlot(model, rank, tuple(target_modules))
+        self.lora = SwappableLora(model, rank, tuple(target_modules))
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.resets = ResetListeners()
@@ -72,12 +79,12 @@ class InProcessBackend:
         return True
 
     async def load_adapter(self, adapter: ServedAdapter, weights: LoraWeights) -> None:
-        """Keep the weights resident; refuse what the slot cannot hold."""
-        if weights.r > self.slot.rank:
-            raise AdapterValidationError(adapter.path, f"rank {weights.r} > slot {self.slot.rank}")
-        if set(weights.target_modules) != set(self.slot.target_modules):
+        """Keep the weights resident; refuse what the swappable LoRA cannot hold."""
+        if weights.r > self.lora.rank:
+            raise AdapterValidationError(adapter.path, f"rank {weights.r} > {self.lora.rank}")
+        if set(weights.target_modules) != set(self.lora.target_modules):
             raise AdapterValidationError(
-                adapter.path, f"targets {list(weights.target_modules)} differ from the slot's"
+                adapter.path, f"targets {list(weights.target_modules)} differ from its LoRA's"
             )
         self._weights[adapter.name] = (adapter.digest, weights)
 
@@ -87,19 +94,19 @@ class InProcessBackend:
 
     @contextlib.contextmanager
     def _active(self, adapter: ServedAdapter | None) -> Iterator[torch.nn.Module]:
-        """The slot model with ``adapter`` in it (or with the LoRA switched off)."""
+        """The model with ``adapter`` in its LoRA (or with the LoRA switched off)."""
         if adapter is None:
-            with self.slot.model.disable_adapter():
-                yield self.slot.model
+            with self.lora.model.disable_adapter():
+                yield self.lora.model
             return
         digest, weights = self._weights[adapter.name]
         # The label carries the digest: a re-published user reuses the name, not the weights.
-        self.slot.use(weights, f"{adapter.name}#{digest}")
-        yield self.slot.model
+        self.lora.use(weights, f"{adapter.name}#{digest}")
+        yield self.lora.model
 
     @asynccontextmanager
     async def scorer(self, adapter: ServedAdapter | None, prompt_ids: Sequence[int]):
-        """A KV-cache scorer holding the slot until the search ends."""
+        """A KV-cache scorer holding the model until the search ends."""
         async with self._lock:
             with self._active(adapter) as model:
                 local = KVCacheScorer(model, prompt_ids)
@@ -110,10 +117,7 @@ class InProcessBackend:
                 yield score
 
     async def chat(
-        self,
-        adapter: ServedAdapter | None,
-        messages: list[dict[str, str]],
-        params: GenerationParams,
+        self, adapter: ServedAdapter | None, messages: Messages, params: GenerationParams
     ) -> AsyncIterator[Delta]:
         """Stream the answer token by token; closing the iterator stops generation."""
         async with self._lock:
@@ -122,7 +126,7 @@ class InProcessBackend:
                     yield delta
 
     async def _generate(
-        self, model: torch.nn.Module, messages: list[dict[str, str]], params: GenerationParams
+        self, model: torch.nn.Module, messages: Messages, params: GenerationParams
     ) -> AsyncIterator[Delta]:
         inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True

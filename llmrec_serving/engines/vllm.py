@@ -6,11 +6,11 @@ request carries every open beam as a prompt of token ids (the recommendation pro
 beam's path) with ``max_tokens=1`` and ``logprob_token_ids`` = the children (vLLM gathers
 those ids from the raw log-softmax, at most 128 per request, so larger sets are split).
 vLLM's prefix cache keeps the shared prompt, so a step costs about one token per beam.
-This reproduces ``llmrec.recommender``'s scores exactly (same model, same log-softmax) and
-so the same ranking, while vLLM batches all users' steps together. (Alternatives looked at:
-``logprobs=N`` top-N misses children outside the top N; scoring every title with
-``prompt_logprobs`` costs the whole catalog's tokens per request; vLLM's own beam search
-cannot be constrained to a trie.)
+This reproduces ``llmrec.recommend.Recommender``'s scores exactly (same model, same
+log-softmax) and so the same ranking, while vLLM batches all users' steps together.
+(Alternatives looked at: ``logprobs=N`` top-N misses children outside the top N; scoring
+every title with ``prompt_logprobs`` costs the whole catalog's tokens per request; vLLM's
+own beam search cannot be constrained to a trie.)
 
 Adapters: ``/v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (runtime LoRA updating).
 vLLM's prefix cache keys blocks by adapter name and path, which a re-published user reuses
@@ -30,15 +30,16 @@ import httpx
 
 from llmrec.adapters import LoraWeights
 from llmrec.recommend import BeamStep, Scores
-from llmrec_serving.backend import (
+from llmrec_serving.engines.backend import (
     BackendError,
     Delta,
     GenerationParams,
+    Messages,
     ResetListeners,
     ServedAdapter,
     Usage,
 )
-from llmrec_serving.launcher import ManagedServer
+from llmrec_serving.engines.launcher import ManagedServer
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class VLLMBackend:
         for model in models.get("data", []):
             if model.get("parent") is not None and "@v" in model["id"]:
                 await self.unload_adapter(model["id"])  # an earlier gateway's, maybe stale
-        # The first request of a fresh engine pays its warm-up (~20 s on CPU): pay it now.
+        # The first request of a fresh engine pays its warm-up: pay it now.
         await self._post("/v1/completions", {
             "model": self.base_name, "prompt": [0], "max_tokens": 1, "temperature": 0.0,
         })  # fmt: skip
@@ -194,10 +195,7 @@ class VLLMBackend:
     # ----------------------------------------------------------------- chat
 
     async def chat(
-        self,
-        adapter: ServedAdapter | None,
-        messages: list[dict[str, str]],
-        params: GenerationParams,
+        self, adapter: ServedAdapter | None, messages: Messages, params: GenerationParams
     ) -> AsyncIterator[Delta]:
         """Stream a chat completion from vLLM; leaving the loop closes the request there."""
         body = self._target(adapter) | {

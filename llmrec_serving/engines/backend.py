@@ -2,8 +2,8 @@
 
 A backend knows nothing about users, keys or the catalog: the gateway hands it a
 :class:`ServedAdapter` (already validated) or None for the bare base model, token ids for
-ranking, and chat messages for text. Two implementations: ``vllm_backend.VLLMBackend`` (a
-vLLM OpenAI server) and ``inprocess.InProcessBackend`` (transformers + peft).
+ranking, and chat messages for text. Two implementations: ``vllm.VLLMBackend`` (a vLLM
+OpenAI server) and ``inprocess.InProcessBackend`` (transformers + peft).
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ class BackendError(Exception):
         self.message = message
 
 
+Messages = list[dict[str, str]]
+"""Chat messages as an engine takes them: ``{"role": ..., "content": ...}``, in order."""
+
 Scorer = Callable[[BeamStep], Awaitable[Scores]]
 """Full-vocabulary log-probabilities of a beam step's candidates, for one prompt."""
 
@@ -121,9 +124,6 @@ class Backend(Protocol):
         """A scorer of beam steps after ``prompt_ids`` on ``adapter`` (None: the base)."""
 
     def chat(
-        self,
-        adapter: ServedAdapter | None,
-        messages: list[dict[str, str]],
-        params: GenerationParams,
+        self, adapter: ServedAdapter | None, messages: Messages, params: GenerationParams
     ) -> AsyncIterator[Delta]:
         """Stream the assistant's answer to ``messages``; cancelling the iteration stops it."""

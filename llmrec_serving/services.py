@@ -1,14 +1,24 @@
-"""Builds the gateway's services from a ServingConfig: base, store, backend, router, keys."""
+"""What the gateway's routes use, built once per process from a ServingConfig.
+
+:class:`Services` holds the engine, the adapter router, the ranker, the profiles, the keys,
+the admission queue and the metrics; :func:`build_services` builds them from the config
+(the engine itself starts with the app).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmrec.adapters import AdapterStore, AdapterValidationError, module_shapes_for
 from llmrec.agent import ProfileStore
-from llmrec.data import dataset_from_config
+from llmrec.data import Catalog, dataset_from_config
 from llmrec.model import (
     BASE_MODEL_ALIAS,
     auto_dtype,
@@ -21,18 +31,63 @@ from llmrec.model import (
 from llmrec.prompts import PromptBuilder
 from llmrec_serving.adapters import AdapterRouter
 from llmrec_serving.admission import Admission
-from llmrec_serving.app import Services
-from llmrec_serving.backend import Backend, ResetListeners
 from llmrec_serving.config import ServingConfig, engine_rank
+from llmrec_serving.engines import (
+    Backend,
+    EngineSpec,
+    InProcessBackend,
+    ManagedServer,
+    ResetListeners,
+    ServedAdapter,
+    VLLMBackend,
+)
 from llmrec_serving.keys import KeyStore
-from llmrec_serving.launcher import EngineSpec, ManagedServer
-from llmrec_serving.metrics import Metrics
+from llmrec_serving.prometheus import Metrics
 from llmrec_serving.ranking import Ranker
 
 log = logging.getLogger(__name__)
 
 BASE_NAME = "base"
 """The base model's served name in vLLM (requests of users with no adapter at all)."""
+
+
+@dataclass
+class Services:
+    """Everything the routes use, built once per process (:func:`build_services`)."""
+
+    cfg: ServingConfig
+    backend: Backend
+    router: AdapterRouter
+    ranker: Ranker
+    prompts: PromptBuilder
+    tokenizer: Any
+    specials: re.Pattern | None
+    """The tokenizer's control tokens, removed from client chat text (a chat must not forge
+    turn boundaries); None when it has none."""
+    catalog: Catalog
+    profiles: ProfileStore
+    """Each user's current history and exclusions (the agent's edits and feedback apply
+    at once); seeded from the data set on a user's first access."""
+    keys: KeyStore
+    admission: Admission
+    metrics: Metrics
+
+    @asynccontextmanager
+    async def admit(self, user_id: str) -> AsyncIterator[ServedAdapter | None]:
+        """For the block: an admission permit for ``user_id``'s request, then their adapter,
+        loaded and pinned (None: the bare base model). Raises ``Rejected`` when refused."""
+        async with self.admission.permit(user_id), self.router.use(user_id) as adapter:
+            yield adapter
+
+
+def specials_pattern(tokenizer: Any) -> re.Pattern | None:
+    """One pattern matching every special token of ``tokenizer`` (longest first)."""
+    found = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            found.add(str(token.content))
+    specials = sorted((s for s in found if s), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
 
 
 def base_model_dir(cfg: ServingConfig) -> Path:
@@ -73,16 +128,12 @@ def build_backend(cfg: ServingConfig, base_dir: Path, store: AdapterStore, token
     """The configured backend (not started yet)."""
     serve = cfg.serve
     if serve.backend == "inprocess":
-        from llmrec_serving.inprocess import InProcessBackend
-
         model, _ = load_model(
             str(base_dir), quantization=cfg.model.quantization, dtype=cfg.model.dtype
         )
         return InProcessBackend(
             model, tokenizer, store.max_rank, cfg.fed.target_modules or [], serve.max_model_len
         )
-    from llmrec_serving.vllm_backend import VLLMBackend
-
     if serve.vllm_url is not None:
         return VLLMBackend(serve.vllm_url, BASE_NAME, serve.max_model_len)
     spec = EngineSpec(
@@ -134,6 +185,7 @@ def build_services(cfg: ServingConfig) -> Services:
         ranker=Ranker(backend, dataset.catalog, prompts, cfg.recommend.beam_width),
         prompts=prompts,
         tokenizer=tokenizer,
+        specials=specials_pattern(tokenizer),
         catalog=dataset.catalog,
         profiles=ProfileStore(
             cfg.profile.url, dataset.catalog, dataset.histories, cfg.profile.max_conversations

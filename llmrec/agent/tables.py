@@ -1,0 +1,135 @@
+"""The profile database's schema and how it is opened: SQLAlchemy tables, one per kind of data.
+
+Only :class:`llmrec.agent.profile.ProfileStore` reads and writes these rows (callers get its
+frozen records), so the package does not re-export them. The on-disk layout (table and
+column names) is what docs/privacy.md describes; renaming a table or a column changes it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import StaticPool
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ProfileRow(Base):
+    __tablename__ = "profiles"
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class HistoryRow(Base):
+    __tablename__ = "history"
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    item_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, index=True)
+    """Position in the user's history (larger = later); gaps are fine."""
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    source: Mapped[str] = mapped_column(String(16))
+
+
+class FeedbackRow(Base):
+    __tablename__ = "feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(64), index=True)
+    item_id: Mapped[str] = mapped_column(String(128))
+    sentiment: Mapped[str] = mapped_column(String(8))
+    source: Mapped[str] = mapped_column(String(8))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ExclusionRow(Base):
+    __tablename__ = "exclusions"
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    item_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ConversationRow(Base):
+    __tablename__ = "conversations"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class MessageRow(Base):
+    __tablename__ = "messages"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("conversations.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    items: Mapped[list] = mapped_column(JSON)
+    """Item ids the message showed, in the order shown (assistant answers only)."""
+    kind: Mapped[str] = mapped_column(String(16), default="")
+    """What the answer was (the agent's act: ``recommend``, ``why``, ...); "" for users."""
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class QueuedRow(Base):
+    __tablename__ = "refresh_queue"
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64))
+    queued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+USER_TABLES: dict[type[Base], str] = {
+    HistoryRow: "history",
+    FeedbackRow: "feedback",
+    ExclusionRow: "exclusions",
+    MessageRow: "messages",
+    ConversationRow: "conversations",
+    QueuedRow: "queued",
+}
+"""Every table holding a user's data, to the ``ErasureReport`` field counting its rows
+(messages before conversations: the foreign key)."""
+
+
+def open_db(url: str) -> Engine:
+    """The database at ``url`` with every table created; SQLite gets its folder created,
+    foreign keys and WAL."""
+    parsed = make_url(url)
+    sqlite = parsed.get_backend_name() == "sqlite"
+    kwargs: dict = {}
+    if sqlite:
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            # One shared connection, or every thread would see its own empty database.
+            kwargs = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
+        else:
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+    db = create_engine(url, **kwargs)
+    if sqlite:
+
+        @event.listens_for(db, "connect")
+        def _pragmas(connection, _record) -> None:
+            connection.isolation_level = None  # transactions are begun below, not by pysqlite
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            # WAL: the gateway and a CLI edit can open the file at the same time.
+            if parsed.database not in (None, "", ":memory:"):
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.close()
+
+        @event.listens_for(db, "begin")
+        def _begin(connection) -> None:
+            # Take the write lock up front: a deferred transaction that reads then writes
+            # fails at once (no busy wait) when another writer got in between, and every
+            # transaction here reads before it writes (e.g. "first access imports the
+            # history"). Transactions here are short, so serializing them is cheap.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    Base.metadata.create_all(db)
+    return db

@@ -1,0 +1,252 @@
+"""The client's round: its examples, local training of the dual LoRA, what it uploads.
+
+Schedule (``decoupling.schedule``). "sequential", the default, trains the shared part first
+with the personal part switched off, so the averaged adapter is exactly plain FedAvg's (the
+personal part cannot absorb what the crowd would learn), then fits the personal part on top
+of it, FedRep-style (Collins et al. 2021) with the roles of the two phases swapped. "joint"
+trains both in the same steps.
+
+Two regularizers keep a user's peculiarities in the personal part and what users share in
+the shared one: FedProx (Li et al. 2020) ``prox_mu`` on the shared part (a client
+cannot drag the shared adapter towards itself) and ``personal_decay``, AdamW's decoupled
+weight decay on the personal B matrices (a user's few examples are not memorized).
+
+:class:`ClientUpdate` is the ONLY thing that leaves a client; :func:`run_client` keeps the
+new personal state in the client's own folder (:mod:`llmrec.federated.client_state`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from llmrec.config import FedConfig
+from llmrec.data import Catalog, Split
+from llmrec.federated.client_state import load_personal, personal_path, save_personal
+from llmrec.federated.dual_lora import DualLora, State, init_personal_state
+from llmrec.federated.gates import scale_personal
+from llmrec.federated.seeds import derive_seed
+from llmrec.finetune import Example, collate, next_item_examples
+
+if TYPE_CHECKING:
+    from llmrec.prompts import PromptBuilder
+
+
+class ClientTimeout(RuntimeError):
+    """A client exceeded its straggler budget (``fed.client_timeout_s``)."""
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client uploads: its shared delta and example count. Nothing personal."""
+
+    user_id: str
+    shared_delta: State
+    n_examples: int
+    loss: float
+    """Mean training loss over the local steps (reported, not used by the server)."""
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """A client's full outcome: the upload, plus the new personal state it keeps locally."""
+
+    user_id: str
+    shared_delta: State
+    n_examples: int
+    personal_state: State
+    loss: float
+    seconds: float
+
+    def upload(self) -> ClientUpdate:
+        """The part that leaves the client (the personal state is left out by construction)."""
+        return ClientUpdate(
+            self.user_id, self.shared_delta, self.n_examples, self.loss, self.seconds
+        )
+
+
+def client_examples(
+    split: Split, catalog: Catalog, prompts: PromptBuilder, cfg: FedConfig, user_id: str
+) -> list[Example]:
+    """One client's training examples: the last ``targets_per_user`` positions of its own
+    training history. The last ``decoupling.holdout_targets`` of them form one sequence
+    marked ``holdout``: never trained on, it is the client's own validation data (with the
+    validation item it picks the personal scale at export). The same for every variant, so
+    that shared-only and ours train their shared parts on the same data."""
+    history = split.train[user_id]
+    k = min(cfg.decoupling.holdout_targets, cfg.targets_per_user - 1, max(0, len(history) - 2))
+    examples = next_item_examples(
+        {user_id: history[: len(history) - k]},
+        catalog,
+        prompts,
+        per_user=cfg.targets_per_user - k,
+        per_example=cfg.targets_per_example,
+    )
+    if k:
+        tail = next_item_examples({user_id: history}, catalog, prompts, per_user=k, per_example=k)
+        examples += [dataclasses.replace(e, holdout=True) for e in tail]
+    return examples
+
+
+def holdout_examples(examples: Sequence[Example]) -> list[Example]:
+    """The client's held-out examples (never trained on; they pick the personal scale)."""
+    return [e for e in examples if e.holdout]
+
+
+def client_update(
+    dual: DualLora,
+    user_id: str,
+    examples: Sequence[Example],
+    shared_state: Mapping[str, torch.Tensor],
+    personal_state: State,
+    server_round: int,
+) -> ClientResult:
+    """Train the dual LoRA locally on one user's examples; return the shared delta to upload.
+
+    Starts from the downloaded ``shared_state`` and the user's own ``personal_state``. Each
+    phase takes ``local_steps`` AdamW steps (fresh optimizer: no optimizer state crosses
+    rounds) on batches drawn by a generator seeded from (seed, round, user_id). With
+    ``decoupling.schedule="sequential"`` the shared part trains first with the personal part
+    off (the very update plain FedAvg makes), then the personal part on top of it (with its
+    decay and gates); "joint" trains both in the same steps. Holdout examples are never
+    trained on. Raises :class:`ClientTimeout` when
+    ``cfg.client_timeout_s`` runs out (checked between steps) and ValueError without examples.
+    """
+    cfg = dual.cfg
+    if not examples:
+        raise ValueError(f"client {user_id}: no training examples")
+    start = time.perf_counter()
+    seed = derive_seed(cfg.seed, "client", server_round, user_id)
+    torch.manual_seed(seed)  # anything stochastic left in the model draws from here
+    gen = torch.Generator().manual_seed(seed)
+    dec = cfg.decoupling
+    trained = [e for e in examples if not e.holdout]
+    if not trained:
+        raise ValueError(f"client {user_id}: every example is held out")
+
+    def steps(groups: list[dict], data: Sequence[Example], prox: State | None) -> list[float]:
+        return _local_steps(dual, groups, data, gen, prox, start, user_id)
+
+    personal_b = [p for k, p in dual.personal.items() if "lora_B" in k]
+    personal_a = [p for k, p in dual.personal.items() if "lora_B" not in k]
+    personal_groups = [
+        {"params": personal_a, "lr": cfg.learning_rate},
+        # Decoupled decay on B only (B = 0 is "no personal update"; A is a projection). As a
+        # loss term, Adam would rescale it away; AdamW's decay shrinks by lr * decay per step.
+        {"params": personal_b, "lr": cfg.learning_rate, "weight_decay": dec.personal_decay},
+        {"params": list(dual.gates.values()), "lr": dec.gate_learning_rate},
+    ]
+    shared_groups = [{"params": list(dual.shared.values()), "lr": cfg.learning_rate}]
+    if dec.schedule == "joint" and dual.shared and dual.personal:
+        dual.load(shared_state, personal_state)
+        downloaded = dual.shared_state()
+        losses = steps(shared_groups + personal_groups, trained, downloaded)
+    else:
+        losses = []
+        # A caller may have frozen the shared part (a local refresh uploads nothing).
+        trainable = {k: p.requires_grad for k, p in dual.shared.items()}
+        if any(trainable.values()):
+            # The personal part off (B = 0, gates neutral): exactly plain FedAvg's update.
+            dual.load(shared_state, scale_personal(personal_state, 0.0))
+            downloaded = dual.shared_state()
+            losses = steps(shared_groups, trained, downloaded)
+        if dual.personal:
+            dual.load(dual.shared_state() if losses else shared_state, personal_state)
+            for param in dual.shared.values():  # frozen: the residual fits on top of it
+                param.requires_grad_(False)
+            try:
+                personal_losses = steps(personal_groups, trained, None)
+            finally:
+                for key, param in dual.shared.items():
+                    param.requires_grad_(trainable[key])
+            losses = losses or personal_losses
+    delta = {
+        k: p.detach().float().cpu() - shared_state[k].float().cpu() for k, p in dual.shared.items()
+    }
+    return ClientResult(
+        user_id=user_id,
+        shared_delta=delta,
+        n_examples=sum(e.targets for e in trained),
+        personal_state=dual.personal_state(),
+        loss=sum(losses) / len(losses),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _local_steps(
+    dual: DualLora,
+    groups: list[dict],
+    examples: Sequence[Example],
+    gen: torch.Generator,
+    prox_anchor: State | None,
+    start: float,
+    user_id: str,
+) -> list[float]:
+    """``local_steps`` AdamW steps on ``groups`` over batches of ``examples``; the losses.
+
+    ``prox_anchor`` (the downloaded shared state) adds FedProx's ``mu/2 ||shared - anchor||^2``.
+    """
+    cfg = dual.cfg
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    dual.model.train()
+    device = dual.device
+    mu = cfg.decoupling.prox_mu
+    order: list[int] = []
+    losses: list[float] = []
+    for _ in range(cfg.local_steps):
+        if len(order) < cfg.local_batch_size:  # reshuffle when an epoch runs out
+            order += torch.randperm(len(examples), generator=gen).tolist()
+        batch_ids, order = order[: cfg.local_batch_size], order[cfg.local_batch_size :]
+        batch = collate([examples[i] for i in batch_ids], dual.pad_id)
+        loss = dual.model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
+        objective = loss
+        if mu and prox_anchor is not None:
+            drift = sum(
+                ((p - prox_anchor[k].to(p.device)) ** 2).sum() for k, p in dual.shared.items()
+            )
+            objective = objective + mu / 2 * drift
+        objective.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if time.perf_counter() - start > cfg.client_timeout_s:
+            raise ClientTimeout(
+                f"client {user_id}: over the {cfg.client_timeout_s:g} s budget "
+                f"after {len(losses)} local steps"
+            )
+    return losses
+
+
+ClientFn = Callable[[DualLora, str, Sequence[Example], State, State, int], ClientResult]
+"""The signature of :func:`client_update` (a test may wrap it to inject failures)."""
+
+
+def run_client(
+    dual: DualLora,
+    client_dir: Path,
+    user_id: str,
+    examples: Sequence[Example],
+    shared_state: State,
+    server_round: int,
+    client_fn: ClientFn = client_update,
+) -> ClientResult:
+    """One client's round: its latest personal state, local training, the new state saved.
+
+    The caller uploads ``result.upload()`` and nothing else. Raises what ``client_fn``
+    raises; the new personal version is then absent, so a retry starts from the same state.
+    """
+    # A version of this round left by a crashed attempt must not outlive a failure now.
+    personal_path(client_dir, user_id, server_round).unlink(missing_ok=True)
+    personal = load_personal(client_dir, user_id, before=server_round)
+    if personal is None:
+        personal = init_personal_state(dual, dual.cfg.seed, user_id)
+    result = client_fn(dual, user_id, examples, shared_state, personal, server_round)
+    save_personal(client_dir, user_id, server_round, result.personal_state)  # stays on the client
+    return result

@@ -1,0 +1,181 @@
+"""What users are served: the shared adapter, each user's stacked adapter, publishing them.
+
+A user's adapter is ONE plain PEFT LoRA of rank ``r_s + r_p``: the shared and personal parts
+stacked, with the gates folded into the B matrices (:mod:`llmrec.federated.gates`), so it
+computes exactly what the two gated adapters computed in training and any LoRA server (vLLM)
+can serve it. Users never trained (cold start) are served the shared adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from llmrec.adapters import DEFAULT_MAX_RANK, AdapterStore, LoraWeights, module_shapes_for, stack
+from llmrec.config import FedConfig
+from llmrec.data import Split
+from llmrec.federated.client_state import load_personal
+from llmrec.federated.dual_lora import DualLora, State, module_of
+from llmrec.federated.gates import gate_values, personal_weight_mean, scale_personal
+from llmrec.federated.validation import pick_personal_scale
+
+if TYPE_CHECKING:
+    from llmrec.adapters import AdapterRef
+    from llmrec.recommend import Recommender
+
+
+def _weights(
+    state: Mapping[str, torch.Tensor],
+    rank: int,
+    alpha: float,
+    cfg: FedConfig,
+    base_model: str,
+    b_scale: Mapping[str, float] | None = None,
+) -> LoraWeights:
+    """LoraWeights of the LoRA keys in ``state``; ``b_scale[module]`` multiplies that B."""
+    out: State = {}
+    for key, tensor in state.items():
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            continue  # gate logits are folded, not exported
+        scale = (b_scale or {}).get(module_of(key), 1.0) if key.endswith("lora_B.weight") else 1.0
+        out[key] = (tensor.double() * scale).float() if scale != 1.0 else tensor.float().clone()
+    return LoraWeights(
+        out, rank, float(alpha), tuple(sorted(set(cfg.target_modules or []))), base_model
+    )
+
+
+def shared_weights(
+    shared_state: Mapping[str, torch.Tensor], cfg: FedConfig, base_model: str
+) -> LoraWeights:
+    """The shared adapter as a plain PEFT LoRA (what cold-start users are served)."""
+    return _weights(shared_state, cfg.shared_rank, cfg.shared_alpha, cfg, base_model)
+
+
+def user_weights(
+    shared_state: Mapping[str, torch.Tensor],
+    personal_state: Mapping[str, torch.Tensor],
+    cfg: FedConfig,
+    base_model: str,
+) -> LoraWeights:
+    """One user's adapter: shared and personal stacked into ONE LoRA of rank r_s + r_p.
+
+    The gates are folded into the B matrices first, so the result computes exactly what
+    the two gated adapters computed in training. With ``shared_rank == 0`` it is the
+    (gate-free) personal adapter alone; with ``personal_rank == 0`` there is no user adapter
+    (ValueError): such users are served the shared one.
+    """
+    if not cfg.personal_rank:
+        raise ValueError("personal_rank is 0: every user is served the shared adapter")
+    modules = sorted({module_of(k) for k in personal_state if k.endswith(".lora_A.weight")})
+    weights = {m: gate_values(personal_state, m) for m in modules}
+    personal = _weights(
+        personal_state,
+        cfg.personal_rank,
+        cfg.personal_alpha,
+        cfg,
+        base_model,
+        {m: w[1] for m, w in weights.items()},
+    )
+    if not cfg.shared_rank:
+        return personal
+    shared = _weights(
+        shared_state,
+        cfg.shared_rank,
+        cfg.shared_alpha,
+        cfg,
+        base_model,
+        {m: w[0] for m, w in weights.items()},
+    )
+    return stack(shared, personal)
+
+
+def adapter_for(store: AdapterStore, user_id: str) -> AdapterRef | None:
+    """The adapter to serve ``user_id``: their own current version, else the shared one.
+
+    Cold-start users (never in a federated cohort) get the shared adapter; None before any
+    federated training was published.
+    """
+    ref = store.current(user_id)
+    return ref if ref is not None else store.shared()
+
+
+def open_store(
+    cfg: FedConfig,
+    base_path: str,
+    store_dir: Path | None = None,
+    base_fingerprint: str | None = None,
+) -> AdapterStore:
+    """The adapter store a run publishes to, checking adapters against ``base_path``."""
+    return AdapterStore(
+        store_dir if store_dir is not None else cfg.store_dir,
+        max_rank=max(DEFAULT_MAX_RANK, cfg.shared_rank + cfg.personal_rank),
+        module_shapes=module_shapes_for(base_path),
+        base_fingerprint=base_fingerprint,
+    )
+
+
+def finite_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """The finite number entries of a round record (for manifests, which refuse NaN)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if math.isfinite(float(value)):
+                out[key] = float(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Published:
+    """A user's adapter as published: its store entry, mean gate g, and picked scale."""
+
+    ref: AdapterRef
+    personal_weight: float | None
+    personal_scale: float
+
+
+def publish_user(
+    store: AdapterStore,
+    client_dir: Path,
+    user_id: str,
+    shared_state: State,
+    dual: DualLora,
+    base_fingerprint: str,
+    server_round: int,
+    metrics: Mapping[str, float],
+    validation: tuple[Recommender, Split] | None = None,
+) -> Published | None:
+    """Publish the user's stacked adapter after ``server_round``; None if the user never trained.
+
+    With ``validation`` (and both ranks set, and more than one ``personal_scales``) the
+    personal part is first scaled by :func:`pick_personal_scale`. Never-trained users are
+    cold start: they are served the shared adapter.
+    """
+    personal = load_personal(client_dir, user_id, before=server_round + 1)
+    if personal is None:
+        return None
+    cfg = dual.cfg
+    scale, metrics = 1.0, dict(metrics)
+    if (
+        validation is not None
+        and cfg.shared_rank
+        and cfg.personal_rank
+        and len(set(cfg.decoupling.personal_scales)) > 1
+        and user_id in validation[1].valid
+    ):
+        scale, losses = pick_personal_scale(dual, *validation, user_id, shared_state, personal)
+        personal = scale_personal(personal, scale)
+        metrics.update(personal_scale=scale, val_loss_picked=losses[scale])
+    weights = user_weights(shared_state, personal, cfg, dual.base_model)
+    ref = store.publish(
+        user_id,
+        weights,
+        base_fingerprint=base_fingerprint,
+        server_round=server_round,
+        metrics=metrics,
+    )
+    return Published(ref, personal_weight_mean(personal), scale)

@@ -1,0 +1,91 @@
+"""The run folder (``fed.output_dir``): its names, and the reads and writes both runners share.
+
+::
+
+    run.json              the run: config, cohort, validation users (written once)
+    round-XXXX/           after round XXXX: shared/ (the shared adapter, a PEFT folder)
+                          and round.json (the round's record)
+    metrics.json          {"rounds": [every round's record]}, rewritten after each round
+    loss.png, val_hr.png  the curves of the accelerate runner
+    export.json           what was published to the adapter store after the last round
+    clients/<user>/       each client's personal states (llmrec.federated.client_state)
+
+The accelerate runner (``training/federated.py``) and the Flower app (``training/flower/``)
+both write this layout, so their runs read the same way (docs/design.md, "On-disk formats").
+A round folder is written whole or not at all: :func:`completed_rounds` lists the rounds a
+reader (or ``--resume``) may trust.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llmrec.adapters import LoraWeights, write_adapter
+from llmrec.atomic import write_dir_atomic, write_json_atomic
+
+RUN_JSON = "run.json"
+ROUND_JSON = "round.json"
+SHARED_DIR = "shared"
+"""Sub-folder of ``round-XXXX/`` holding the shared adapter."""
+METRICS_JSON = "metrics.json"
+EXPORT_JSON = "export.json"
+LOSS_PNG = "loss.png"
+VAL_PNG = "val_hr.png"
+CLIENTS_DIR = "clients"
+"""Sub-folder of a client's folder holding ``<user>/personal-rXXXX.safetensors``."""
+_ROUND_RE = re.compile(r"^round-(\d{4,})$")
+
+
+def round_dir(output_dir: Path, server_round: int) -> Path:
+    """The folder of ``server_round``: ``round-XXXX``."""
+    return Path(output_dir) / f"round-{server_round:04d}"
+
+
+def completed_rounds(output_dir: Path) -> list[int]:
+    """Rounds whose folder is complete (temp folders of a crashed write are hidden)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    rounds = []
+    for entry in output_dir.iterdir():
+        m = _ROUND_RE.fullmatch(entry.name)
+        if m and (entry / ROUND_JSON).is_file():
+            rounds.append(int(m[1]))
+    return sorted(rounds)
+
+
+def read_records(output_dir: Path, rounds: Sequence[int]) -> list[dict[str, Any]]:
+    """The ``round.json`` records of ``rounds``, in that order."""
+    return [json.loads((round_dir(output_dir, r) / ROUND_JSON).read_text()) for r in rounds]
+
+
+def write_round(
+    output_dir: Path, server_round: int, record: dict[str, Any], shared: LoraWeights | None
+) -> None:
+    """Write (or replace) ``round-XXXX/``: the shared adapter, if any, and ``round.json``.
+
+    Built in a hidden temp folder and renamed, so a reader sees it whole or not at all.
+    """
+
+    def fill(tmp: Path) -> None:
+        if shared is not None:
+            write_adapter(shared, tmp / SHARED_DIR)
+        write_json_atomic(tmp / ROUND_JSON, record, allow_nan=False)
+
+    write_dir_atomic(round_dir(output_dir, server_round), fill)
+
+
+def remove_partial_rounds(output_dir: Path) -> None:
+    """Delete the hidden temp folders of round writes that were cut off."""
+    for stale in Path(output_dir).glob(".round-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def write_metrics(output_dir: Path, records: Sequence[dict[str, Any]]) -> None:
+    """``metrics.json``: every round's record so far."""
+    write_json_atomic(Path(output_dir) / METRICS_JSON, {"rounds": list(records)}, allow_nan=False)
