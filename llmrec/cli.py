@@ -166,6 +166,7 @@ def recommend(
     ] = None,
 ) -> None:
     """Recommend the top-k unseen catalog items for one user's full history."""
+    from llmrec.adapters import ADAPTER_CONFIG
     from llmrec.data import dataset_from_config
     from llmrec.model import attach_adapter, load_base
     from llmrec.recommend import build_recommender
@@ -176,7 +177,7 @@ def recommend(
         raise typer.BadParameter(
             f"unknown user {user!r} in data set {ds.name}", param_hint="--user"
         )
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+    if adapter is not None and not (adapter / ADAPTER_CONFIG).is_file():
         raise typer.BadParameter(f"{adapter} is not a PEFT adapter folder", param_hint="--adapter")
     model, tokenizer = load_base(cfg)
     if adapter is not None:

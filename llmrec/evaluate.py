@@ -26,7 +26,7 @@ from llmrec.adapters import AdapterStore, SwappableLora, module_shapes_for
 from llmrec.atomic import write_json_atomic, write_text_atomic
 from llmrec.config import AppConfig
 from llmrec.data import Dataset, Split, dataset_from_config, leave_last_out, user_sort_key
-from llmrec.federated import adapter_for
+from llmrec.federated import EXPORT_JSON, RUN_JSON, adapter_for
 from llmrec.finetune import ADAPTER_DIR, next_item_examples, sample_users, train_lora
 from llmrec.launch import train_command
 from llmrec.model import attach_adapter, load_base, resolve_model_path
@@ -236,11 +236,7 @@ def centralized_adapter(
 
 def train_centralized(cfg: AppConfig, dataset: Dataset, split: Split, model, tokenizer) -> Path:
     """Fine-tune one LoRA on the training split of a seeded user sample."""
-    prompts = PromptBuilder(
-        tokenizer,
-        max_history_items=cfg.prompts.max_history_items,
-        max_prompt_tokens=cfg.prompts.max_prompt_tokens,
-    )
+    prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
     users = sample_users(
         sorted(split.train, key=user_sort_key), cfg.finetune.n_users, cfg.finetune.seed
     )
@@ -281,7 +277,7 @@ def federated_run(cfg: AppConfig, method: str) -> Path:
     store_dir = federated_store_dir(cfg, method)
     folder = store_dir.parent
     run_dir = folder / RUN_DIR
-    if (run_dir / "export.json").is_file():
+    if (run_dir / EXPORT_JSON).is_file():
         log.info("%s: reusing the finished run in %s", method, run_dir)
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -303,7 +299,7 @@ def federated_run(cfg: AppConfig, method: str) -> Path:
 def _cohort(runs: dict[str, Path]) -> list[str]:
     """The users every federated run trained on (they must agree to share a table)."""
     cohorts = {
-        m: json.loads((d / RUN_DIR / "run.json").read_text())["cohort"] for m, d in runs.items()
+        m: json.loads((d / RUN_DIR / RUN_JSON).read_text())["cohort"] for m, d in runs.items()
     }
     first = next(iter(cohorts.values()))
     if any(c != first for c in cohorts.values()):
@@ -345,7 +341,7 @@ def write_report(report: EvalReport, results_dir: Path) -> tuple[Path, Path]:
     """The report as JSON and as a grouped bar chart."""
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / REPORT_JSON
-    json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    write_json_atomic(json_path, report.to_json())
     metrics = [f"HR@{report.k}", f"NDCG@{report.k}"]
     png_path = plot_metric_bars(
         report.results,

@@ -22,11 +22,14 @@ import re
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
 from llmrec.atomic import sha256_file
+
+if TYPE_CHECKING:
+    from llmrec.config import PromptConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,15 @@ class PromptBuilder:
     ``max_history_items`` caps the items any prompt lists (most recent kept);
     ``max_prompt_tokens`` is the token budget of ``recommend_prompt_ids``.
     """
+
+    @classmethod
+    def from_config(
+        cls, tokenizer: Any, cfg: PromptConfig, max_prompt_tokens: int | None = None
+    ) -> PromptBuilder:
+        """The builder the ``prompts`` config section describes (``max_prompt_tokens``, when
+        given, overrides the section's budget: a server whose context is shorter)."""
+        budget = cfg.max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens
+        return cls(tokenizer, max_history_items=cfg.max_history_items, max_prompt_tokens=budget)
 
     def __init__(
         self,

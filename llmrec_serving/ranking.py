@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from llmrec.data import Catalog
 from llmrec.prompts import PromptBuilder
-from llmrec.recommend import TitleTrie, trie_beam_search
+from llmrec.recommend import catalog_trie, trie_beam_search
 from llmrec_serving.engines import Backend, GenerationParams, ServedAdapter
 
 
@@ -36,13 +36,7 @@ class Ranker:
         self.catalog = catalog
         self.prompts = prompts
         self.beam_width = beam_width
-        self.trie = TitleTrie.build(
-            ((item.item_id, item.display) for item in catalog), prompts.target_ids
-        )
-
-    def titles(self, history: Sequence[str]) -> list[str]:
-        """Display titles of the known items of a history."""
-        return [self.catalog.display(i) for i in history if i in self.catalog]
+        self.trie = catalog_trie(catalog, prompts)
 
     async def rank(
         self,
@@ -53,7 +47,7 @@ class Ranker:
         excluded: set[str],
     ) -> list[Ranked]:
         """Top-k catalog items not in ``excluded``, best first."""
-        prompt = self.prompts.recommend_prompt_ids(self.titles(history), context)
+        prompt = self.prompts.recommend_prompt_ids(self.catalog.displays(history), context)
         search = trie_beam_search(self.trie, k, self.beam_width, excluded)
         async with self.backend.scorer(adapter, prompt) as score:
             try:
@@ -72,7 +66,7 @@ class Ranker:
         max_tokens: int,
     ) -> list[Ranked]:
         """The same items, each with a one-line reason written by ``adapter``."""
-        titles = self.titles(history)
+        titles = self.catalog.displays(history)
         params = GenerationParams(max_tokens=max_tokens, temperature=0.0, stop=("\n",))
 
         async def reason(item: Ranked) -> Ranked:

@@ -170,11 +170,8 @@ def build_services(cfg: ServingConfig) -> Services:
     dataset = dataset_from_config(cfg)
     store = open_store(cfg, base_dir)
     log.info("serving %s with adapters from %s (max rank %d)", base_dir, store.root, store.max_rank)
-    prompts = PromptBuilder(
-        tokenizer,
-        max_history_items=cfg.prompts.max_history_items,
-        max_prompt_tokens=min(cfg.prompts.max_prompt_tokens, cfg.serve.max_model_len - 64),
-    )
+    budget = min(cfg.prompts.max_prompt_tokens, cfg.serve.max_model_len - 64)
+    prompts = PromptBuilder.from_config(tokenizer, cfg.prompts, max_prompt_tokens=budget)
     metrics = Metrics()
     backend = build_backend(cfg, base_dir, store, tokenizer)
     limits = cfg.serve.limits

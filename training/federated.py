@@ -154,11 +154,7 @@ class Recipe:
         )
         self.full_model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.dual = build_dual_lora(model, fed, tokenizer.pad_token_id)
-        self.prompts = PromptBuilder(
-            tokenizer,
-            max_history_items=cfg.prompts.max_history_items,
-            max_prompt_tokens=cfg.prompts.max_prompt_tokens,
-        )
+        self.prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
         self.shared, self.records = _restore(fed, self.dual, self.start, done)
         self.accountant = _accountant(fed, len(self.cohort), self.records, self.main)
         # Validation and export score with the dual LoRA's model (whatever it holds then).

@@ -115,6 +115,10 @@ class Catalog:
         """Display string of ``item_id``, e.g. ``"The Shawshank Redemption (1994)"``."""
         return self[item_id].display
 
+    def displays(self, item_ids: Iterable[str]) -> list[str]:
+        """Display strings of the known ids among ``item_ids``, in order (unknown ids skipped)."""
+        return [self[i].display for i in item_ids if i in self]
+
     def by_display(self, text: str) -> str | None:
         """The item_id whose display string equals ``text`` (case-insensitive), else None."""
         return self._by_display.get(text.strip().casefold())

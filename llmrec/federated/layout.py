@@ -81,9 +81,11 @@ def write_round(
 
 
 def remove_partial_rounds(output_dir: Path) -> None:
-    """Delete the hidden temp folders of round writes that were cut off."""
-    for stale in Path(output_dir).glob(".round-*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Delete the hidden folders of round writes that were cut off: the new folder being
+    built (``.tmp-``) and, cut off mid-replace, the old one set aside (``.old-``)."""
+    for pattern in (".round-*.tmp-*", ".round-*.old-*"):
+        for stale in Path(output_dir).glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_metrics(output_dir: Path, records: Sequence[dict[str, Any]]) -> None:

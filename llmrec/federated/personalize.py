@@ -90,11 +90,7 @@ class Personalizer:
         self.dual = build_dual_lora(model, fed, tokenizer.pad_token_id)
         for param in self.dual.shared.values():
             param.requires_grad_(False)  # frozen: a local refresh uploads nothing
-        self.prompts = PromptBuilder(
-            tokenizer,
-            max_history_items=cfg.prompts.max_history_items,
-            max_prompt_tokens=cfg.prompts.max_prompt_tokens,
-        )
+        self.prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
         self.fingerprint = fingerprint_model_dir(base_path)
         self.store = open_store(fed, base_path, base_fingerprint=self.fingerprint)
         self.shared = self._shared_state()

@@ -29,6 +29,7 @@ from .recommender import (
     Recommender,
     Scores,
     build_recommender,
+    catalog_trie,
     run_search,
     trie_beam_search,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "TitleTrie",
     "TrieNode",
     "build_recommender",
+    "catalog_trie",
     "extract_title_mentions",
     "hit_rate_at_k",
     "load_encoder",

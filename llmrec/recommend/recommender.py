@@ -152,6 +152,11 @@ class KVCacheScorer:
         return [logp[row, tokens].tolist() for row, tokens in enumerate(step.candidates)]
 
 
+def catalog_trie(catalog: Catalog, prompts: PromptBuilder) -> TitleTrie:
+    """The trie of every catalog title as the prompts tokenize an answer line."""
+    return TitleTrie.build(((item.item_id, item.display) for item in catalog), prompts.target_ids)
+
+
 class Recommender:
     """Ranks catalog items for a history with a causal LM (optionally LoRA-adapted)."""
 
@@ -168,9 +173,7 @@ class Recommender:
         self.catalog = catalog
         self.prompts = prompts
         self.beam_width = beam_width
-        self.trie = TitleTrie.build(
-            ((item.item_id, item.display) for item in catalog), prompts.target_ids
-        )
+        self.trie = catalog_trie(catalog, prompts)
 
     @property
     def device(self) -> torch.device:
@@ -178,7 +181,7 @@ class Recommender:
 
     def history_titles(self, history: Sequence[str]) -> list[str]:
         """Display titles of a history of item ids (unknown ids are skipped)."""
-        return [self.catalog.display(i) for i in history if i in self.catalog]
+        return self.catalog.displays(history)
 
     def recommend(
         self,
@@ -276,11 +279,7 @@ def build_recommender(
     cfg: AppConfig, dataset: Dataset, model: torch.nn.Module, tokenizer
 ) -> Recommender:
     """A recommender over ``dataset``'s catalog with the config's prompt and decoding settings."""
-    prompts = PromptBuilder(
-        tokenizer,
-        max_history_items=cfg.prompts.max_history_items,
-        max_prompt_tokens=cfg.prompts.max_prompt_tokens,
-    )
+    prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
     return Recommender(
         model, tokenizer, dataset.catalog, prompts, beam_width=cfg.recommend.beam_width
     )

@@ -93,11 +93,7 @@ def runtime(cfg_json: str, overrides: str) -> Runtime:
         base_path, quantization=cfg.model.quantization, dtype=cfg.model.dtype
     )
     dual = build_dual_lora(model, cfg.fed, tokenizer.pad_token_id)
-    prompts = PromptBuilder(
-        tokenizer,
-        max_history_items=cfg.prompts.max_history_items,
-        max_prompt_tokens=cfg.prompts.max_prompt_tokens,
-    )
+    prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
     recommender = Recommender(
         dual.model, tokenizer, dataset.catalog, prompts, cfg.recommend.beam_width
     )
