@@ -60,21 +60,6 @@ from llmrec_serving.services import build_services  # noqa: E402
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def random_lora(shapes, rank: int, seed: int, base: str) -> LoraWeights:
-    """A stacked-size user adapter (random weights: speed does not depend on them)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for module, (out_f, in_f) in sorted(shapes.items()):
-        if module.rsplit(".", 1)[-1] in TARGETS:
-            state[f"base_model.model.{module}.lora_A.weight"] = (
-                torch.randn(rank, in_f, generator=gen) * 0.02
-            )
-            state[f"base_model.model.{module}.lora_B.weight"] = (
-                torch.randn(out_f, rank, generator=gen) * 0.02
-            )
-    return LoraWeights(state, rank, float(rank), TARGETS, base)
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
@@ -141,7 +126,13 @@ def main() -> None:
     store = AdapterStore(work / "adapters", max_rank=64, module_shapes=shapes, base_fingerprint=fp)
     n_adapters = max(args.adapters)
     for i, user in enumerate(users[:n_adapters]):
-        store.publish(user, random_lora(shapes, args.rank, i, str(model_dir)), base_fingerprint=fp)
+        store.publish(
+            user,
+            LoraWeights.random(
+                shapes, TARGETS, args.rank, i, str(model_dir), std=0.02, alpha=args.rank
+            ),
+            base_fingerprint=fp,
+        )
     keys = KeyStore(work / "keys.json")
     admin = keys.add(None, admin=True)
     cfg = load_serving_config(None, [

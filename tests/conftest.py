@@ -37,25 +37,6 @@ def tiny_dataset():
     return load_generic(FIXTURES / "tiny" / "interactions.csv", FIXTURES / "tiny" / "catalog.csv")
 
 
-def _random_lora(shapes, targets, rank: int, seed: int, base: str):
-    """A LoRA with weights big enough to move the tiny model's outputs visibly."""
-    import torch
-
-    from llmrec.adapters import LoraWeights
-
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for module, (out_f, in_f) in sorted(shapes.items()):
-        if module.rsplit(".", 1)[-1] in targets:
-            state[f"base_model.model.{module}.lora_A.weight"] = (
-                torch.randn(rank, in_f, generator=gen) * 0.5
-            )
-            state[f"base_model.model.{module}.lora_B.weight"] = (
-                torch.randn(out_f, rank, generator=gen) * 0.5
-            )
-    return LoraWeights(state, rank, float(2 * rank), tuple(targets), base)
-
-
 @pytest.fixture(scope="module")
 def serving_world(tmp_path_factory, tiny_model_dir):
     """An adapter store with users 1 and 2 (own adapters) and a shared adapter, keys for
@@ -64,7 +45,7 @@ def serving_world(tmp_path_factory, tiny_model_dir):
     version. One per test module: tests that publish use users of their own."""
     from types import SimpleNamespace
 
-    from llmrec.adapters import AdapterStore, module_shapes_for
+    from llmrec.adapters import AdapterStore, LoraWeights, module_shapes_for
     from llmrec.model import fingerprint_model_dir
     from llmrec_serving.keys import KeyStore
 
@@ -77,7 +58,7 @@ def serving_world(tmp_path_factory, tiny_model_dir):
     )
 
     def publish(user_id: str, seed: int, rank: int = 8):
-        weights = _random_lora(shapes, targets, rank, seed, str(tiny_model_dir))
+        weights = LoraWeights.random(shapes, targets, rank, seed, str(tiny_model_dir))
         if user_id == "_shared":
             return store.publish_shared(weights, base_fingerprint=fingerprint)
         return store.publish(user_id, weights, base_fingerprint=fingerprint)
@@ -115,3 +96,36 @@ def serving_world(tmp_path_factory, tiny_model_dir):
         model_dir=tiny_model_dir,
         tmp=tmp_path,
     )
+
+
+@pytest.fixture(scope="module")
+def library_ranking(serving_world):
+    """``rank(catalog, adapter_dir, history, k=5)``: llmrec's own Recommender (transformers +
+    peft) on the serving world's base, plus the adapter when given: the reference ranking
+    that every serving backend must reproduce, as ``[(item_id, score), ...]``."""
+    from llmrec.model import attach_adapter, load_model
+    from llmrec.prompts import PromptBuilder
+    from llmrec.recommend import Recommender
+
+    def rank(catalog, adapter_dir, history, k=5):
+        model, tokenizer = load_model(str(serving_world.model_dir))
+        if adapter_dir is not None:
+            model = attach_adapter(model, adapter_dir)
+        prompts = PromptBuilder(tokenizer, max_history_items=5, max_prompt_tokens=256)
+        rec = Recommender(model, tokenizer, catalog, prompts, beam_width=8)
+        return [(r.item_id, r.score) for r in rec.recommend(history, k=k)]
+
+    return rank
+
+
+@pytest.fixture(scope="module")
+def vllm_overrides(free_port):
+    """Config overrides for a managed vLLM CPU server small enough for this machine's tests."""
+    return [
+        "serve.backend=vllm",
+        f"serve.vllm_port={free_port()}",
+        "serve.cpu_threads=nobind",
+        "serve.kv_cache_gib=1",
+        "serve.max_cpu_loras=4",
+        "serve.max_loras=2",
+    ]

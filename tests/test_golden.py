@@ -91,22 +91,14 @@ def test_one_ranking_with_scores(tiny_model_dir, tiny_dataset):
     _pin("ranking_scores", [r.score for r in ranked], GOLDEN_RANKING_SCORES)
 
 
-def _seeded_lora(shapes, rank: int, seed: int, base: str) -> LoraWeights:
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for module, (out_f, in_f) in sorted(shapes.items()):
-        if module.rsplit(".", 1)[-1] in ("q_proj", "v_proj"):
-            prefix = f"base_model.model.{module}"
-            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * 0.5
-            state[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * 0.5
-    return LoraWeights(state, rank, float(2 * rank), ("q_proj", "v_proj"), base)
-
-
 def test_stacked_adapter_logit(tiny_model_dir, tmp_path):
     """Shared (r 4) + personal (r 2) stacked into one PEFT LoRA: the last position's logits."""
     shapes = module_shapes_for(tiny_model_dir)
     base = str(tiny_model_dir)
-    stacked = stack(_seeded_lora(shapes, 4, 1, base), _seeded_lora(shapes, 2, 2, base))
+    targets = ("q_proj", "v_proj")
+    shared = LoraWeights.random(shapes, targets, 4, seed=1, base_model=base)
+    personal = LoraWeights.random(shapes, targets, 2, seed=2, base_model=base)
+    stacked = stack(shared, personal)
     write_adapter(stacked, tmp_path / "stacked")
     model, tokenizer = load_model(base)
     model = attach_adapter(model, tmp_path / "stacked")

@@ -58,15 +58,7 @@ def test_serve_demo_needs_a_trained_run(demo_world, tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_demo_on_vllm(demo_world, free_port):
+def test_serve_demo_on_vllm(demo_world, vllm_overrides):
     pytest.importorskip("vllm")
     overrides, keys_file = demo_world
-    extra = [
-        "serve.backend=vllm",
-        f"serve.vllm_port={free_port()}",
-        "serve.cpu_threads=nobind",
-        "serve.kv_cache_gib=1",
-        "serve.max_cpu_loras=4",
-        "serve.max_loras=2",
-    ]
-    check(runner.invoke(app, ["serve-demo", *overrides, *extra]), keys_file)
+    check(runner.invoke(app, ["serve-demo", *overrides, *vllm_overrides]), keys_file)

@@ -15,9 +15,6 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from llmrec.cli import app as cli_app
-from llmrec.model import attach_adapter, load_model
-from llmrec.prompts import PromptBuilder
-from llmrec.recommend import Recommender
 from llmrec_serving.admission import Admission, Rejected
 from llmrec_serving.app import create_app
 from llmrec_serving.config import load_serving_config
@@ -51,17 +48,9 @@ def recommend(client, world, who: str, **body):
     return r.json()
 
 
-def library_ranking(world, services, adapter_dir, history, k=5):
-    """llmrec's own Recommender on the same base (+ adapter): the reference ranking."""
-    model, tokenizer = load_model(str(world.model_dir))
-    if adapter_dir is not None:
-        model = attach_adapter(model, adapter_dir)
-    prompts = PromptBuilder(tokenizer, max_history_items=5, max_prompt_tokens=256)
-    rec = Recommender(model, tokenizer, services.catalog, prompts, beam_width=8)
-    return [(r.item_id, r.score) for r in rec.recommend(history, k=k)]
-
-
-def test_each_user_is_ranked_with_their_own_adapter(client, services, serving_world):
+def test_each_user_is_ranked_with_their_own_adapter(
+    client, services, serving_world, library_ranking
+):
     history = list(services.profiles.base_histories["1"])
     out = {who: recommend(client, serving_world, who) for who in ("1", "2")}
     assert out["1"]["adapter"] == "1@v1" and out["2"]["adapter"] == "2@v1"
@@ -74,10 +63,10 @@ def test_each_user_is_ranked_with_their_own_adapter(client, services, serving_wo
     # Exactly what the library's recommender ranks with that adapter, and not the base's.
     ref = serving_world.store.current("1")
     mine = [(i["item_id"], i["score"]) for i in out["1"]["items"]]
-    expected = library_ranking(serving_world, services, ref.path, history)
+    expected = library_ranking(services.catalog, ref.path, history)
     assert [i for i, _ in mine] == [i for i, _ in expected]
     assert [s for _, s in mine] == pytest.approx([s for _, s in expected], abs=1e-3)
-    base = library_ranking(serving_world, services, None, history)
+    base = library_ranking(services.catalog, None, history)
     assert [s for _, s in mine] != pytest.approx([s for _, s in base])
     same_history = recommend(client, serving_world, "2", history=history)
     assert [i["score"] for i in same_history["items"]] != pytest.approx([s for _, s in mine])

@@ -11,9 +11,6 @@ import httpx
 import openai
 import pytest
 
-from llmrec.model import attach_adapter, load_model
-from llmrec.prompts import PromptBuilder
-from llmrec.recommend import Recommender
 from llmrec_serving.app import create_app, serve_in_thread
 from llmrec_serving.config import load_serving_config
 from llmrec_serving.services import build_services
@@ -22,19 +19,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def gateway(serving_world, free_port):
+def gateway(serving_world, vllm_overrides):
     """(base url, services) of a gateway + managed vLLM server, stopped after the module."""
     cfg = load_serving_config(
         None,
-        [
-            *serving_world.overrides,
-            "serve.backend=vllm",
-            f"serve.vllm_port={free_port()}",
-            "serve.cpu_threads=nobind",
-            "serve.kv_cache_gib=1",
-            "serve.max_cpu_loras=4",
-            "serve.max_loras=2",
-        ],
+        [*serving_world.overrides, *vllm_overrides],
     )
     services = build_services(cfg)
     with serve_in_thread(create_app(services), "127.0.0.1", startup_timeout_s=600) as url:
@@ -54,17 +43,9 @@ def recommend(url, world, who: str, **body) -> dict:
     return r.json()
 
 
-def library_ranking(world, catalog, adapter_dir, history, k=5):
-    """llmrec's own Recommender (transformers + peft): the reference ranking."""
-    model, tokenizer = load_model(str(world.model_dir))
-    if adapter_dir is not None:
-        model = attach_adapter(model, adapter_dir)
-    prompts = PromptBuilder(tokenizer, max_history_items=5, max_prompt_tokens=256)
-    rec = Recommender(model, tokenizer, catalog, prompts, beam_width=8)
-    return [(r.item_id, r.score) for r in rec.recommend(history, k=k)]
-
-
-def test_each_user_is_ranked_by_vllm_with_their_own_adapter(gateway, serving_world):
+def test_each_user_is_ranked_by_vllm_with_their_own_adapter(
+    gateway, serving_world, library_ranking
+):
     url, services = gateway
     history = list(services.profiles.base_histories["1"])
     mine = recommend(url, serving_world, "1", history=history)
@@ -73,12 +54,10 @@ def test_each_user_is_ranked_by_vllm_with_their_own_adapter(gateway, serving_wor
     scores = [i["score"] for i in mine["items"]]
     assert [i["score"] for i in theirs["items"]] != pytest.approx(scores, abs=1e-2)
     # vLLM's ranking is the library's ranking with the same adapter, and not the base's.
-    expected = library_ranking(
-        serving_world, services.catalog, serving_world.store.current("1").path, history
-    )
+    expected = library_ranking(services.catalog, serving_world.store.current("1").path, history)
     assert [i["item_id"] for i in mine["items"]] == [i for i, _ in expected]
     assert scores == pytest.approx([s for _, s in expected], abs=2e-2)
-    base = library_ranking(serving_world, services.catalog, None, history)
+    base = library_ranking(services.catalog, None, history)
     assert scores != pytest.approx([s for _, s in base], abs=1e-2)
     seen = set(history)
     assert all(i["item_id"] in services.catalog and i["item_id"] not in seen for i in mine["items"])

@@ -81,6 +81,37 @@ class LoraWeights:
     target_modules: tuple[str, ...]
     base_model: str
 
+    @classmethod
+    def random(
+        cls,
+        module_shapes: Mapping[str, tuple[int, int]],
+        target_modules: tuple[str, ...],
+        r: int,
+        seed: int,
+        base_model: str,
+        std: float = 0.5,
+        alpha: float | None = None,
+    ) -> LoraWeights:
+        """Seeded random A and B for every targeted module, for tests and benchmarks.
+
+        ``module_shapes`` maps module paths to ``(out_features, in_features)`` (as
+        ``module_shapes_for`` gives them); modules are drawn in sorted order, A then B, so a
+        seed always gives the same adapter. ``alpha`` defaults to ``2 * r`` (scale 2).
+        """
+        gen = torch.Generator().manual_seed(seed)
+        state = {}
+        for module, (out_f, in_f) in sorted(module_shapes.items()):
+            if module.rsplit(".", 1)[-1] in target_modules:
+                state[f"{KEY_PREFIX}{module}.lora_A.weight"] = (
+                    torch.randn(r, in_f, generator=gen) * std
+                )
+                state[f"{KEY_PREFIX}{module}.lora_B.weight"] = (
+                    torch.randn(out_f, r, generator=gen) * std
+                )
+        return cls(
+            state, r, float(2 * r if alpha is None else alpha), tuple(target_modules), base_model
+        )
+
     def __post_init__(self) -> None:
         # Checked once here so every function below can trust the shapes.
         if self.r < 1:
