@@ -319,12 +319,12 @@ def _store_methods(
     weights = {ref.adapter_name: store.load(ref) for ref in refs.values()}
     first = next(iter(weights.values()))
     model, tokenizer = load_base(cfg)
-    slot = SwappableLora(model, max(w.r for w in weights.values()), first.target_modules)
-    recommender = build_recommender(cfg, dataset, slot.model, tokenizer)
+    lora = SwappableLora(model, max(w.r for w in weights.values()), first.target_modules)
+    recommender = build_recommender(cfg, dataset, lora.model, tokenizer)
 
     def use(user_id: str) -> None:
         name = refs[user_id].adapter_name
-        slot.use(weights[name], name)
+        lora.use(weights[name], name)
 
     def rank(user_id: str, history: Sequence[str], k: int) -> list[str]:
         use(user_id)
