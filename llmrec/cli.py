@@ -256,6 +256,71 @@ def evaluate(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     )
 
 
+@app.command()
+def foundation(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+    """Train the item-token recommender (method llm): the base with one token per item,
+    trained with a LoRA on every position of every training history; the epoch is chosen on
+    validation. Writes base/ and adapter/ into llm.output_dir."""
+    from llmrec.data import dataset_from_config, leave_last_out
+    from llmrec.foundation import CURVES_JSON, train_foundation
+
+    cfg = _config(config, overrides)
+    ds = dataset_from_config(cfg)
+    out = train_foundation(cfg, ds, leave_last_out(ds.histories))
+    curves = json.loads((out / CURVES_JSON).read_text())
+    console.print(
+        f"kept epoch {curves['best_epoch']} (validation {curves['best_valid']}), "
+        f"{curves['seconds']} s; written to [bold]{out}[/bold]"
+    )
+
+
+@app.command()
+def quality(
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+    llm_run: Annotated[
+        list[Path] | None,
+        typer.Option(help="A trained `llmrec foundation` folder: an llm candidate (repeatable)."),
+    ] = None,
+    method: Annotated[
+        list[str] | None, typer.Option(help="Methods to run (repeatable; default all).")
+    ] = None,
+    report: Annotated[
+        Path, typer.Option(help="Where the JSON report goes (the PNG beside it).")
+    ] = Path("bench/reports/quality.json"),
+) -> None:
+    """Every method tuned on the validation item and scored once on test, on all users, with
+    95% bootstrap intervals and paired tests against SASRec; writes the JSON and PNG."""
+    from llmrec.foundation import BASE_DIR
+    from llmrec.quality import METHODS, run_quality
+
+    cfg = _config(config, overrides)
+    methods = method or list(METHODS)
+    for run in llm_run or []:
+        if not (run / BASE_DIR).is_dir():
+            raise typer.BadParameter(f"{run} is not a trained foundation folder", "--llm-run")
+    try:
+        result = run_quality(cfg, llm_run or [], report, methods)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--method") from err
+    k = result["k"]
+    table = Table(title=f"{result['users']} users, chosen on validation, test once (95% CI)")
+    for col in ("method", f"valid NDCG@{k}", f"test HR@{k}", f"test NDCG@{k}", "vs SASRec", "s"):
+        table.add_column(col)
+    for name, row in result["methods"].items():
+        test, pair = row["test"], result["paired"].get(f"{name}_vs_sasrec")
+        table.add_row(
+            name,
+            f"{row['valid'][f'NDCG@{k}']:.4f}",
+            f"{test[f'HR@{k}']:.4f} {test[f'HR@{k}_ci95']}",
+            f"{test[f'NDCG@{k}']:.4f} {test[f'NDCG@{k}_ci95']}",
+            f"{pair['delta']:+.4f} p={pair['p']:.4f}" if pair else "-",
+            str(row["seconds"]),
+        )
+    console.print(table)
+    console.print(f"written: {report}, {report.with_suffix('.png')}")
+
+
 def print_report(report) -> None:
     """The metric table as a rich table."""
     k = report.k

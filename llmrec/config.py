@@ -115,6 +115,40 @@ class FinetuneConfig(BaseModel):
     """Where the adapter, loss log and loss curve are written."""
 
 
+class LLMConfig(BaseModel):
+    """The item-token recommender (method ``llm``): one token per catalog item, full ranking
+    from one forward pass, trained on every position of every training history."""
+
+    model_config = _DOCS
+
+    render: Literal["items", "titles", "both"] = "items"
+    """How the model reads a history: item tokens, "- Title" lines, or each token then its
+    title."""
+    window: int = Field(50, ge=1)
+    """Most recent history items the model reads, in training and ranking."""
+    epochs: int = Field(20, ge=1)
+    """At most this many passes; the epoch with the best validation NDCG@k is kept."""
+    patience: int = Field(3, ge=1)
+    """Stop after this many epochs without a better validation NDCG@k."""
+    batch_size: int = Field(16, ge=1)
+    """Training sequences per optimizer step."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """AdamW learning rate of the LoRA weights."""
+    item_learning_rate: float = Field(1e-3, gt=0)
+    """AdamW learning rate of the item-token rows (input embedding and output head)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay of the trainable weights."""
+    lora: LoraConfig = LoraConfig(dropout=0.0)
+    """The LoRA's shape. No dropout by default: peft's dropout copies every layer input,
+    which halves training speed on a CPU."""
+    n_users: int = Field(0, ge=0)
+    """Training users (a seeded sample; 0 = all users)."""
+    seed: int = 0
+    """Seed of the user sample, the LoRA initialisation, dropout and shuffling."""
+    output_dir: Path = Path("outputs/llm")
+    """Where the trained foundation-model version, its adapter and the curves go."""
+
+
 class DPConfig(BaseModel):
     model_config = _DOCS
 
@@ -335,6 +369,8 @@ class AppConfig(BaseSettings):
     """LoRA shape."""
     finetune: FinetuneConfig = FinetuneConfig()
     """Centralized LoRA training."""
+    llm: LLMConfig = LLMConfig()
+    """The item-token recommender and its centralized training."""
     eval: EvalConfig = EvalConfig()
     """Evaluation protocol."""
     fed: FedConfig = FedConfig()

@@ -45,6 +45,9 @@ RECOMMEND_TEMPLATES = (RECOMMEND_SYSTEM, RECOMMEND_USER)
 
 # Each history item is one "- Title (Year)" line of the assistant's answer.
 ITEM_BULLET = "-"
+HISTORY_RENDERS = ("items", "titles", "both")
+"""How an item-token model reads a history: each item as its token, as its "- Title" line,
+or as its token followed by its title."""
 
 
 @cache
@@ -204,6 +207,35 @@ class PromptBuilder:
         inside a cleaned title, so no title's target is a prefix of another's.
         """
         return self._encode(" " + self._clean(title)) + self.newline_ids
+
+    def item_sequence(
+        self,
+        token_ids: Sequence[int],
+        titles: Sequence[str],
+        render: str = "items",
+        context: str | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """A history for an item-token model: the ids, and the position predicting each item.
+
+        ``token_ids[j]`` and ``titles[j]`` are history item ``j``'s token and title. Item
+        ``j`` is predicted at ``ends[j]``, the last token before it (the end of the request
+        for the first); ``ends[-1]``, the last position, predicts the item after the whole
+        history. So training reads every ``ends[j]`` for ``j < len(history)`` at once, and
+        ranking reads the last position only: the same tokens, causal, either way.
+        """
+        if render not in HISTORY_RENDERS:
+            raise ValueError(f"render must be one of {list(HISTORY_RENDERS)}, got {render!r}")
+        if len(token_ids) != len(titles):
+            raise ValueError("token_ids and titles must be the same length")
+        ids = self._head_ids(self._clean(context) if context else None)
+        ends = [len(ids) - 1]
+        for token, title in zip(token_ids, titles, strict=True):
+            if render != "titles":
+                ids.append(int(token))
+            if render != "items":
+                ids += (self.bullet_ids if render == "titles" else []) + self.target_ids(title)
+            ends.append(len(ids) - 1)
+        return ids, ends
 
     def chat_system(
         self, history_titles: Sequence[str], excluded_titles: Sequence[str] = ()

@@ -34,3 +34,15 @@ def mean_metrics(rankings: Iterable[tuple[Sequence[str], str]], k: int = 10) -> 
     if not hr:
         raise ValueError("no rankings to evaluate")
     return {f"HR@{k}": float(np.mean(hr)), f"NDCG@{k}": float(np.mean(ndcg)), "users": len(hr)}
+
+
+def ranking_metrics(
+    rankings: Sequence[Sequence[str]], targets: Sequence[str], k: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user HR@k and NDCG@k arrays of ranked lists against their targets, in order:
+    the per-user values that confidence intervals and paired tests need."""
+    if len(rankings) != len(targets):
+        raise ValueError("one target per ranking")
+    hr = np.array([hit_rate_at_k(r, t, k) for r, t in zip(rankings, targets, strict=True)])
+    ndcg = np.array([ndcg_at_k(r, t, k) for r, t in zip(rankings, targets, strict=True)])
+    return hr, ndcg

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,6 +62,10 @@ class SASRecConfig:
     """L2 penalty on the item embedding table, added to the loss."""
     seed: int = 0
     """Seeds initialisation, dropout, shuffling and negative sampling."""
+    eval_every: int = 5
+    """With a validation function, score it every this many epochs and keep the best."""
+    patience: int = 4
+    """With a validation function, stop after this many evaluations without a better one."""
     device: str = "cpu"
     """Torch device for training and scoring."""
 
@@ -181,7 +185,10 @@ def _sample_negatives(
 class SASRec:
     """SASRec fitted on the training split; ranks the whole catalog for a history.
 
-    ``recommend([])`` (no history to attend to) falls back to training popularity.
+    ``recommend([])`` (no history to attend to) falls back to training popularity. With
+    ``validate`` (a function of the model in eval mode returning a score to maximise, e.g.
+    validation NDCG@10), training keeps the epoch that scores best (``best_epoch``) and
+    stops early; ``valid_curve`` holds (epoch, score) pairs.
     """
 
     def __init__(
@@ -189,6 +196,7 @@ class SASRec:
         catalog: Catalog,
         train: Mapping[str, Sequence[str]],
         cfg: SASRecConfig | None = None,
+        validate: Callable[[SASRec], float] | None = None,
     ) -> None:
         self.catalog = catalog
         self.cfg = cfg = cfg or SASRecConfig()
@@ -196,6 +204,9 @@ class SASRec:
         for items in train.values():
             for item_id in set(items):
                 self.popularity[catalog.index(item_id)] += 1
+        self.validate = validate
+        self.best_epoch = cfg.epochs
+        self.valid_curve: list[tuple[int, float]] = []
         inputs, targets = _windows(train, catalog, cfg.max_len)
         # fork_rng: seed init and dropout without touching the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
@@ -210,9 +221,10 @@ class SASRec:
         gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and negatives
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
         losses: list[float] = []
+        best, best_state, since_best = -math.inf, None, 0
         net.train()
         bar = tqdm(range(cfg.epochs), desc="sasrec", leave=False)
-        for _ in bar:
+        for epoch in bar:
             total, batches = 0.0, 0
             for idx in torch.randperm(len(inputs), generator=gen).split(cfg.batch_size):
                 inp, tgt = inputs[idx], targets[idx]
@@ -240,6 +252,20 @@ class SASRec:
                 total, batches = total + loss.item(), batches + 1
             losses.append(total / batches)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if self.validate is not None and (epoch + 1) % cfg.eval_every == 0:
+                net.eval()
+                score = self.validate(self)
+                net.train()
+                self.valid_curve.append((epoch + 1, score))
+                if score > best:
+                    best, since_best, self.best_epoch = score, 0, epoch + 1
+                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                else:
+                    since_best += 1
+                    if since_best >= cfg.patience:
+                        break
+        if best_state is not None:
+            net.load_state_dict(best_state)
         if losses:
             log.info("sasrec: %d epochs, final loss %.4f", cfg.epochs, losses[-1])
         return losses
@@ -252,6 +278,23 @@ class SASRec:
         ids = [self.catalog.index(i) + 1 for i in history][-self.cfg.max_len :]
         seq = torch.tensor([ids], dtype=torch.long, device=self.cfg.device)
         return self.net.item_scores(self.net(seq)[0, -1]).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def score_matrix(self, histories: Sequence[Sequence[str]], batch_size: int = 256) -> np.ndarray:
+        """(len(histories), n_items) scores, one batched pass per ``batch_size`` histories;
+        an empty history gets the training popularity."""
+        out = np.empty((len(histories), len(self.catalog)), dtype=np.float32)
+        for start in range(0, len(histories), batch_size):
+            chunk = histories[start : start + batch_size]
+            rows = [[self.catalog.index(i) + 1 for i in h][-self.cfg.max_len :] for h in chunk]
+            width = max(1, *(len(r) for r in rows))
+            seq = torch.tensor([[PAD] * (width - len(r)) + r for r in rows], dtype=torch.long)
+            scores = self.net.item_scores(self.net(seq.to(self.cfg.device))[:, -1])
+            out[start : start + len(chunk)] = scores.float().cpu().numpy()
+            for row, r in enumerate(rows):
+                if not r:
+                    out[start + row] = self.popularity
+        return out
 
     def recommend(self, history: Sequence[str], k: int = 10) -> list[str]:
         """The k best unseen items after ``history``; most popular unseen if it is empty."""

@@ -1,0 +1,145 @@
+"""Full-catalog ranking in one forward pass over an item-token model.
+
+The history is rendered (``PromptBuilder.item_sequence``), the model runs once, and the
+logits of the item-token block at the last position are the next-item distribution over
+the whole catalog: the top-k over every unseen item is exact, with no beam and no trie.
+Histories are scored in batches (left-padded, with position ids that ignore the padding,
+so a history scores the same alone or in any batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from llmrec.data import Catalog
+from llmrec.model.item_vocab import ItemVocab
+from llmrec.prompts import PromptBuilder
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    item_id: str
+    score: float
+    """Log-probability of the item as the next one, over the catalog's item tokens."""
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of left-padded ``sequences``."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def mask_seen(scores: torch.Tensor, seen: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``scores`` (B, n_items) with each row's ``seen`` columns set to -inf (in place)."""
+    for row, cols in enumerate(seen):
+        if cols:
+            scores[row, torch.tensor(list(cols), dtype=torch.long)] = float("-inf")
+    return scores
+
+
+class ItemScorer:
+    """Scores every catalog item as the next one after a history, one forward pass per batch.
+
+    ``window`` caps how many of the most recent history items the model reads; items seen
+    anywhere in the history (and any ``exclude``) are still never returned.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        vocab: ItemVocab,
+        catalog: Catalog,
+        prompts: PromptBuilder,
+        render: str = "items",
+        window: int = 50,
+        batch_size: int = 64,
+    ) -> None:
+        vocab.check_catalog(catalog)
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.model = model
+        self.vocab = vocab
+        self.catalog = catalog
+        self.prompts = prompts
+        self.render = render
+        self.window = window
+        self.batch_size = batch_size
+        self.pad_id = prompts.tokenizer.pad_token_id
+
+    def sequence(self, history: Sequence[str], context: str | None = None) -> list[int]:
+        """Token ids whose last position predicts the item after ``history``."""
+        recent = [i for i in history if i in self.catalog][-self.window :]
+        ids, _ = self.prompts.item_sequence(
+            [self.vocab.token_id(i) for i in recent],
+            self.catalog.displays(recent),
+            self.render,
+            context,
+        )
+        return ids
+
+    @torch.no_grad()  # not inference_mode: callers mask the returned scores in place
+    def log_probs(
+        self, histories: Sequence[Sequence[str]], contexts: Sequence[str | None] | None = None
+    ) -> torch.Tensor:
+        """(len(histories), n_items) float32 log-probabilities of every item as the next one."""
+        contexts = contexts or [None] * len(histories)
+        seqs = [self.sequence(h, c) for h, c in zip(histories, contexts, strict=True)]
+        first, n = self.vocab.first_token_id, len(self.vocab)
+        out = []
+        for start in range(0, len(seqs), self.batch_size):
+            ids, mask, positions = left_pad(seqs[start : start + self.batch_size], self.pad_id)
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+            ).logits[:, -1, first : first + n]
+            out.append(torch.log_softmax(logits.float(), dim=-1))
+        return torch.cat(out) if out else torch.empty((0, n))
+
+    def rank(
+        self,
+        histories: Sequence[Sequence[str]],
+        k: int = 10,
+        exclude: Sequence[Sequence[str]] | None = None,
+        contexts: Sequence[str | None] | None = None,
+    ) -> list[list[ScoredItem]]:
+        """The ``k`` best unseen items after each history, best first."""
+        scores = self.log_probs(histories, contexts)
+        exclude = exclude or [()] * len(histories)
+        seen = [
+            {self.vocab.index(i) for i in (*h, *x) if i in self.catalog}
+            for h, x in zip(histories, exclude, strict=True)
+        ]
+        mask_seen(scores, [sorted(s) for s in seen])
+        k = min(k, scores.shape[1])
+        top = scores.topk(k, dim=1)
+        ranked = []
+        for row, cols in enumerate(top.indices.tolist()):
+            values = top.values[row].tolist()
+            ranked.append(
+                [
+                    ScoredItem(self.vocab.item_ids[c], v)
+                    for c, v in zip(cols, values, strict=True)
+                    if v != float("-inf")
+                ]
+            )
+        return ranked
+
+    def recommend(
+        self,
+        history: Sequence[str],
+        k: int = 10,
+        exclude: Sequence[str] = (),
+        context: str | None = None,
+    ) -> list[ScoredItem]:
+        """The ``k`` best unseen items after ``history`` (one forward pass)."""
+        return self.rank([history], k, [exclude], [context])[0]
