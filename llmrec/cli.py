@@ -160,7 +160,16 @@ def recommend(
     user: Annotated[str, typer.Option("--user", "-u", help="User id in the data set.")],
     config: ConfigOpt = None,
     overrides: OverridesArg = None,
-    adapter: Annotated[Path | None, typer.Option(help="PEFT LoRA adapter folder.")] = None,
+    foundation: Annotated[
+        Path | None,
+        typer.Option(
+            help="A trained `llmrec foundation` folder: one forward pass ranks every item "
+            "(default: llm.output_dir when it holds one)."
+        ),
+    ] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="A title LoRA (trie decoding) instead of the foundation.")
+    ] = None,
     context: Annotated[
         str | None, typer.Option(help='Free-text request, e.g. "something light".')
     ] = None,
@@ -168,8 +177,7 @@ def recommend(
     """Recommend the top-k unseen catalog items for one user's full history."""
     from llmrec.adapters import ADAPTER_CONFIG
     from llmrec.data import dataset_from_config
-    from llmrec.model import attach_adapter, load_base
-    from llmrec.recommend import build_recommender
+    from llmrec.foundation import BASE_DIR, load_foundation
 
     cfg = _config(config, overrides)
     ds = dataset_from_config(cfg)
@@ -179,19 +187,43 @@ def recommend(
         )
     if adapter is not None and not (adapter / ADAPTER_CONFIG).is_file():
         raise typer.BadParameter(f"{adapter} is not a PEFT adapter folder", param_hint="--adapter")
+    if foundation is not None and not (foundation / BASE_DIR).is_dir():
+        raise typer.BadParameter(
+            f"{foundation} is not a trained foundation folder", param_hint="--foundation"
+        )
+    if foundation is None and adapter is None and (cfg.llm.output_dir / BASE_DIR).is_dir():
+        foundation = cfg.llm.output_dir
+    history = ds.histories[user]
+    if foundation is not None:
+        scorer = load_foundation(foundation, ds.catalog, cfg)
+        rows = [
+            (r.item_id, ds.catalog.display(r.item_id), r.score)
+            for r in scorer.recommend(history, k=cfg.recommend.k, context=context)
+        ]
+        how = f"one pass over {len(ds.catalog)} item tokens ({foundation})"
+    else:
+        rows = _trie_recommend(cfg, ds, history, adapter, context)
+        how = "trie beam search over titles" + (f" ({adapter})" if adapter else ", bare base")
+    table = Table(
+        title=f"user {user}: {len(history)} items seen, last: {ds.catalog.display(history[-1])}",
+        caption=how,
+    )
+    for col in ("#", "item_id", "title", "log-prob"):
+        table.add_column(col)
+    for rank, (item_id, title, score) in enumerate(rows, 1):
+        table.add_row(str(rank), item_id, title, f"{score:.2f}")
+    console.print(table)
+
+
+def _trie_recommend(cfg, ds, history, adapter: Path | None, context: str | None):
+    from llmrec.model import attach_adapter, load_base
+    from llmrec.recommend import build_recommender
+
     model, tokenizer = load_base(cfg)
     if adapter is not None:
         model = attach_adapter(model, adapter)
     rec = build_recommender(cfg, ds, model, tokenizer)
-    history = ds.histories[user]
-    table = Table(
-        title=f"user {user}: {len(history)} items seen, last: {ds.catalog.display(history[-1])}"
-    )
-    for col in ("#", "item_id", "title", "log-prob"):
-        table.add_column(col)
-    for rank, r in enumerate(rec.recommend(history, k=cfg.recommend.k, context=context), 1):
-        table.add_row(str(rank), r.item_id, r.title, f"{r.score:.2f}")
-    console.print(table)
+    return [(r.item_id, r.title, r.score) for r in rec.recommend(history, cfg.recommend.k, context)]
 
 
 @app.command()
@@ -298,7 +330,9 @@ def quality(
     methods = method or list(METHODS)
     for run in llm_run or []:
         if not (run / BASE_DIR).is_dir():
-            raise typer.BadParameter(f"{run} is not a trained foundation folder", "--llm-run")
+            raise typer.BadParameter(
+                f"{run} is not a trained foundation folder", param_hint="--llm-run"
+            )
     try:
         result = run_quality(cfg, llm_run or [], report, methods)
     except ValueError as err:

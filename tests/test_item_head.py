@@ -1,5 +1,7 @@
 """The item-token foundation model: the extended base, one-pass full ranking, its training."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,6 +26,8 @@ from llmrec.model.item_vocab import (
 )
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend.item_scorer import ItemScorer
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +196,61 @@ def test_training_learns_and_the_saved_version_ranks_the_same(
     ours = ItemScorer(peft_model.eval(), vocab, catalog, prompts).log_probs(histories)
     again = ItemScorer(reloaded.eval(), trained, catalog, PromptBuilder(tok)).log_probs(histories)
     torch.testing.assert_close(again, ours, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def test_foundation_recommend_and_quality_commands(tiny_model_dir, tmp_path):
+    """`llmrec foundation` trains a version, `llmrec recommend` ranks with it in one pass,
+    `llmrec quality` tunes and tests every method with it and writes the report."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from llmrec.cli import app
+
+    tiny = FIXTURES / "tiny"
+    overrides = [
+        "data.name=generic",
+        f"data.interactions={tiny / 'interactions.csv'}",
+        f"data.catalog={tiny / 'catalog.csv'}",
+        f"model.name_or_path={tiny_model_dir}",
+        "model.dtype=float32",
+        "llm.epochs=2",
+        "llm.batch_size=4",
+        "llm.lora.r=4",
+        "llm.lora.target_modules=[q_proj, v_proj]",
+        f"llm.output_dir={tmp_path / 'llm'}",
+    ]
+    runner = CliRunner()
+    done = runner.invoke(app, ["foundation", *overrides])
+    assert done.exit_code == 0, done.output
+    assert "kept epoch" in done.output and (tmp_path / "llm" / BASE_DIR).is_dir()
+    done = runner.invoke(app, ["recommend", "--user", "1", *overrides])
+    assert done.exit_code == 0, done.output
+    assert "one pass over 30 item tokens" in done.output
+    report = tmp_path / "quality.json"
+    done = runner.invoke(
+        app,
+        [
+            "quality",
+            "--llm-run",
+            str(tmp_path / "llm"),
+            "--method",
+            "popularity",
+            "--method",
+            "llm",
+            "--report",
+            str(report),
+            *overrides,
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    written = json.loads(report.read_text())
+    assert set(written["methods"]) == {"popularity", "llm"}
+    assert written["methods"]["llm"]["config"]["run"] == str(tmp_path / "llm")
+    done = runner.invoke(
+        app, ["quality", "--llm-run", str(tmp_path), *overrides], env={"COLUMNS": "300"}
+    )
+    assert done.exit_code == 2 and "not a trained foundation folder" in done.output

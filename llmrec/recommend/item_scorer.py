@@ -96,14 +96,17 @@ class ItemScorer:
         contexts = contexts or [None] * len(histories)
         seqs = [self.sequence(h, c) for h, c in zip(histories, contexts, strict=True)]
         first, n = self.vocab.first_token_id, len(self.vocab)
-        out = []
-        for start in range(0, len(seqs), self.batch_size):
-            ids, mask, positions = left_pad(seqs[start : start + self.batch_size], self.pad_id)
+        out = torch.empty((len(seqs), n))
+        # Similar lengths share a batch: padding costs as much as real tokens.
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            ids, mask, positions = left_pad([seqs[i] for i in rows], self.pad_id)
             logits = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
             ).logits[:, -1, first : first + n]
-            out.append(torch.log_softmax(logits.float(), dim=-1))
-        return torch.cat(out) if out else torch.empty((0, n))
+            out[rows] = torch.log_softmax(logits.float(), dim=-1)
+        return out
 
     def rank(
         self,

@@ -267,7 +267,12 @@ class SASRec:
         if best_state is not None:
             net.load_state_dict(best_state)
         if losses:
-            log.info("sasrec: %d epochs, final loss %.4f", cfg.epochs, losses[-1])
+            log.info(
+                "sasrec: %d epochs trained, kept epoch %d, final loss %.4f",
+                len(losses),
+                self.best_epoch,
+                losses[-1],
+            )
         return losses
 
     @torch.inference_mode()
