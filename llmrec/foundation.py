@@ -15,7 +15,6 @@ The result is a foundation-model version: the extended base with the trained ite
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -32,7 +31,7 @@ from llmrec.config import AppConfig, LLMConfig
 from llmrec.data import Catalog, Dataset, Split, user_sort_key
 from llmrec.finetune import peft_lora_config
 from llmrec.model.fingerprint import fingerprint_model_dir
-from llmrec.model.item_vocab import ItemVocab, save_item_base
+from llmrec.model.item_vocab import ItemVocab, history_reading, save_item_base
 from llmrec.plots import plot_curve
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend.item_scorer import ItemScorer
@@ -357,15 +356,8 @@ def load_foundation(run_dir: Path, catalog: Catalog, cfg: AppConfig) -> ItemScor
     as it was trained with."""
     from llmrec.model import attach_adapter, load_model
 
-    trained = json.loads((run_dir / CURVES_JSON).read_text())["llm"]
+    render, window = history_reading(run_dir / BASE_DIR)
     model, tokenizer = load_model(str(run_dir / BASE_DIR), dtype=cfg.model.dtype)
     model = attach_adapter(model, run_dir / ADAPTER_DIR).eval()
     prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
-    return ItemScorer(
-        model,
-        ItemVocab.read(run_dir / BASE_DIR),
-        catalog,
-        prompts,
-        trained["render"],
-        trained["window"],
-    )
+    return ItemScorer(model, ItemVocab.read(run_dir / BASE_DIR), catalog, prompts, render, window)

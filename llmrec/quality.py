@@ -210,7 +210,7 @@ ITEMKNN_GRID = [
 ]
 SASREC_GRID = [
     {"hidden": h, "blocks": b, "dropout": d, "max_len": m, "epochs": 200}
-    for h, b, d, m in product((64, 128), (2,), (0.2, 0.5), (50, 200))
+    for h, b, d, m in product((64, 128), (2,), (0.2, 0.5), (50, 100))
 ]
 FUSION_WEIGHTS = [round(w, 2) for w in np.linspace(0.0, 1.0, 21)]
 

@@ -1,9 +1,12 @@
-"""Recommendations over any backend: the shared trie beam search, then one-line reasons.
+"""Recommendations over any backend: one-pass item scoring or the trie search, then reasons.
 
-The search is ``llmrec.recommend.trie_beam_search`` (the exact code the library and the
-evaluation run), driven here asynchronously: each step's scores come from the backend's
-scorer, so every result is a catalog item, never an excluded one, ranked by the
-log-probability of its title. Reasons come from the same adapter through the explain prompt.
+On an item-token base (``llmrec.model.item_vocab``) a recommendation is ONE engine request:
+the history rendered as the model was trained to read it, the unseen items' tokens as the
+only allowed next tokens, the top k back with their log-probabilities over those items, the
+ranking ``llmrec.recommend.ItemScorer`` computes. On a plain base the search is
+``llmrec.recommend.trie_beam_search`` (the exact code the library runs), driven here
+asynchronously, one engine request per beam step. Either way every result is a catalog
+item, never an excluded one. Reasons come from the same adapter through the explain prompt.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llmrec.data import Catalog
+from llmrec.model.item_vocab import ItemVocab
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend import catalog_trie, trie_beam_search
 from llmrec_serving.engines import Backend, GenerationParams, ServedAdapter
@@ -28,14 +32,33 @@ class Ranked:
     reason: str | None = None
 
 
-class Ranker:
-    """Ranks the catalog for a history on a backend."""
+@dataclass(frozen=True)
+class ItemReading:
+    """How an item-token base reads a history: its vocabulary, rendering and window."""
 
-    def __init__(self, backend: Backend, catalog: Catalog, prompts: PromptBuilder, beam_width: int):
+    vocab: ItemVocab
+    render: str
+    window: int
+
+
+class Ranker:
+    """Ranks the catalog for a history on a backend (in one pass when ``items`` is given)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        catalog: Catalog,
+        prompts: PromptBuilder,
+        beam_width: int,
+        items: ItemReading | None = None,
+    ):
         self.backend = backend
         self.catalog = catalog
         self.prompts = prompts
         self.beam_width = beam_width
+        self.items = items
+        if items is not None:
+            items.vocab.check_catalog(catalog)
         self.trie = catalog_trie(catalog, prompts)
 
     async def rank(
@@ -47,6 +70,8 @@ class Ranker:
         excluded: set[str],
     ) -> list[Ranked]:
         """Top-k catalog items not in ``excluded``, best first."""
+        if self.items is not None:
+            return await self._rank_items(adapter, history, k, context, excluded)
         prompt = self.prompts.recommend_prompt_ids(self.catalog.displays(history), context)
         search = trie_beam_search(self.trie, k, self.beam_width, excluded)
         async with self.backend.scorer(adapter, prompt) as score:
@@ -57,6 +82,31 @@ class Ranker:
             except StopIteration as done:
                 ranked = done.value
         return [Ranked(item_id, self.catalog.display(item_id), s) for s, item_id in ranked]
+
+    async def _rank_items(
+        self,
+        adapter: ServedAdapter | None,
+        history: Sequence[str],
+        k: int,
+        context: str | None,
+        excluded: set[str],
+    ) -> list[Ranked]:
+        items = self.items
+        assert items is not None
+        recent = [i for i in history if i in self.catalog][-items.window :]
+        prompt, _ = self.prompts.item_sequence(
+            [items.vocab.token_id(i) for i in recent],
+            self.catalog.displays(recent),
+            items.render,
+            context,
+        )
+        allowed = [items.vocab.token_id(i) for i in self.catalog.ids if i not in excluded]
+        if not allowed:
+            return []
+        top = await self.backend.top_tokens(adapter, prompt, allowed, k)
+        first = items.vocab.first_token_id
+        ranked = [(items.vocab.item_ids[token - first], score) for token, score in top]
+        return [Ranked(i, self.catalog.display(i), s) for i, s in ranked]
 
     async def explain(
         self,

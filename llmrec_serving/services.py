@@ -28,6 +28,7 @@ from llmrec.model import (
     prepare_base_model,
     resolve_model_path,
 )
+from llmrec.model.item_vocab import ItemVocab, has_item_vocab, history_reading
 from llmrec.prompts import PromptBuilder
 from llmrec_serving.adapters import AdapterRouter
 from llmrec_serving.admission import Admission
@@ -43,7 +44,7 @@ from llmrec_serving.engines import (
 )
 from llmrec_serving.keys import KeyStore
 from llmrec_serving.prometheus import Metrics
-from llmrec_serving.ranking import Ranker
+from llmrec_serving.ranking import ItemReading, Ranker
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,14 @@ def build_backend(cfg: ServingConfig, base_dir: Path, store: AdapterStore, token
     return backend
 
 
+def item_reading(cfg: ServingConfig, base_dir: Path) -> ItemReading | None:
+    """How the served base reads histories, when it is an item-token base."""
+    if not has_item_vocab(base_dir):
+        return None
+    render, window = history_reading(base_dir, cfg.llm.window)
+    return ItemReading(ItemVocab.read(base_dir), render, window)
+
+
 def build_services(cfg: ServingConfig) -> Services:
     """Everything the gateway needs, from the config (the backend starts with the app)."""
     base_dir = base_model_dir(cfg)
@@ -179,7 +188,9 @@ def build_services(cfg: ServingConfig) -> Services:
         cfg=cfg,
         backend=backend,
         router=AdapterRouter(store, backend, cfg.serve.max_cpu_loras, metrics),
-        ranker=Ranker(backend, dataset.catalog, prompts, cfg.recommend.beam_width),
+        ranker=Ranker(
+            backend, dataset.catalog, prompts, cfg.recommend.beam_width, item_reading(cfg, base_dir)
+        ),
         prompts=prompts,
         tokenizer=tokenizer,
         specials=specials_pattern(tokenizer),

@@ -43,13 +43,26 @@ def serving_world(tmp_path_factory, tiny_model_dir):
     users 1, 2, 3 (3 has no adapter: cold start) and an admin, and the config overrides
     that serve them on the tiny model and the tiny data set. ``publish(user, seed)`` adds a
     version. One per test module: tests that publish use users of their own."""
+    return make_serving_world(tmp_path_factory.mktemp("serving"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def item_serving_world(tmp_path_factory, tiny_model_dir, tiny_dataset):
+    """The serving world on the tiny model extended with one token per tiny-catalog item."""
+    from llmrec.model.item_vocab import prepare_item_base
+
+    base = prepare_item_base(tiny_model_dir, tiny_dataset.catalog)
+    return make_serving_world(tmp_path_factory.mktemp("item-serving"), base)
+
+
+def make_serving_world(tmp_path: Path, tiny_model_dir: Path):
+    """The serving world (see ``serving_world``) in ``tmp_path`` over the base ``tiny_model_dir``."""
     from types import SimpleNamespace
 
     from llmrec.adapters import AdapterStore, LoraWeights, module_shapes_for
     from llmrec.model import fingerprint_model_dir
     from llmrec_serving.keys import KeyStore
 
-    tmp_path = tmp_path_factory.mktemp("serving")
     targets = ("q_proj", "v_proj")
     shapes = module_shapes_for(tiny_model_dir)
     fingerprint = fingerprint_model_dir(tiny_model_dir)

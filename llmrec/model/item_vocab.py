@@ -105,7 +105,16 @@ class ItemVocab:
 
 
 def has_item_vocab(model_dir: str | Path) -> bool:
+    """True when ``model_dir`` is an item-token base (trained or not)."""
     return (Path(model_dir) / ITEM_VOCAB_FILE).is_file()
+
+
+def history_reading(model_dir: str | Path, window: int = 50) -> tuple[str, int]:
+    """(render, window) a trained version was trained to read, from its marker; an untrained
+    extended base reads item tokens over ``window`` items."""
+    marker = _read_json(Path(model_dir) / MARKER_FILE) or {}
+    trained = marker.get("llm") or {}
+    return trained.get("render", "items"), int(trained.get("window", window))
 
 
 def title_embedding_init(

@@ -23,7 +23,8 @@ from llmrec.prompts import PromptBuilder
 class ScoredItem:
     item_id: str
     score: float
-    """Log-probability of the item as the next one, over the catalog's item tokens."""
+    """Log-probability of the item as the next one, over the items that could be returned
+    (the unseen, not excluded ones): what an engine with those tokens allowed reports."""
 
 
 def left_pad(
@@ -123,6 +124,8 @@ class ItemScorer:
             for h, x in zip(histories, exclude, strict=True)
         ]
         mask_seen(scores, [sorted(s) for s in seen])
+        scores -= torch.logsumexp(scores, dim=1, keepdim=True)  # renormalise over the rest
+        scores.nan_to_num_(nan=float("-inf"))  # a row with every item seen or excluded
         k = min(k, scores.shape[1])
         top = scores.topk(k, dim=1)
         ranked = []

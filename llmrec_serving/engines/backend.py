@@ -123,6 +123,17 @@ class Backend(Protocol):
     ) -> AbstractAsyncContextManager[Scorer]:
         """A scorer of beam steps after ``prompt_ids`` on ``adapter`` (None: the base)."""
 
+    async def top_tokens(
+        self,
+        adapter: ServedAdapter | None,
+        prompt_ids: Sequence[int],
+        allowed: Sequence[int],
+        k: int,
+    ) -> list[tuple[int, float]]:
+        """The ``k`` most likely next tokens among ``allowed`` after ``prompt_ids``, best
+        first, each with its log-probability renormalised over ``allowed``: one forward pass
+        (an item-token model's full ranking of the unseen items)."""
+
     def chat(
         self, adapter: ServedAdapter | None, messages: Messages, params: GenerationParams
     ) -> AsyncIterator[Delta]:

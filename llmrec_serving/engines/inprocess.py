@@ -48,6 +48,18 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
+@torch.no_grad()
+def _top_tokens(
+    model: torch.nn.Module, prompt_ids: Sequence[int], allowed: Sequence[int], k: int
+) -> list[tuple[int, float]]:
+    ids = torch.tensor([list(prompt_ids)])
+    logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]
+    cols = torch.tensor(list(allowed), dtype=torch.long)
+    logprobs = torch.log_softmax(logits[cols].float(), dim=-1)
+    top = logprobs.topk(min(k, len(cols)))
+    return [(int(cols[i]), float(v)) for v, i in zip(top.values, top.indices, strict=True)]
+
+
 class InProcessBackend:
     """Serves one base model with per-request adapters through a single swappable LoRA."""
 
@@ -115,6 +127,18 @@ class InProcessBackend:
                     return await asyncio.to_thread(local, step)
 
                 yield score
+
+    async def top_tokens(
+        self,
+        adapter: ServedAdapter | None,
+        prompt_ids: Sequence[int],
+        allowed: Sequence[int],
+        k: int,
+    ) -> list[tuple[int, float]]:
+        """One forward pass; the log-softmax over ``allowed`` at the last position, top k."""
+        async with self._lock:
+            with self._active(adapter) as model:
+                return await asyncio.to_thread(_top_tokens, model, prompt_ids, allowed, k)
 
     async def chat(
         self, adapter: ServedAdapter | None, messages: Messages, params: GenerationParams

@@ -24,6 +24,9 @@ import httpx
 
 log = logging.getLogger(__name__)
 
+MAX_TOP_TOKENS = 100
+"""The most log-probabilities one request may ask for (the recommendation API's k cap)."""
+
 _POLL_S = 0.5
 _STOP_GRACE_S = 20.0
 
@@ -67,6 +70,11 @@ class EngineSpec:
             "--block-size", str(self.block_size),
             "--dtype", self.dtype,
             "--disable-uvicorn-access-log",
+            # Log-probabilities after allowed_token_ids, renormalised over them: one request
+            # then ranks an item-token model's unseen items (top_tokens); with no mask the
+            # values equal the raw ones the trie scoring reads.
+            "--logprobs-mode", "processed_logprobs",
+            "--max-logprobs", str(MAX_TOP_TOKENS),
             *self.extra_args,
         ]  # fmt: skip
 

@@ -192,6 +192,32 @@ class VLLMBackend:
                 if token in chunk_set:
                     got[token] = float(logprob)
 
+    async def top_tokens(
+        self,
+        adapter: ServedAdapter | None,
+        prompt_ids: Sequence[int],
+        allowed: Sequence[int],
+        k: int,
+    ) -> list[tuple[int, float]]:
+        """One completions request: ``allowed_token_ids`` masks every other token and
+        ``logprobs=k`` returns the top k, renormalised over the allowed ones because the
+        engine runs with ``--logprobs-mode processed_logprobs`` (the log-softmax after the
+        mask)."""
+        body = self._target(adapter) | {
+            "prompt": list(prompt_ids),
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": k,
+            "allowed_token_ids": list(allowed),
+            "return_tokens_as_token_ids": True,
+        }
+        reply = await self._post("/v1/completions", body)
+        top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
+        allowed_set = set(allowed)
+        ranked = [(int(key.removeprefix(_TOKEN_KEY)), float(v)) for key, v in top.items()]
+        ranked = [(t, v) for t, v in ranked if t in allowed_set]
+        return sorted(ranked, key=lambda tv: -tv[1])[:k]
+
     # ----------------------------------------------------------------- chat
 
     async def chat(

@@ -1,0 +1,97 @@
+"""The gateway on an item-token base: one engine request ranks every unseen item.
+
+In process (transformers + peft) and on the REAL vLLM server (slow): both must return the
+library's one-pass ranking (``ItemScorer``) with the user's own adapter.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from llmrec.model import attach_adapter, load_model
+from llmrec.model.item_vocab import ItemVocab
+from llmrec.prompts import PromptBuilder
+from llmrec.recommend.item_scorer import ItemScorer
+from llmrec_serving.app import create_app, serve_in_thread
+from llmrec_serving.config import load_serving_config
+from llmrec_serving.services import build_services
+
+
+def library_items(world, catalog, user, history, k=5):
+    """The library's one-pass ranking on the world's base with ``user``'s current adapter."""
+    model, tokenizer = load_model(str(world.model_dir))
+    model = attach_adapter(model, world.store.current(user).path).eval()
+    scorer = ItemScorer(model, ItemVocab.read(world.model_dir), catalog, PromptBuilder(tokenizer))
+    return [(r.item_id, r.score) for r in scorer.recommend(history, k=k)]
+
+
+class CountingBackend:
+    """The real backend, counting the one-pass requests the gateway sends it."""
+
+    def __init__(self, backend):
+        self._backend, self.calls = backend, 0
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    async def top_tokens(self, *args, **kwargs):
+        self.calls += 1
+        return await self._backend.top_tokens(*args, **kwargs)
+
+
+def post(client_or_url, world, body):
+    headers = {"Authorization": f"Bearer {world.keys['1']}"}
+    if isinstance(client_or_url, str):
+        r = httpx.post(
+            f"{client_or_url}/v1/recommendations", json=body, headers=headers, timeout=300
+        )
+    else:
+        r = client_or_url.post("/v1/recommendations", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def check_ranking(reply, world, services, history):
+    expected = library_items(world, services.catalog, "1", history)
+    assert reply["adapter"] == "1@v1"
+    assert [i["item_id"] for i in reply["items"]] == [i for i, _ in expected]
+    assert [i["score"] for i in reply["items"]] == pytest.approx(
+        [s for _, s in expected], abs=2e-3
+    )
+    assert not {i["item_id"] for i in reply["items"]} & set(history)
+
+
+def test_one_request_ranks_with_the_users_adapter_in_process(item_serving_world):
+    world = item_serving_world
+    cfg = load_serving_config(None, [*world.overrides, "serve.backend=inprocess"])
+    services = build_services(cfg)
+    assert services.ranker.items is not None
+    counting = CountingBackend(services.backend)
+    services.ranker.backend = counting
+    with TestClient(create_app(services)) as client:
+        history = list(services.profiles.base_histories["1"])
+        reply = post(client, world, {"history": history})
+        assert counting.calls == 1
+        check_ranking(reply, world, services, history)
+        excluded = [i["item_id"] for i in reply["items"][:2]]
+        again = post(client, world, {"history": history, "exclude": excluded})
+        assert not {i["item_id"] for i in again["items"]} & set(excluded)
+        assert [i["item_id"] for i in again["items"][:3]] == [
+            i["item_id"] for i in reply["items"][2:5]
+        ]
+
+
+@pytest.mark.slow
+def test_one_vllm_request_ranks_with_the_users_adapter(item_serving_world, vllm_overrides):
+    world = item_serving_world
+    cfg = load_serving_config(None, [*world.overrides, *vllm_overrides])
+    services = build_services(cfg)
+    counting = CountingBackend(services.backend)
+    services.ranker.backend = counting
+    with serve_in_thread(create_app(services), "127.0.0.1", startup_timeout_s=600) as url:
+        history = list(services.profiles.base_histories["1"])
+        reply = post(url, world, {"history": history})
+        assert counting.calls == 1
+        check_ranking(reply, world, services, history)
