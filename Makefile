@@ -15,8 +15,10 @@ $(VENV)/.setup-stamp: scripts/setup.sh pyproject.toml
 
 # The main job ends by serving: the federated run's adapters over REST, then the stack stops.
 demo: setup
-	$(PY) -m llmrec demo
-	$(PY) -m llmrec serve-demo
+	@start=$$(date +%s); \
+	$(PY) -m llmrec demo && $(PY) -m llmrec serve-demo; rc=$$?; \
+	echo "make demo: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s after set-up (exit $$rc)"; \
+	exit $$rc
 
 # pytest exits 5 when nothing was collected: not a failure of the project.
 # One OpenMP thread per process: the tests start child processes (accelerate, servers), and

@@ -11,6 +11,7 @@ import json
 import logging
 import shlex
 import subprocess
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -381,16 +382,21 @@ def print_report(report) -> None:
 
 @app.command()
 def demo(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
-    """The main job end to end on the embedded defaults: data, base model, a centralized LoRA
-    and a federated cohort's personal adapters, evaluated against the baselines."""
+    """The main job end to end on the embedded defaults: data, base model, the item-token
+    foundation model and a federated cohort's personal adapters, evaluated against the
+    baselines."""
+    start = time.perf_counter()
     cfg = _config(config, overrides)
     console.rule("1/3 data")
     data_stats(config, overrides)
     console.rule("2/3 base model")
     model_prepare(config, overrides, force=False)
-    console.rule("3/3 centralized LoRA + federated shared/personal adapters + evaluation")
+    console.rule("3/3 foundation model + federated shared/personal adapters + evaluation")
     evaluate(config, overrides)
-    console.print(f"[green]demo done[/green]: see {cfg.eval.results_dir}")
+    minutes, seconds = divmod(round(time.perf_counter() - start), 60)
+    console.print(
+        f"[green]demo done[/green] in {minutes} min {seconds:02d} s: see {cfg.eval.results_dir}"
+    )
 
 
 @dev_app.command("make-tiny-model")

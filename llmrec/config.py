@@ -124,11 +124,12 @@ class LLMConfig(BaseModel):
     render: Literal["items", "titles", "both"] = "items"
     """How the model reads a history: item tokens, "- Title" lines, or each token then its
     title."""
-    window: int = Field(50, ge=1)
+    window: int = Field(100, ge=1)
     """Most recent history items the model reads, in training and ranking."""
-    epochs: int = Field(20, ge=1)
-    """At most this many passes; the epoch with the best validation NDCG@k is kept."""
-    patience: int = Field(3, ge=1)
+    epochs: int = Field(3, ge=1)
+    """At most this many passes; the epoch with the best validation NDCG@k is kept.
+    CPU-sized by default, like ``n_users``: the tuned figures use more (docs/experiments.md)."""
+    patience: int = Field(2, ge=1)
     """Stop after this many epochs without a better validation NDCG@k."""
     batch_size: int = Field(16, ge=1)
     """Training sequences per optimizer step."""
@@ -141,8 +142,8 @@ class LLMConfig(BaseModel):
     lora: LoraConfig = LoraConfig(dropout=0.0)
     """The LoRA's shape. No dropout by default: peft's dropout copies every layer input,
     which halves training speed on a CPU."""
-    n_users: int = Field(0, ge=0)
-    """Training users (a seeded sample; 0 = all users)."""
+    n_users: int = Field(100, ge=0)
+    """Training users (a seeded sample; 0 = all users). CPU-sized by default."""
     seed: int = 0
     """Seed of the user sample, the LoRA initialisation, dropout and shuffling."""
     output_dir: Path = Path("outputs/llm")
@@ -322,11 +323,12 @@ class EvalConfig(BaseModel):
             "sasrec",
             "zero-shot",
             "centralized",
+            "llm",
             "shared-only",
             "personal-only",
             "ours",
         ]
-    ] = ["popularity", "itemknn", "sasrec", "zero-shot", "centralized", "ours"]
+    ] = ["popularity", "itemknn", "sasrec", "llm", "ours"]
     """Methods compared side by side on the same users and split. The federated ones
     (shared-only = plain FedAvg, personal-only = local training, ours = shared + personal)
     train with the `fed` section and are evaluated on its cohort, which then becomes

@@ -28,11 +28,13 @@ from llmrec.config import AppConfig
 from llmrec.data import Dataset, Split, dataset_from_config, leave_last_out, user_sort_key
 from llmrec.federated import EXPORT_JSON, RUN_JSON, adapter_for
 from llmrec.finetune import ADAPTER_DIR, next_item_examples, sample_users, train_lora
+from llmrec.foundation import load_foundation, train_foundation
 from llmrec.launch import train_command
 from llmrec.model import attach_adapter, load_base, resolve_model_path
 from llmrec.plots import plot_metric_bars
 from llmrec.prompts import PromptBuilder, template_digests
 from llmrec.recommend import ItemKNN, Popularity, SASRec, build_recommender, mean_metrics
+from llmrec.recommend.item_scorer import ItemScorer
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,9 @@ STORE_DIR = "adapters"
 TRAINED_WITH = "trained_with.json"
 # What a trained adapter depends on; a finished run trained with the same is reused.
 CENTRALIZED_SECTIONS = ("data", "model", "prompts", "lora", "finetune")
+LLM_SECTIONS = ("data", "model", "prompts", "llm")
 FEDERATED_SECTIONS = ("data", "model", "prompts", "lora", "recommend", "fed")
-NOT_INPUTS = [(s, k) for s in ("finetune", "fed") for k in ("output_dir", "store_dir")]
+NOT_INPUTS = [(s, k) for s in ("finetune", "fed", "llm") for k in ("output_dir", "store_dir")]
 
 
 @dataclass
@@ -117,6 +120,16 @@ def _llm_methods(recommender) -> tuple[Ranker, Scorer]:
     return (
         lambda _user, history, k: [r.item_id for r in recommender.recommend(history, k=k)],
         lambda _user, history, item: recommender.item_logprob(history, item),
+    )
+
+
+def _item_methods(scorer: ItemScorer) -> tuple[Ranker, Scorer]:
+    """The one-pass ranking, and the item's log-probability over the whole catalog."""
+    return (
+        lambda _user, history, k: [r.item_id for r in scorer.recommend(history, k=k)],
+        lambda _user, history, item: float(
+            scorer.log_probs([history])[0, scorer.vocab.index(item)]
+        ),
     )
 
 
@@ -191,6 +204,13 @@ def evaluate(cfg: AppConfig, dataset: Dataset | None = None) -> EvalReport:
                 lambda: _llm_methods(build_recommender(cfg, dataset, tuned, tokenizer)),
             )
             report.meta["centralized_adapter"] = str(adapter_dir)
+    if "llm" in methods:
+        start = time.perf_counter()
+        run_dir, reused = llm_foundation(cfg, dataset, split)
+        if not reused:
+            report.seconds["llm-train"] = round(time.perf_counter() - start, 1)
+        run("llm", lambda: _item_methods(load_foundation(run_dir, dataset.catalog, cfg)))
+        report.meta["llm_run"] = str(run_dir)
     for method, run_dir in runs.items():
         run(method, lambda run_dir=run_dir: _store_methods(cfg, dataset, run_dir, users))
         report.meta[f"{method}_run"] = str(run_dir)
@@ -232,6 +252,20 @@ def centralized_adapter(
     adapter_dir = train_centralized(cfg, dataset, split, model, tokenizer)
     write_json_atomic(marker, inputs, sort_keys=True)
     return adapter_dir, False
+
+
+def llm_foundation(cfg: AppConfig, dataset: Dataset, split: Split) -> tuple[Path, bool]:
+    """The trained foundation model for ``cfg``: reused when ``llm.output_dir`` holds one
+    trained with the same inputs, else trained now. Returns (its folder, reused)."""
+    out_dir = Path(cfg.llm.output_dir)
+    inputs = training_inputs(cfg, LLM_SECTIONS)
+    marker = out_dir / TRAINED_WITH
+    if marker.is_file() and json.loads(marker.read_text()) == inputs:
+        log.info("llm: reusing the foundation model trained with this config in %s", out_dir)
+        return out_dir, True
+    train_foundation(cfg, dataset, split)
+    write_json_atomic(marker, inputs, sort_keys=True)
+    return out_dir, False
 
 
 def train_centralized(cfg: AppConfig, dataset: Dataset, split: Split, model, tokenizer) -> Path:

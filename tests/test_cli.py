@@ -63,32 +63,32 @@ def test_unknown_user_is_a_clear_error():
 
 @pytest.mark.slow
 def test_main_job_on_the_real_model(tmp_path):
-    """data -> model -> centralized LoRA + a federated cohort -> evaluation table: the demo's
-    pipeline on the default methods, shrunk to a few users (minutes on CPU)."""
+    """data -> model -> the item-token foundation model + a federated cohort -> evaluation
+    table: the demo's pipeline on the default methods, shrunk to a few users (minutes on CPU)."""
     cmd = [
         sys.executable, "-m", "llmrec", "evaluate",
         "model.dtype=bfloat16",
-        "finetune.n_users=8",
-        "finetune.targets_per_user=2",
-        "finetune.batch_size=4",
+        "llm.n_users=8",
+        "llm.epochs=1",
         "fed.n_users=2", "fed.rounds=1", "fed.clients_per_round=2", "fed.local_steps=1",
         "fed.targets_per_user=8", "fed.val_users=1", "recommend.beam_width=10",
         f"eval.results_dir={tmp_path / 'results'}",
         f"eval.federated_dir={tmp_path / 'federated'}",
-        f"finetune.output_dir={tmp_path / 'centralized'}",
+        f"llm.output_dir={tmp_path / 'llm'}",
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "results" / "eval.json").read_text())
     assert set(report["results"]) == {
-        "popularity", "itemknn", "sasrec", "zero-shot", "centralized", "ours"
+        "popularity", "itemknn", "sasrec", "llm", "ours"
     }  # fmt: skip
     assert report["users"] == 2  # the federated cohort is every method's user sample
     for row in report["results"].values():
         assert 0.0 <= row["NDCG@10"] <= row["HR@10"] <= 1.0
-    for method in ("zero-shot", "centralized", "ours"):
+    for method in ("llm", "ours"):
         assert report["results"][method]["NLL"] > 0 and len(report["test_nll"][method]) == 2
     assert (tmp_path / "results" / "eval.png").stat().st_size > 0
-    assert (tmp_path / "centralized" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "llm" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "llm" / "base" / "item_vocab.json").exists()
     assert list((tmp_path / "federated").glob("ours-*/adapters"))
     assert "NDCG@10" in done.stdout

@@ -1,5 +1,6 @@
 """The item-token foundation model: the extended base, one-pass full ranking, its training."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,9 @@ def test_seen_and_excluded_items_are_never_returned(loaded, tiny_dataset):
     assert not set(returned) & (set(history) | set(exclude))
     assert len(returned) == len(catalog) - len(set(history) | set(exclude))
     assert [r.score for r in got] == sorted((r.score for r in got), reverse=True)
+    # The scores are log-probabilities over the items that could be returned.
+    assert sum(math.exp(r.score) for r in got) == pytest.approx(1.0, abs=1e-5)
+    assert scorer.recommend(history, k=5, exclude=catalog.ids) == []
 
 
 def test_the_window_keeps_the_most_recent_items(loaded, tiny_dataset):

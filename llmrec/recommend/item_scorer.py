@@ -9,6 +9,7 @@ so a history scores the same alone or in any batch).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -125,7 +126,7 @@ class ItemScorer:
         ]
         mask_seen(scores, [sorted(s) for s in seen])
         scores -= torch.logsumexp(scores, dim=1, keepdim=True)  # renormalise over the rest
-        scores.nan_to_num_(nan=float("-inf"))  # a row with every item seen or excluded
+        scores.nan_to_num_(nan=-math.inf, neginf=-math.inf)  # a row with every item masked
         k = min(k, scores.shape[1])
         top = scores.topk(k, dim=1)
         ranked = []
