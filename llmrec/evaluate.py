@@ -238,34 +238,44 @@ def _fingerprint(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def reuse_or_train(out_dir: Path, inputs: dict, train: Callable[[], object], what: str) -> bool:
+    """Run ``train`` unless ``out_dir`` records (``trained_with.json``) that it was trained
+    with ``inputs``; then record them. Returns True when the earlier training was reused."""
+    marker = out_dir / TRAINED_WITH
+    if marker.is_file() and json.loads(marker.read_text()) == inputs:
+        log.info("%s: reusing what was trained with this config in %s", what, out_dir)
+        return True
+    train()
+    write_json_atomic(marker, inputs, sort_keys=True)
+    return False
+
+
 def centralized_adapter(
     cfg: AppConfig, dataset: Dataset, split: Split, model, tokenizer
 ) -> tuple[Path, bool]:
     """The centralized adapter for ``cfg``: reused when ``finetune.output_dir`` holds one
     trained with the same inputs, else trained now. Returns (adapter dir, reused)."""
     out_dir = Path(cfg.finetune.output_dir)
-    inputs = training_inputs(cfg, CENTRALIZED_SECTIONS)
-    marker = out_dir / TRAINED_WITH
-    if marker.is_file() and json.loads(marker.read_text()) == inputs:
-        log.info("centralized: reusing the adapter trained with this config in %s", out_dir)
-        return out_dir / ADAPTER_DIR, True
-    adapter_dir = train_centralized(cfg, dataset, split, model, tokenizer)
-    write_json_atomic(marker, inputs, sort_keys=True)
-    return adapter_dir, False
+    reused = reuse_or_train(
+        out_dir,
+        training_inputs(cfg, CENTRALIZED_SECTIONS),
+        lambda: train_centralized(cfg, dataset, split, model, tokenizer),
+        "centralized",
+    )
+    return out_dir / ADAPTER_DIR, reused
 
 
 def llm_foundation(cfg: AppConfig, dataset: Dataset, split: Split) -> tuple[Path, bool]:
     """The trained foundation model for ``cfg``: reused when ``llm.output_dir`` holds one
     trained with the same inputs, else trained now. Returns (its folder, reused)."""
     out_dir = Path(cfg.llm.output_dir)
-    inputs = training_inputs(cfg, LLM_SECTIONS)
-    marker = out_dir / TRAINED_WITH
-    if marker.is_file() and json.loads(marker.read_text()) == inputs:
-        log.info("llm: reusing the foundation model trained with this config in %s", out_dir)
-        return out_dir, True
-    train_foundation(cfg, dataset, split)
-    write_json_atomic(marker, inputs, sort_keys=True)
-    return out_dir, False
+    reused = reuse_or_train(
+        out_dir,
+        training_inputs(cfg, LLM_SECTIONS),
+        lambda: train_foundation(cfg, dataset, split),
+        "llm",
+    )
+    return out_dir, reused
 
 
 def train_centralized(cfg: AppConfig, dataset: Dataset, split: Split, model, tokenizer) -> Path:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from llmrec.atomic import write_dir_atomic, write_json_atomic
 from llmrec.config import AppConfig, LLMConfig
 from llmrec.data import Catalog, Dataset, Split, user_sort_key
-from llmrec.finetune import peft_lora_config
+from llmrec.finetune import ADAPTER_DIR, IGNORE_INDEX, peft_lora_config
 from llmrec.model.fingerprint import fingerprint_model_dir
 from llmrec.model.item_vocab import ItemVocab, history_reading, save_item_base
 from llmrec.plots import plot_curve
@@ -40,10 +40,9 @@ from llmrec.recommend.metrics import ranking_metrics
 log = logging.getLogger(__name__)
 
 BASE_DIR = "base"
-ADAPTER_DIR = "adapter"
 CURVES_JSON = "curves.json"
 CURVES_PNG = "curves.png"
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from llmrec.data import Catalog
 from llmrec.model.item_vocab import ItemVocab
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend import catalog_trie, trie_beam_search
+from llmrec.recommend.item_scorer import history_prompt
 from llmrec_serving.engines import Backend, GenerationParams, ServedAdapter
 
 
@@ -93,12 +94,8 @@ class Ranker:
     ) -> list[Ranked]:
         items = self.items
         assert items is not None
-        recent = [i for i in history if i in self.catalog][-items.window :]
-        prompt, _ = self.prompts.item_sequence(
-            [items.vocab.token_id(i) for i in recent],
-            self.catalog.displays(recent),
-            items.render,
-            context,
+        prompt = history_prompt(
+            self.prompts, items.vocab, self.catalog, history, items.render, items.window, context
         )
         allowed = [items.vocab.token_id(i) for i in self.catalog.ids if i not in excluded]
         if not allowed:

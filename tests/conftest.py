@@ -56,7 +56,7 @@ def item_serving_world(tmp_path_factory, tiny_model_dir, tiny_dataset):
 
 
 def make_serving_world(tmp_path: Path, tiny_model_dir: Path):
-    """The serving world (see ``serving_world``) in ``tmp_path`` over the base ``tiny_model_dir``."""
+    """The serving world (see ``serving_world``) in ``tmp_path``, over ``tiny_model_dir``."""
     from types import SimpleNamespace
 
     from llmrec.adapters import AdapterStore, LoraWeights, module_shapes_for

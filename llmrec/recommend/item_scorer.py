@@ -42,6 +42,24 @@ def left_pad(
     return ids, mask, positions
 
 
+def history_prompt(
+    prompts: PromptBuilder,
+    vocab: ItemVocab,
+    catalog: Catalog,
+    history: Sequence[str],
+    render: str,
+    window: int,
+    context: str | None = None,
+) -> list[int]:
+    """Token ids whose last position predicts the item after the last ``window`` catalog
+    items of ``history``, rendered as ``render`` (what every engine is sent)."""
+    recent = [i for i in history if i in catalog][-window:]
+    ids, _ = prompts.item_sequence(
+        [vocab.token_id(i) for i in recent], catalog.displays(recent), render, context
+    )
+    return ids
+
+
 def mask_seen(scores: torch.Tensor, seen: Sequence[Sequence[int]]) -> torch.Tensor:
     """``scores`` (B, n_items) with each row's ``seen`` columns set to -inf (in place)."""
     for row, cols in enumerate(seen):
@@ -81,14 +99,9 @@ class ItemScorer:
 
     def sequence(self, history: Sequence[str], context: str | None = None) -> list[int]:
         """Token ids whose last position predicts the item after ``history``."""
-        recent = [i for i in history if i in self.catalog][-self.window :]
-        ids, _ = self.prompts.item_sequence(
-            [self.vocab.token_id(i) for i in recent],
-            self.catalog.displays(recent),
-            self.render,
-            context,
+        return history_prompt(
+            self.prompts, self.vocab, self.catalog, history, self.render, self.window, context
         )
-        return ids
 
     @torch.no_grad()  # not inference_mode: callers mask the returned scores in place
     def log_probs(
