@@ -57,9 +57,7 @@ def check_ranking(reply, world, services, history):
     expected = library_items(world, services.catalog, "1", history)
     assert reply["adapter"] == "1@v1"
     assert [i["item_id"] for i in reply["items"]] == [i for i, _ in expected]
-    assert [i["score"] for i in reply["items"]] == pytest.approx(
-        [s for _, s in expected], abs=2e-3
-    )
+    assert [i["score"] for i in reply["items"]] == pytest.approx([s for _, s in expected], abs=2e-3)
     assert not {i["item_id"] for i in reply["items"]} & set(history)
 
 
