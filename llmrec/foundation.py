@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,12 +198,15 @@ def train_item_model(
     valid: Mapping[str, str],
     cfg: LLMConfig,
     k: int = 10,
+    on_best: Callable[[torch.nn.Module, torch.Tensor, TrainResult], None] | None = None,
 ) -> tuple[torch.nn.Module, torch.Tensor, TrainResult]:
     """Train the LoRA and the item rows on every window of ``train``; keep the best epoch.
 
     Returns the peft model with the kept epoch's weights (item rows written into its
     embedding), the kept item rows in float32, and the curves. Stops early after
-    ``cfg.patience`` epochs without a better validation NDCG@k.
+    ``cfg.patience`` epochs without a better validation NDCG@k. ``on_best(model, rows,
+    result)`` runs after every epoch that improves it (a checkpoint: a run stopped later keeps
+    its best epoch so far).
     """
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -256,6 +259,9 @@ def train_item_model(
             best, since_best = metrics[f"NDCG@{k}"], 0
             best_state = net.trainable_state()
             result.best_epoch, result.best_valid = epoch, metrics
+            if on_best is not None:
+                result.seconds = time.perf_counter() - start
+                on_best(peft_model, net.item_rows.detach().clone(), result)
         else:
             since_best += 1
             if since_best >= cfg.patience:
@@ -334,9 +340,6 @@ def train_foundation(cfg: AppConfig, dataset: Dataset, split: Split) -> Path:
     users = sample_users(sorted(split.train, key=user_sort_key), cfg.llm.n_users, cfg.llm.seed)
     train = {u: split.train[u] for u in users}
     valid = {u: split.valid[u] for u in users if u in split.valid}
-    peft_model, rows, result = train_item_model(
-        model, vocab, dataset.catalog, prompts, train, valid, cfg.llm, cfg.eval.k
-    )
     fields = {
         "kind": "item-foundation",
         "dataset": dataset.name,
@@ -346,7 +349,14 @@ def train_foundation(cfg: AppConfig, dataset: Dataset, split: Split) -> Path:
         "item_base_fingerprint": fingerprint_model_dir(base_dir),
     }
     out_dir = Path(cfg.llm.output_dir)
-    save_foundation(peft_model, rows, base_dir, result, out_dir, fields)
+
+    def save(peft_model: torch.nn.Module, rows: torch.Tensor, result: TrainResult) -> None:
+        save_foundation(peft_model, rows, base_dir, result, out_dir, fields)
+
+    peft_model, rows, result = train_item_model(
+        model, vocab, dataset.catalog, prompts, train, valid, cfg.llm, cfg.eval.k, save
+    )
+    save(peft_model, rows, result)  # the final curves, with the epochs after the best
     return out_dir
 
 
