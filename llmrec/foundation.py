@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 BASE_DIR = "base"
 CURVES_JSON = "curves.json"
 CURVES_PNG = "curves.png"
-IGNORE = IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class HistorySequence:
 
     input_ids: list[int]
     labels: list[int]
-    """Per position, the catalog index of the next item, or ``IGNORE``."""
+    """Per position, the catalog index of the next item, or ``IGNORE_INDEX``."""
 
 
 def history_windows(n: int, window: int) -> list[tuple[int, int, bool]]:
@@ -87,7 +86,7 @@ def history_sequences(
             ids, ends = prompts.item_sequence(
                 [vocab.token_id(i) for i in chunk], catalog.displays(chunk), render
             )
-            labels = [IGNORE] * len(ids)
+            labels = [IGNORE_INDEX] * len(ids)
             for j, item_id in enumerate(chunk):
                 if j or first_is_target:
                     labels[ends[j]] = vocab.index(item_id)
@@ -154,7 +153,7 @@ def _batches(
 def _right_pad(batch: list[HistorySequence], pad_id: int):
     width = max(len(s.input_ids) for s in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, s in enumerate(batch):
         ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
@@ -227,7 +226,7 @@ def train_item_model(
     pad_id = prompts.tokenizer.pad_token_id
     result = TrainResult(best_epoch=0, best_valid={})
     best_state, best, since_best = None, -1.0, 0
-    n_targets = sum(sum(label != IGNORE for label in s.labels) for s in seqs)
+    n_targets = sum(sum(label != IGNORE_INDEX for label in s.labels) for s in seqs)
     log.info(
         "llm: %d sequences, %d targets, render=%s, window=%d",
         len(seqs),
@@ -242,7 +241,7 @@ def train_item_model(
         batches = _batches(seqs, cfg.batch_size, rng)
         for batch in tqdm(batches, desc=f"llm epoch {epoch}", leave=False):
             ids, mask, labels = _right_pad(batch, pad_id)
-            at = labels != IGNORE
+            at = labels != IGNORE_INDEX
             logits = net.item_logits(ids, mask, at)
             loss = torch.nn.functional.cross_entropy(logits, labels[at])
             opt.zero_grad()

@@ -38,25 +38,19 @@ ScoreFn = Callable[[Sequence[Sequence[str]]], np.ndarray]
 
 @dataclass(frozen=True)
 class Task:
-    """One evaluation target per user: input histories, targets, and the items to mask."""
+    """One evaluation target per user: the input histories (masked when ranking) and the
+    targets, in the protocol's user order."""
 
-    users: list[str]
     histories: list[list[str]]
     targets: list[str]
 
     @classmethod
     def valid(cls, split: Split, users: Sequence[str]) -> Task:
-        return cls(
-            list(users), [list(split.train[u]) for u in users], [split.valid[u] for u in users]
-        )
+        return cls([list(split.train[u]) for u in users], [split.valid[u] for u in users])
 
     @classmethod
     def test(cls, split: Split, users: Sequence[str]) -> Task:
-        return cls(
-            list(users),
-            [list(split.history_for_test(u)) for u in users],
-            [split.test[u] for u in users],
-        )
+        return cls([list(split.history_for_test(u)) for u in users], [split.test[u] for u in users])
 
 
 def target_ranks(scores: np.ndarray, task: Task, catalog: Catalog) -> np.ndarray:
@@ -169,16 +163,7 @@ def popularity_scores(catalog: Catalog, train: Mapping[str, Sequence[str]]) -> S
 
 def itemknn_scores(catalog: Catalog, train: Mapping[str, Sequence[str]], **params) -> ScoreFn:
     knn = ItemKNN(catalog, train, **params)
-
-    def score(histories):
-        out = np.zeros((len(histories), len(catalog)), dtype=np.float64)
-        for row, h in enumerate(histories):
-            idx = [catalog.index(i) for i in h if i in catalog]
-            if idx:
-                out[row] = knn.sim[idx].sum(axis=0)
-        return out
-
-    return score
+    return lambda histories: np.stack([knn.scores(h) for h in histories])
 
 
 def sasrec_scores(

@@ -8,10 +8,10 @@ import torch
 
 from llmrec.config import LLMConfig, LoraConfig
 from llmrec.data import leave_last_out
+from llmrec.finetune import IGNORE_INDEX
 from llmrec.foundation import (
     ADAPTER_DIR,
     BASE_DIR,
-    IGNORE,
     history_sequences,
     history_windows,
     save_foundation,
@@ -162,11 +162,11 @@ def test_each_position_is_labelled_with_the_next_item(loaded, tiny_dataset):
     prompts = PromptBuilder(tokenizer)
     history = list(tiny_dataset.histories["1"])
     seqs = history_sequences({"1": history}, catalog, vocab, prompts, "items", window=4)
-    labelled = [label for s in seqs for label in s.labels if label != IGNORE]
+    labelled = [label for s in seqs for label in s.labels if label != IGNORE_INDEX]
     assert labelled == [catalog.index(i) for i in history]
     for s in seqs:  # causal: a label sits just before its own token
         for pos, label in enumerate(s.labels):
-            if label != IGNORE and pos + 1 < len(s.input_ids):
+            if label != IGNORE_INDEX and pos + 1 < len(s.input_ids):
                 assert s.input_ids[pos + 1] == vocab.first_token_id + label
 
 

@@ -21,7 +21,7 @@ TINY_DATA = [
 def test_target_rank_masks_the_history_and_breaks_ties_by_catalog_order(tiny_dataset):
     catalog = tiny_dataset.catalog
     ids = catalog.ids
-    task = Task(["u"], [[ids[0], ids[1]]], [ids[3]])
+    task = Task([[ids[0], ids[1]]], [ids[3]])
     scores = np.zeros((1, len(ids)))
     scores[0, 0] = scores[0, 1] = 10.0  # seen: masked, so not ahead of the target
     assert target_ranks(scores, task, catalog)[0] == 1  # ids[2] ties and comes first

@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,8 +62,10 @@ class ItemVocab:
     first_token_id: int
     item_ids: tuple[str, ...]
     catalog_sha256: str
+    _pos: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # frozen: the lookup table is derived once, here
         object.__setattr__(self, "_pos", {i: j for j, i in enumerate(self.item_ids)})
 
     def __len__(self) -> int:
@@ -71,11 +73,11 @@ class ItemVocab:
 
     def token_id(self, item_id: str) -> int:
         """The vocabulary id of ``item_id``'s token (KeyError if it is not in the vocabulary)."""
-        return self.first_token_id + self._pos[item_id]  # type: ignore[attr-defined]
+        return self.first_token_id + self._pos[item_id]
 
     def index(self, item_id: str) -> int:
         """Position of ``item_id`` in the item block (its column in item scores)."""
-        return self._pos[item_id]  # type: ignore[attr-defined]
+        return self._pos[item_id]
 
     def check_catalog(self, catalog: Catalog) -> None:
         """Raise ItemVocabError unless the vocabulary was built for exactly ``catalog``."""

@@ -68,8 +68,11 @@ class ItemKNN:
             sim = np.where(sim >= cutoff, sim, 0.0)
         self.sim = sim
 
+    def scores(self, history: Sequence[str]) -> np.ndarray:
+        """Every catalog item's summed similarity to ``history`` (zeros for no history)."""
+        idx = [self.catalog.index(i) for i in history]
+        return self.sim[idx].sum(axis=0) if idx else np.zeros(len(self.catalog))
+
     def recommend(self, history: Sequence[str], k: int = 10) -> list[str]:
         """Items most similar to the user's history, unseen ones only."""
-        idx = [self.catalog.index(i) for i in history]
-        scores = self.sim[idx].sum(axis=0) if idx else np.zeros(len(self.catalog))
-        return top_k(scores, self.catalog, history, k)
+        return top_k(self.scores(history), self.catalog, history, k)

@@ -204,7 +204,6 @@ class SASRec:
         for items in train.values():
             for item_id in set(items):
                 self.popularity[catalog.index(item_id)] += 1
-        self.validate = validate
         self.best_epoch = cfg.epochs
         self.valid_curve: list[tuple[int, float]] = []
         inputs, targets = _windows(train, catalog, cfg.max_len)
@@ -212,10 +211,15 @@ class SASRec:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.net = _SASRecNet(len(catalog), cfg).to(cfg.device)
-            self.losses = self._fit(inputs, targets)
+            self.losses = self._fit(inputs, targets, validate)
         self.net.eval()
 
-    def _fit(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    def _fit(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        validate: Callable[[SASRec], float] | None,
+    ) -> list[float]:
         """Next-item training at every position; returns the mean loss of each epoch."""
         cfg, net, n_items = self.cfg, self.net, len(self.catalog)
         gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and negatives
@@ -252,9 +256,9 @@ class SASRec:
                 total, batches = total + loss.item(), batches + 1
             losses.append(total / batches)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if self.validate is not None and (epoch + 1) % cfg.eval_every == 0:
+            if validate is not None and (epoch + 1) % cfg.eval_every == 0:
                 net.eval()
-                score = self.validate(self)
+                score = validate(self)
                 net.train()
                 self.valid_curve.append((epoch + 1, score))
                 if score > best:
@@ -275,14 +279,11 @@ class SASRec:
             )
         return losses
 
-    @torch.inference_mode()
     def scores(self, history: Sequence[str]) -> np.ndarray:
         """Score of every catalog item (catalog order) as the next item after ``history``."""
         if not history:
             raise ValueError("SASRec needs at least one history item to score")
-        ids = [self.catalog.index(i) + 1 for i in history][-self.cfg.max_len :]
-        seq = torch.tensor([ids], dtype=torch.long, device=self.cfg.device)
-        return self.net.item_scores(self.net(seq)[0, -1]).float().cpu().numpy()
+        return self.score_matrix([history])[0]
 
     @torch.inference_mode()
     def score_matrix(self, histories: Sequence[Sequence[str]], batch_size: int = 256) -> np.ndarray:
