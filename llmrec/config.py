@@ -230,6 +230,13 @@ class FedConfig(BaseModel):
 
     n_users: int = Field(16, ge=0)
     """Cohort: a seeded sample of users with a validation item (0 = all such users)."""
+    head: Literal["titles", "items"] = "titles"
+    """What the clients train. "titles": the adapters write the next title (trie decoding).
+    "items": the item-token base (llm section); the item rows are a shared parameter,
+    federated with the shared adapter, and every position of a client's training history is
+    a target (``window`` items per sequence; ``targets_per_*`` are the titles head's)."""
+    window: int = Field(100, ge=1)
+    """Item-token head: history items per training sequence and read when ranking."""
     rounds: int = Field(3, ge=1)
     """Federated rounds (one aggregation of the shared adapter each)."""
     clients_per_round: int = Field(8, ge=1)

@@ -103,6 +103,7 @@ class ItemLM(torch.nn.Module):
 
     def __init__(self, peft_model: torch.nn.Module, vocab: ItemVocab) -> None:
         super().__init__()
+        self.vocab = vocab
         self.peft_model = peft_model
         self.decoder = peft_model.get_base_model().get_decoder()
         self.first = vocab.first_token_id
@@ -272,6 +273,31 @@ def train_item_model(
     return peft_model, net.item_rows.detach().clone(), result
 
 
+def write_item_version(base_dir: Path, item_rows: torch.Tensor, dst: Path, fields: dict) -> Path:
+    """Write ``dst``: the extended base ``base_dir`` with ``item_rows`` as its item rows (an HF
+    folder every engine loads), atomically; returns ``dst``.
+
+    The base is rebuilt from ``base_dir`` in float32 rather than saved from a training model,
+    which may run in bfloat16 and has LoRA layers wrapped around its linear layers.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from llmrec.model.tokenizer import load_tokenizer
+
+    vocab = ItemVocab.read(base_dir)
+    if item_rows.ndim != 2 or item_rows.shape[0] != len(vocab):
+        raise ValueError(f"{len(vocab)} item rows expected, got {tuple(item_rows.shape)}")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        first = vocab.first_token_id
+        base.get_input_embeddings().weight[first : first + len(vocab)] = item_rows.float()
+    base.tie_weights()
+    tokenizer = load_tokenizer(str(base_dir))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_dir_atomic(dst, lambda tmp: save_item_base(base, tokenizer, vocab, tmp, fields))
+    return dst
+
+
 def save_foundation(
     peft_model: torch.nn.Module,
     item_rows: torch.Tensor,
@@ -281,26 +307,8 @@ def save_foundation(
     fields: dict,
 ) -> None:
     """Write the trained version into ``out_dir``: ``base/`` (the extended base ``base_dir``
-    with the trained item rows), ``adapter/`` (the LoRA over it), the curves (JSON, PNG).
-
-    The base is rebuilt from ``base_dir`` in float32 rather than saved from the training
-    model, which may run in bfloat16 and has LoRA layers wrapped around its linear layers.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from llmrec.model.tokenizer import load_tokenizer
-
-    vocab = ItemVocab.read(base_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    with torch.no_grad():
-        first = vocab.first_token_id
-        base.get_input_embeddings().weight[first : first + len(vocab)] = item_rows.float()
-    base.tie_weights()
-    tokenizer = load_tokenizer(str(base_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_dir_atomic(
-        out_dir / BASE_DIR, lambda tmp: save_item_base(base, tokenizer, vocab, tmp, fields)
-    )
+    with the trained item rows), ``adapter/`` (the LoRA over it), the curves (JSON, PNG)."""
+    write_item_version(base_dir, item_rows, out_dir / BASE_DIR, fields)
     write_dir_atomic(out_dir / ADAPTER_DIR, lambda tmp: peft_model.save_pretrained(tmp))
     write_json_atomic(
         out_dir / CURVES_JSON,

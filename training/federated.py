@@ -48,15 +48,14 @@ from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from llmrec.adapters import read_adapter
 from llmrec.atomic import write_json_atomic
 from llmrec.config import AppConfig, ConfigError, FedConfig, load_config
 from llmrec.data import Catalog, Split, dataset_from_config, leave_last_out, user_sort_key
 from llmrec.federated import (
     EXPORT_JSON,
+    ITEM_ROWS_KEY,
     LOSS_PNG,
     RUN_JSON,
-    SHARED_DIR,
     VAL_K,
     VAL_PNG,
     ClientFn,
@@ -65,7 +64,6 @@ from llmrec.federated import (
     PrivacyAccountant,
     ServerOutcome,
     State,
-    build_dual_lora,
     client_examples,
     client_update,
     completed_rounds,
@@ -73,16 +71,18 @@ from llmrec.federated import (
     federated_cohort,
     finite_metrics,
     init_shared_state,
+    load_federated_model,
     mean_or_none,
     open_store,
     prune_personal,
     publish_user,
     read_records,
+    read_round_state,
     remove_partial_rounds,
-    round_dir,
     run_client,
     secure_generator,
     select_clients,
+    served_base,
     server_update,
     shard,
     shared_weights,
@@ -92,10 +92,9 @@ from llmrec.federated import (
     write_round,
 )
 from llmrec.finetune import Example, sample_users
-from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
+from llmrec.model import fingerprint_model_dir
 from llmrec.plots import plot_curve
-from llmrec.prompts import PromptBuilder
-from llmrec.recommend import Recommender, mean_metrics
+from llmrec.recommend import mean_metrics
 
 logger = get_logger(__name__)
 
@@ -145,22 +144,13 @@ class Recipe:
         # The first round this invocation runs: 1, or the one after the last complete one.
         self.start = (done[-1] + 1) if (resume and done) else 1
 
-        self.base_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
-        model, tokenizer = load_model(
-            self.base_path,
-            quantization=cfg.model.quantization,
-            dtype=cfg.model.dtype,
-            device=str(self.accelerator.device),
-        )
-        self.full_model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.dual = build_dual_lora(model, fed, tokenizer.pad_token_id)
-        self.prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
+        loaded = load_federated_model(cfg, self.catalog, str(self.accelerator.device))
+        self.base_path, self.dual, self.prompts = loaded.base_path, loaded.dual, loaded.prompts
+        self.full_model_bytes = loaded.base_bytes
         self.shared, self.records = _restore(fed, self.dual, self.start, done)
         self.accountant = _accountant(fed, len(self.cohort), self.records, self.main)
-        # Validation and export score with the dual LoRA's model (whatever it holds then).
-        self.recommender = Recommender(
-            self.dual.model, tokenizer, self.catalog, self.prompts, cfg.recommend.beam_width
-        )
+        # Validation and export rank with the dual LoRA's model (whatever it holds then).
+        self.ranker = loaded.ranker
         self.examples: dict[str, list[Example]] = {}
         self.round_started = 0.0
 
@@ -245,7 +235,7 @@ class Recipe:
         for user_id in self._mine(self.val_users):
             ranked, target, loss = validate_user(
                 self.dual,
-                self.recommender,
+                self.ranker,
                 self.split,
                 self.out,
                 user_id,
@@ -308,7 +298,7 @@ class Recipe:
             weights = (
                 shared_weights(self.shared, fed, self.dual.base_model) if fed.shared_rank else None
             )
-            write_round(self.out, server_round, record, weights)
+            write_round(self.out, server_round, record, weights, self.shared.get(ITEM_ROWS_KEY))
             self.records.append(record)
             _write_metrics(self.out, self.records, fed.val_every)
             # Older personal versions are no longer needed: this round is on disk for good.
@@ -342,7 +332,7 @@ class Recipe:
     def _examples_of(self, user_id: str) -> list[Example]:
         if user_id not in self.examples:  # tokenized once per process
             self.examples[user_id] = client_examples(
-                self.split, self.catalog, self.prompts, self.fed, user_id
+                self.split, self.catalog, self.prompts, self.fed, user_id, self.dual.vocab
             )
         return self.examples[user_id]
 
@@ -400,7 +390,7 @@ def _restore(fed: FedConfig, dual: DualLora, start: int, done: list[int]) -> tup
     if start == 1:
         return init_shared_state(dual, fed.seed), []
     out = Path(fed.output_dir)
-    shared = read_adapter(round_dir(out, start - 1) / SHARED_DIR).state if fed.shared_rank else {}
+    shared = read_round_state(out, start - 1)
     logger.info("resuming after round %d", start - 1, main_process_only=True)
     return shared, read_records(out, done)
 
@@ -453,10 +443,16 @@ def _export(recipe: Recipe) -> None:
     if previous.get("round") == final:
         logger.info("round %d already exported to %s", final, fed.store_dir)
         return
-    fingerprint = fingerprint_model_dir(recipe.base_path)
-    store = open_store(fed, recipe.base_path)
+    base = served_base(recipe.base_path, recipe.shared, out, fed)
+    fingerprint = fingerprint_model_dir(base)
+    store = open_store(fed, base)
     metrics = finite_metrics(recipe.records[-1]) if recipe.records else {}
-    record: dict[str, Any] = {"round": final, "base_fingerprint": fingerprint, "users": {}}
+    record: dict[str, Any] = {
+        "round": final,
+        "base": base,
+        "base_fingerprint": fingerprint,
+        "users": {},
+    }
     if fed.shared_rank:
         ref = store.publish_shared(
             shared_weights(recipe.shared, fed, dual.base_model),
@@ -468,7 +464,7 @@ def _export(recipe: Recipe) -> None:
     gates: list[float] = []
     if fed.personal_rank:
         scales = record["personal_scale"] = {}
-        validation = (recipe.recommender, recipe.split)
+        validation = (recipe.ranker, recipe.split)
         for user_id in tqdm(recipe.cohort, desc="export", leave=False):
             published = publish_user(
                 store, out, user_id, recipe.shared, dual, fingerprint, final, metrics, validation

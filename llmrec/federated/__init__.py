@@ -65,6 +65,7 @@ from .cohort import (
 from .dual_lora import (
     ADAPTER_GATE_KEY,
     GATE_SUFFIX,
+    ITEM_ROWS_KEY,
     PERSONAL,
     SHARED,
     DualLora,
@@ -82,6 +83,7 @@ from .export import (
     finite_metrics,
     open_store,
     publish_user,
+    served_base,
     shared_weights,
     user_weights,
 )
@@ -93,14 +95,17 @@ from .gates import (
 from .layout import (
     CLIENTS_DIR,
     EXPORT_JSON,
+    ITEM_ROWS_FILE,
     LOSS_PNG,
     METRICS_JSON,
     ROUND_JSON,
     RUN_JSON,
+    SERVED_BASE_DIR,
     SHARED_DIR,
     VAL_PNG,
     completed_rounds,
     read_records,
+    read_round_state,
     remove_partial_rounds,
     round_dir,
     write_metrics,
@@ -129,14 +134,27 @@ from .server import (
     mean_or_none,
     server_update,
 )
+from .setup import (
+    FederatedModel,
+    load_federated_model,
+)
 from .validation import (
     VAL_K,
+    Ranker,
     pick_personal_scale,
     validate_user,
     validation_loss,
 )
 
 __all__ = [
+    "Ranker",
+    "load_federated_model",
+    "FederatedModel",
+    "read_round_state",
+    "served_base",
+    "SERVED_BASE_DIR",
+    "ITEM_ROWS_FILE",
+    "ITEM_ROWS_KEY",
     "ADAPTER_GATE_KEY",
     "AGGREGATORS",
     "CLIENTS_DIR",

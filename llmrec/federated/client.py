@@ -32,9 +32,11 @@ from llmrec.federated.client_state import load_personal, personal_path, save_per
 from llmrec.federated.dual_lora import DualLora, State, init_personal_state
 from llmrec.federated.gates import scale_personal
 from llmrec.federated.seeds import derive_seed
-from llmrec.finetune import Example, collate, next_item_examples
+from llmrec.finetune import IGNORE_INDEX, Example, collate, next_item_examples
+from llmrec.foundation import history_sequences
 
 if TYPE_CHECKING:
+    from llmrec.model.item_vocab import ItemVocab
     from llmrec.prompts import PromptBuilder
 
 
@@ -73,13 +75,23 @@ class ClientResult:
 
 
 def client_examples(
-    split: Split, catalog: Catalog, prompts: PromptBuilder, cfg: FedConfig, user_id: str
+    split: Split,
+    catalog: Catalog,
+    prompts: PromptBuilder,
+    cfg: FedConfig,
+    user_id: str,
+    vocab: ItemVocab | None = None,
 ) -> list[Example]:
     """One client's training examples: the last ``targets_per_user`` positions of its own
-    training history. The last ``decoupling.holdout_targets`` of them form one sequence
+    training history (titles head), or every position of it (item-token head, ``vocab``
+    given). The last ``decoupling.holdout_targets`` of them form one sequence
     marked ``holdout``: never trained on, it is the client's own validation data (with the
     validation item it picks the personal scale at export). The same for every variant, so
     that shared-only and ours train their shared parts on the same data."""
+    if cfg.head == "items":
+        if vocab is None:
+            raise ValueError("fed.head='items' needs the item vocabulary")
+        return _item_examples(split.train[user_id], catalog, prompts, cfg, vocab)
     history = split.train[user_id]
     k = min(cfg.decoupling.holdout_targets, cfg.targets_per_user - 1, max(0, len(history) - 2))
     examples = next_item_examples(
@@ -92,6 +104,34 @@ def client_examples(
     if k:
         tail = next_item_examples({user_id: history}, catalog, prompts, per_user=k, per_example=k)
         examples += [dataclasses.replace(e, holdout=True) for e in tail]
+    return examples
+
+
+def _item_examples(
+    history: Sequence[str],
+    catalog: Catalog,
+    prompts: PromptBuilder,
+    cfg: FedConfig,
+    vocab: ItemVocab,
+) -> list[Example]:
+    """Item-token examples: every window of the history before the holdout targets, then one
+    holdout sequence whose last ``holdout_targets`` positions alone are labelled."""
+    items = [i for i in history if i in catalog]
+    k = min(cfg.decoupling.holdout_targets, max(0, len(items) - 2))
+    seqs = history_sequences(
+        {"client": items[: len(items) - k]}, catalog, vocab, prompts, "items", cfg.window
+    )
+    examples = [
+        Example(s.input_ids, s.labels, sum(label != IGNORE_INDEX for label in s.labels))
+        for s in seqs
+    ]
+    if k:
+        chunk = items[-(cfg.window + 1) :]
+        ids, ends = prompts.item_sequence([vocab.token_id(i) for i in chunk], [""] * len(chunk))
+        labels = [IGNORE_INDEX] * len(ids)
+        for j in range(len(chunk) - k, len(chunk)):
+            labels[ends[j]] = vocab.index(chunk[j])
+        examples.append(Example(ids, labels, k, holdout=True))
     return examples
 
 
@@ -196,7 +236,6 @@ def _local_steps(
     cfg = dual.cfg
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     dual.model.train()
-    device = dual.device
     mu = cfg.decoupling.prox_mu
     order: list[int] = []
     losses: list[float] = []
@@ -204,8 +243,7 @@ def _local_steps(
         if len(order) < cfg.local_batch_size:  # reshuffle when an epoch runs out
             order += torch.randperm(len(examples), generator=gen).tolist()
         batch_ids, order = order[: cfg.local_batch_size], order[cfg.local_batch_size :]
-        batch = collate([examples[i] for i in batch_ids], dual.pad_id)
-        loss = dual.model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
+        loss = dual.loss(collate([examples[i] for i in batch_ids], dual.pad_id))
         objective = loss
         if mu and prox_anchor is not None:
             drift = sum(

@@ -23,6 +23,14 @@ and rescales gates in a saved personal state.
 Key names: tensors are keyed as in a saved PEFT adapter
 (``base_model.model.<module>.lora_A.weight``); :func:`saved_key` is the one bridge from peft's
 in-memory names.
+
+The item-token head (``fed.head="items"``, over the extended base of
+:mod:`llmrec.model.item_vocab`): the item rows, each item's input embedding and output-head
+row at once, are one more shared tensor (:data:`ITEM_ROWS_KEY`), trained by every client and
+averaged with the shared adapter, so what users share about items is federated and nothing
+of the base but those rows changes. The loss is the cross-entropy of the next item over the
+item tokens at every labelled position (:meth:`DualLora.loss`). With ``shared_rank=0`` (the
+personal-only ablation) nothing is federated and the rows keep their title initialisation.
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ import torch
 from llmrec.adapters import KEY_PREFIX
 from llmrec.config import FedConfig
 from llmrec.federated.seeds import derive_seed
+from llmrec.finetune import IGNORE_INDEX
+from llmrec.foundation import ItemLM
+from llmrec.model.item_vocab import ItemVocab
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +58,9 @@ GATE_SUFFIX = ".gate"
 """Personal-state key of a module's gate logit: ``base_model.model.<module>.gate``."""
 ADAPTER_GATE_KEY = "gate"
 """Personal-state key of the single gate logit in ``gate="adapter"`` mode."""
+
+ITEM_ROWS_KEY = "item_rows"
+"""Shared-state key of the item-token rows (item-token head only): (n_items, hidden)."""
 
 State = dict[str, torch.Tensor]
 """Tensors keyed as in a saved PEFT adapter (``base_model.model.<module>.lora_A.weight``)."""
@@ -90,18 +104,50 @@ class DualLora:
     shared: dict[str, torch.nn.Parameter] = field(default_factory=dict)
     personal: dict[str, torch.nn.Parameter] = field(default_factory=dict)
     gates: dict[str, torch.nn.Parameter] = field(default_factory=dict)
+    items: ItemLM | None = None
+    """The item-token head (its rows are ``shared[ITEM_ROWS_KEY]``); None for titles."""
+    initial_rows: torch.Tensor | None = None
+    """The extended base's item rows, the round-0 value of ``shared[ITEM_ROWS_KEY]``."""
 
     @property
     def device(self) -> torch.device:
         return next(iter({**self.shared, **self.personal}.values())).device
 
+    @property
+    def vocab(self) -> ItemVocab | None:
+        """The item vocabulary of the item-token head (None for the titles head)."""
+        return self.items.vocab if self.items is not None else None
+
     def load(self, shared_state: Mapping[str, torch.Tensor], personal_state: State) -> None:
-        """Copy a client's downloaded shared state and its own personal state into the model."""
+        """Copy a client's downloaded shared state and its own personal state into the model
+        (item rows included, into the embedding too: ranking reads them there)."""
         with torch.no_grad():
             for key, param in self.shared.items():
                 param.copy_(shared_state[key])
             for key, param in {**self.personal, **self.gates}.items():
                 param.copy_(personal_state[key])
+        if self.items is not None:
+            self.items.write_rows()
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean training loss of a collated batch (``llmrec.finetune.collate``).
+
+        Titles head: the causal LM loss of the labelled tokens. Item-token head: ``labels``
+        holds, per position, the catalog index of the item to predict there; the loss is the
+        cross-entropy over the item tokens.
+        """
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.items is None:
+            return self.model(**batch, use_cache=False).loss
+        at = batch["labels"] != IGNORE_INDEX
+        logits = self.items.item_logits(batch["input_ids"], batch["attention_mask"], at)
+        return torch.nn.functional.cross_entropy(logits, batch["labels"][at])
+
+    def scored_positions(self, labels: Sequence[int]) -> int:
+        """How many predictions :meth:`loss` averages over in one example's ``labels``."""
+        # The LM loss shifts: label t is predicted at t - 1, and label 0 never is.
+        scored = labels if self.items is not None else labels[1:]
+        return sum(label != IGNORE_INDEX for label in scored)
 
     def shared_state(self) -> State:
         """A float32 CPU copy of the shared adapter."""
@@ -128,17 +174,24 @@ def _peft_config(rank: int, alpha: float, targets: Sequence[str]):
     )
 
 
-def build_dual_lora(model: torch.nn.Module, cfg: FedConfig, pad_id: int) -> DualLora:
+def build_dual_lora(
+    model: torch.nn.Module, cfg: FedConfig, pad_id: int, vocab: ItemVocab | None = None
+) -> DualLora:
     """Wrap the frozen base in peft with the two LoRA adapters (and gate hooks), both trainable.
 
     ``cfg.target_modules`` must be resolved (``AppConfig`` does it). Adapter weights are
     float32 whatever the base dtype (peft upcasts them), so updates are not rounded to bf16.
+    With ``cfg.head="items"``, ``model`` is an extended base and ``vocab`` its item vocabulary:
+    the item rows become a shared float32 parameter.
     """
     from peft import get_peft_model
 
     targets = cfg.target_modules
     if not targets:
         raise ValueError("fed.target_modules is empty (load the config through AppConfig)")
+    if (cfg.head == "items") != (vocab is not None):
+        need = "an" if vocab is None else "no"
+        raise ValueError(f"fed.head={cfg.head!r} needs {need} item vocabulary")
     names = [n for n, r in ((SHARED, cfg.shared_rank), (PERSONAL, cfg.personal_rank)) if r]
     ranks = {
         SHARED: (cfg.shared_rank, cfg.shared_alpha),
@@ -158,6 +211,13 @@ def build_dual_lora(model: torch.nn.Module, cfg: FedConfig, pad_id: int) -> Dual
             key = saved_key(param_name, name)
             if key is not None:
                 table[key] = param
+    if vocab is not None:
+        dual.items = ItemLM(peft_model, vocab)
+        dual.initial_rows = dual.items.item_rows.detach().cpu().clone()
+        if cfg.shared_rank:
+            dual.shared[ITEM_ROWS_KEY] = dual.items.item_rows
+        else:
+            dual.items.item_rows.requires_grad_(False)
     frozen = [k for k, p in {**dual.shared, **dual.personal}.items() if not p.requires_grad]
     if frozen:
         raise RuntimeError(f"adapter weights not trainable after set_adapter: {frozen[:3]}")
@@ -168,7 +228,7 @@ def build_dual_lora(model: torch.nn.Module, cfg: FedConfig, pad_id: int) -> Dual
         cfg.shared_rank,
         cfg.personal_rank,
         cfg.decoupling.gate,
-        len({module_of(k) for k in {**dual.shared, **dual.personal}}),
+        len({module_of(k) for k in {**dual.shared, **dual.personal} if k != ITEM_ROWS_KEY}),
     )
     return dual
 
@@ -213,8 +273,14 @@ def _lora_init(table: Mapping[str, torch.nn.Parameter], generator: torch.Generat
 
 
 def init_shared_state(dual: DualLora, seed: int) -> State:
-    """The round-0 shared adapter, a function of ``seed`` only (B = 0: the base's output)."""
-    return _lora_init(dual.shared, torch.Generator().manual_seed(derive_seed(seed, SHARED)))
+    """The round-0 shared adapter, a function of ``seed`` only (B = 0: the base's output),
+    and the extended base's item rows for the item-token head."""
+    lora = {k: p for k, p in dual.shared.items() if k != ITEM_ROWS_KEY}
+    state = _lora_init(lora, torch.Generator().manual_seed(derive_seed(seed, SHARED)))
+    if ITEM_ROWS_KEY in dual.shared:
+        assert dual.initial_rows is not None
+        state[ITEM_ROWS_KEY] = dual.initial_rows.clone()
+    return state
 
 
 def init_personal_state(dual: DualLora, seed: int, user_id: str) -> State:

@@ -20,13 +20,13 @@ from llmrec.adapters import DEFAULT_MAX_RANK, AdapterStore, LoraWeights, module_
 from llmrec.config import FedConfig
 from llmrec.data import Split
 from llmrec.federated.client_state import load_personal
-from llmrec.federated.dual_lora import DualLora, State, module_of
+from llmrec.federated.dual_lora import ITEM_ROWS_KEY, DualLora, State, module_of
 from llmrec.federated.gates import gate_values, personal_weight_mean, scale_personal
-from llmrec.federated.validation import pick_personal_scale
+from llmrec.federated.layout import SERVED_BASE_DIR
+from llmrec.federated.validation import Ranker, pick_personal_scale
 
 if TYPE_CHECKING:
     from llmrec.adapters import AdapterRef
-    from llmrec.recommend import Recommender
 
 
 def _weights(
@@ -94,6 +94,27 @@ def user_weights(
     return stack(shared, personal)
 
 
+def served_base(
+    base_path: str, shared_state: Mapping[str, torch.Tensor], out_dir: Path, cfg: FedConfig
+) -> str:
+    """The base users are served on: ``base_path`` itself (titles head), or for the
+    item-token head a new foundation-model version, ``base_path`` with the federated item
+    rows of ``shared_state``, written to ``out_dir/base`` (replaced if there); its marker
+    tells a reader to read ``cfg.window`` items as item tokens."""
+    if ITEM_ROWS_KEY not in shared_state:
+        return base_path
+    from llmrec.foundation import write_item_version
+    from llmrec.model import fingerprint_model_dir
+
+    fields = {
+        "kind": "federated-item-base",
+        "item_base_fingerprint": fingerprint_model_dir(base_path),
+        "llm": {"render": "items", "window": cfg.window},
+    }
+    dst = Path(out_dir) / SERVED_BASE_DIR
+    return str(write_item_version(Path(base_path), shared_state[ITEM_ROWS_KEY], dst, fields))
+
+
 def adapter_for(store: AdapterStore, user_id: str) -> AdapterRef | None:
     """The adapter to serve ``user_id``: their own current version, else the shared one.
 
@@ -147,7 +168,7 @@ def publish_user(
     base_fingerprint: str,
     server_round: int,
     metrics: Mapping[str, float],
-    validation: tuple[Recommender, Split] | None = None,
+    validation: tuple[Ranker, Split] | None = None,
 ) -> Published | None:
     """Publish the user's stacked adapter after ``server_round``; None if the user never trained.
 

@@ -3,8 +3,11 @@
 ::
 
     run.json              the run: config, cohort, validation users (written once)
-    round-XXXX/           after round XXXX: shared/ (the shared adapter, a PEFT folder)
+    round-XXXX/           after round XXXX: shared/ (the shared adapter, a PEFT folder),
+                          item_rows.safetensors (item-token head: the shared item rows)
                           and round.json (the round's record)
+    base/                 item-token head: the served foundation-model version, the
+                          extended base with the final federated item rows (an HF folder)
     metrics.json          {"rounds": [every round's record]}, rewritten after each round
     loss.png, val_hr.png  the curves of the accelerate runner
     export.json           what was published to the adapter store after the last round
@@ -25,8 +28,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llmrec.adapters import LoraWeights, write_adapter
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmrec.adapters import LoraWeights, read_adapter, write_adapter
 from llmrec.atomic import write_dir_atomic, write_json_atomic
+from llmrec.federated.dual_lora import ITEM_ROWS_KEY
 
 RUN_JSON = "run.json"
 ROUND_JSON = "round.json"
@@ -36,6 +43,10 @@ METRICS_JSON = "metrics.json"
 EXPORT_JSON = "export.json"
 LOSS_PNG = "loss.png"
 VAL_PNG = "val_hr.png"
+ITEM_ROWS_FILE = "item_rows.safetensors"
+"""File of ``round-XXXX/`` holding the shared item rows (item-token head)."""
+SERVED_BASE_DIR = "base"
+"""Sub-folder of the run folder holding the served item-token base after export."""
 CLIENTS_DIR = "clients"
 """Sub-folder of a client's folder holding ``<user>/personal-rXXXX.safetensors``."""
 _ROUND_RE = re.compile(r"^round-(\d{4,})$")
@@ -65,9 +76,14 @@ def read_records(output_dir: Path, rounds: Sequence[int]) -> list[dict[str, Any]
 
 
 def write_round(
-    output_dir: Path, server_round: int, record: dict[str, Any], shared: LoraWeights | None
+    output_dir: Path,
+    server_round: int,
+    record: dict[str, Any],
+    shared: LoraWeights | None,
+    item_rows: torch.Tensor | None = None,
 ) -> None:
-    """Write (or replace) ``round-XXXX/``: the shared adapter, if any, and ``round.json``.
+    """Write (or replace) ``round-XXXX/``: the shared adapter, if any, the shared item rows,
+    if any, and ``round.json``.
 
     Built in a hidden temp folder and renamed, so a reader sees it whole or not at all.
     """
@@ -75,9 +91,23 @@ def write_round(
     def fill(tmp: Path) -> None:
         if shared is not None:
             write_adapter(shared, tmp / SHARED_DIR)
+        if item_rows is not None:
+            save_file({ITEM_ROWS_KEY: item_rows.float().contiguous()}, tmp / ITEM_ROWS_FILE)
         write_json_atomic(tmp / ROUND_JSON, record, allow_nan=False)
 
     write_dir_atomic(round_dir(output_dir, server_round), fill)
+
+
+def read_round_state(output_dir: Path, server_round: int) -> dict[str, torch.Tensor]:
+    """The shared state after ``server_round``: the shared adapter's tensors (if it was
+    written) and the item rows (if they were)."""
+    folder = round_dir(output_dir, server_round)
+    state: dict[str, torch.Tensor] = {}
+    if (folder / SHARED_DIR).is_dir():
+        state.update(read_adapter(folder / SHARED_DIR).state)
+    if (folder / ITEM_ROWS_FILE).is_file():
+        state[ITEM_ROWS_KEY] = load_file(folder / ITEM_ROWS_FILE)[ITEM_ROWS_KEY]
+    return state
 
 
 def remove_partial_rounds(output_dir: Path) -> None:

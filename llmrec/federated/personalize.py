@@ -81,6 +81,9 @@ class Personalizer:
         fed = cfg.fed
         if not fed.personal_rank:
             raise RefreshError("fed.personal_rank is 0: there is no personal adapter to refresh")
+        if fed.head == "items":
+            # A refresh would train over the run's served base (its federated item rows).
+            raise RefreshError("a local refresh trains the titles head; fed.head is 'items'")
         self.cfg = cfg
         self.catalog = catalog
         base_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,9 +20,11 @@ from llmrec.federated.client_state import load_personal
 from llmrec.federated.dual_lora import DualLora, State, init_personal_state
 from llmrec.federated.gates import scale_personal
 from llmrec.finetune import IGNORE_INDEX, Example, collate
+from llmrec.recommend.item_scorer import ItemScorer
+from llmrec.recommend.recommender import Recommender
 
-if TYPE_CHECKING:
-    from llmrec.recommend import Recommender
+Ranker = Recommender | ItemScorer
+"""What validation ranks with: the trie decoder (titles head) or the item scorer."""
 
 VAL_K = 10
 """Cut-off of the validation HR/NDCG."""
@@ -31,7 +32,7 @@ VAL_K = 10
 
 def validate_user(
     dual: DualLora,
-    recommender: Recommender,
+    recommender: Ranker,
     split: Split,
     client_dir: Path,
     user_id: str,
@@ -55,12 +56,16 @@ def validate_user(
     return [x.item_id for x in ranked], target, validation_loss(dual, recommender, split, user_id)
 
 
-def validation_loss(dual: DualLora, recommender: Recommender, split: Split, user_id: str) -> float:
+def validation_loss(dual: DualLora, recommender: Ranker, split: Split, user_id: str) -> float:
     """Mean answer-token NLL of the user's validation item with what the dual LoRA holds now."""
     return _answer_loss(dual, [_validation_example(recommender, split, user_id)])
 
 
-def _validation_example(recommender: Recommender, split: Split, user_id: str) -> Example:
+def _validation_example(recommender: Ranker, split: Split, user_id: str) -> Example:
+    if isinstance(recommender, ItemScorer):  # the item-token head: the next item's index
+        ids = recommender.sequence(split.history_for_valid(user_id))
+        label = recommender.vocab.index(split.valid[user_id])
+        return Example(ids, [IGNORE_INDEX] * (len(ids) - 1) + [label])
     prompts = recommender.prompts
     history = recommender.history_titles(split.history_for_valid(user_id))
     prompt = prompts.recommend_prompt_ids(history)
@@ -74,16 +79,15 @@ def _answer_loss(dual: DualLora, examples: Sequence[Example]) -> float:
     dual.model.eval()
     with torch.inference_mode():
         for example in examples:
-            inputs = {k: v.to(dual.device) for k, v in collate([example], dual.pad_id).items()}
-            n = sum(label != IGNORE_INDEX for label in example.labels[1:])
-            total += float(dual.model(**inputs, use_cache=False).loss) * n
+            n = dual.scored_positions(example.labels)
+            total += float(dual.loss(collate([example], dual.pad_id))) * n
             tokens += n
     return total / tokens
 
 
 def pick_personal_scale(
     dual: DualLora,
-    recommender: Recommender,
+    recommender: Ranker,
     split: Split,
     user_id: str,
     shared_state: State,
@@ -97,7 +101,9 @@ def pick_personal_scale(
     than generalized is turned down for that user only.
     """
     cfg = dual.cfg
-    examples = client_examples(split, recommender.catalog, recommender.prompts, cfg, user_id)
+    examples = client_examples(
+        split, recommender.catalog, recommender.prompts, cfg, user_id, dual.vocab
+    )
     scored = holdout_examples(examples) + [_validation_example(recommender, split, user_id)]
     losses = {}
     for scale in sorted(set(cfg.decoupling.personal_scales)):

@@ -40,9 +40,10 @@ from llmrec.data import Split, dataset_from_config, leave_last_out
 from llmrec.federated import (
     VAL_K,
     DualLora,
-    build_dual_lora,
+    Ranker,
     client_examples,
     federated_cohort,
+    load_federated_model,
     open_store,
     prune_personal,
     publish_user,
@@ -50,9 +51,9 @@ from llmrec.federated import (
     validate_user,
 )
 from llmrec.finetune import Example
-from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
+from llmrec.model import fingerprint_model_dir
 from llmrec.prompts import PromptBuilder
-from llmrec.recommend import Recommender, hit_rate_at_k, ndcg_at_k
+from llmrec.recommend import hit_rate_at_k, ndcg_at_k
 
 from .codec import CONFIG_KEY, EXPORT_KEY, ROUND_KEY, from_ndarrays, node_config, to_ndarrays
 
@@ -69,7 +70,7 @@ class Runtime:
     keys: list[str]
     prompts: PromptBuilder
     split: Split
-    recommender: Recommender
+    recommender: Ranker
     cohort: list[str]
     _examples: dict[str, list[Example]] = field(default_factory=dict)
 
@@ -77,7 +78,7 @@ class Runtime:
         if user_id not in self._examples:
             catalog = self.recommender.catalog
             self._examples[user_id] = client_examples(
-                self.split, catalog, self.prompts, self.cfg.fed, user_id
+                self.split, catalog, self.prompts, self.cfg.fed, user_id, self.dual.vocab
             )
         return self._examples[user_id]
 
@@ -88,23 +89,15 @@ def runtime(cfg_json: str, overrides: str) -> Runtime:
     cfg = node_config(cfg_json, overrides)
     dataset = dataset_from_config(cfg)
     split = leave_last_out(dataset.histories)
-    base_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
-    model, tokenizer = load_model(
-        base_path, quantization=cfg.model.quantization, dtype=cfg.model.dtype
-    )
-    dual = build_dual_lora(model, cfg.fed, tokenizer.pad_token_id)
-    prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
-    recommender = Recommender(
-        dual.model, tokenizer, dataset.catalog, prompts, cfg.recommend.beam_width
-    )
+    loaded = load_federated_model(cfg, dataset.catalog)
     return Runtime(
         cfg,
-        base_path,
-        dual,
-        sorted(dual.shared),
-        prompts,
+        loaded.base_path,
+        loaded.dual,
+        sorted(loaded.dual.shared),
+        loaded.prompts,
         split,
-        recommender,
+        loaded.ranker,
         federated_cohort(split, cfg.fed),
     )
 

@@ -60,6 +60,9 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
     fed = cfg.fed
     if not fed.shared_rank:
         raise ValueError("fed.shared_rank=0 federates nothing: run training/federated.py")
+    if fed.head == "items":
+        # Its clients would each need the served base (the item rows) to publish against.
+        raise ValueError("fed.head='items' runs with training/federated.py, not under Flower")
     if fed.dp.enabled and fed.dp.seed is not None:
         log.warning("fed.dp.seed has no effect under Flower: its DP noise is never seeded")
     out = Path(fed.output_dir)

@@ -1,0 +1,176 @@
+"""Federated training of the item-token head: the item rows are shared, every position of a
+client's history is a target, and what is served is exactly what the clients trained.
+
+The tiny 2-layer Llama extended with one token per item of the 20-user synthetic fixture;
+the accelerate runner in-process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmrec import federated as F
+from llmrec.adapters import AdapterStore
+from llmrec.config import load_config
+from llmrec.data import leave_last_out
+from llmrec.finetune import IGNORE_INDEX
+from llmrec.model import attach_adapter, fingerprint_model_dir, load_model
+from llmrec.model.item_vocab import ItemVocab, history_reading, prepare_item_base
+from llmrec.prompts import PromptBuilder
+from llmrec.recommend.item_scorer import ItemScorer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_YAML = ROOT / "training" / "configs" / "tiny.yaml"
+FIXTURE = ROOT / "tests" / "fixtures" / "tiny"
+
+
+def _cfg(model_dir: Path, out: Path, *extra: str):
+    return load_config(
+        TINY_YAML,
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.interactions={FIXTURE / 'interactions.csv'}",
+            f"data.catalog={FIXTURE / 'catalog.csv'}",
+            f"fed.output_dir={out}",
+            f"fed.store_dir={out / 'adapters'}",
+            "model.dtype=float32",  # served and trained compared to float32 precision
+            "fed.head=items",
+            "fed.window=3",
+            "fed.n_users=6",
+            "fed.clients_per_round=4",
+            "fed.rounds=2",
+            "fed.val_users=2",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def item_dual(tiny_model_dir, tiny_dataset):
+    """The dual LoRA over the tiny item-token base, as every federated process loads it."""
+    cfg = _cfg(tiny_model_dir, Path("unused"))
+    return cfg, F.load_federated_model(cfg, tiny_dataset.catalog)
+
+
+@pytest.fixture(scope="module")
+def item_run(tiny_model_dir, tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("fed_items", ROOT / "training" / "federated.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    out = tmp_path_factory.mktemp("fed-items") / "out"
+    cfg = _cfg(tiny_model_dir, out)
+    runner.run(cfg)
+    return cfg, out
+
+
+def test_item_examples_train_every_position_once_and_hold_out_the_tail(item_dual, tiny_dataset):
+    cfg, loaded = item_dual
+    split = leave_last_out(tiny_dataset.histories)
+    vocab = loaded.dual.vocab
+    user = max(split.train, key=lambda u: len(split.train[u]))  # 8 items: 3 windows
+    examples = F.client_examples(split, tiny_dataset.catalog, loaded.prompts, cfg.fed, user, vocab)
+    history = split.train[user]
+    k = cfg.fed.decoupling.holdout_targets
+
+    def targets(example):
+        return [vocab.item_ids[label] for label in example.labels if label != IGNORE_INDEX]
+
+    trained = [t for e in examples if not e.holdout for t in targets(e)]
+    assert trained == list(history[: len(history) - k])  # every position, once, in order
+    (held,) = F.holdout_examples(examples)
+    assert targets(held) == list(history[-k:]) and held.targets == k
+    assert [e.targets for e in examples if not e.holdout] == [
+        len(targets(e)) for e in examples if not e.holdout
+    ]
+    with pytest.raises(ValueError, match="item vocabulary"):
+        F.client_examples(split, tiny_dataset.catalog, loaded.prompts, cfg.fed, user)
+
+
+def test_item_rows_are_shared_and_averaged(item_dual, tiny_dataset):
+    cfg, loaded = item_dual
+    dual = loaded.dual
+    split = leave_last_out(tiny_dataset.histories)
+    shared = F.init_shared_state(dual, cfg.fed.seed)
+    assert torch.equal(shared[F.ITEM_ROWS_KEY], dual.initial_rows)
+    assert not any(F.ITEM_ROWS_KEY in k for k in F.init_personal_state(dual, 0, "u1"))
+    users = sorted(split.train)[:2]
+    results = []
+    for user in users:
+        personal = F.init_personal_state(dual, cfg.fed.seed, user)
+        examples = F.client_examples(
+            split, tiny_dataset.catalog, loaded.prompts, cfg.fed, user, dual.vocab
+        )
+        results.append(F.client_update(dual, user, examples, shared, personal, 1))
+    for r in results:
+        assert r.shared_delta.keys() == shared.keys()
+        assert r.shared_delta[F.ITEM_ROWS_KEY].abs().max() > 0  # the clients move the rows
+        assert F.ITEM_ROWS_KEY not in r.personal_state
+    outcome = F.server_update(shared, [r.upload() for r in results], cfg.fed)
+    n = torch.tensor([float(r.n_examples) for r in results], dtype=torch.float64)
+    mean = sum(w * r.shared_delta[F.ITEM_ROWS_KEY].double() for w, r in zip(n, results)) / n.sum()
+    torch.testing.assert_close(
+        outcome.shared_state[F.ITEM_ROWS_KEY],
+        (shared[F.ITEM_ROWS_KEY].double() + mean).float(),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_build_refuses_a_head_without_its_vocabulary(tiny_model_dir, tiny_dataset):
+    cfg = _cfg(tiny_model_dir, Path("unused"))
+    base = prepare_item_base(tiny_model_dir, tiny_dataset.catalog)
+    model, tokenizer = load_model(str(base))
+    with pytest.raises(ValueError, match="item vocabulary"):
+        F.build_dual_lora(model, cfg.fed, tokenizer.pad_token_id)
+    titles = load_config(TINY_YAML, [f"model.name_or_path={tiny_model_dir}"])
+    with pytest.raises(ValueError, match="no item vocabulary"):
+        F.build_dual_lora(model, titles.fed, tokenizer.pad_token_id, ItemVocab.read(base))
+
+
+def test_run_checkpoints_the_rows_and_serves_what_was_trained(
+    item_run, item_dual, tiny_model_dir, tiny_dataset
+):
+    cfg, out = item_run
+    _, loaded = item_dual
+    for r in (1, 2):
+        assert (F.round_dir(out, r) / F.ITEM_ROWS_FILE).is_file()
+    final = F.read_round_state(out, 2)
+    rows1 = load_file(F.round_dir(out, 1) / F.ITEM_ROWS_FILE)[F.ITEM_ROWS_KEY]
+    assert not torch.equal(rows1, final[F.ITEM_ROWS_KEY])
+    assert not torch.equal(loaded.dual.initial_rows, rows1)
+    record = json.loads((out / F.EXPORT_JSON).read_text())
+    served = out / F.SERVED_BASE_DIR
+    assert record["base"] == str(served)
+    assert record["base_fingerprint"] == fingerprint_model_dir(served)
+    assert history_reading(served) == ("items", cfg.fed.window)
+    vocab = ItemVocab.read(served)
+    assert vocab == loaded.dual.vocab
+
+    # A user's published adapter over the served base ranks exactly as the client's own
+    # dual LoRA (shared after the last round + its personal part at the picked scale).
+    store = AdapterStore(out / "adapters", base_fingerprint=record["base_fingerprint"])
+    split = leave_last_out(tiny_dataset.histories)
+    user, scale = next(iter(record["personal_scale"].items()))
+    ref = store.current(user)
+    assert ref.manifest.base_fingerprint == record["base_fingerprint"]
+    model, tokenizer = load_model(str(served))
+    model = attach_adapter(model, ref.path).eval()
+    prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
+    history = split.history_for_valid(user)
+    got = ItemScorer(model, vocab, tiny_dataset.catalog, prompts, "items", cfg.fed.window)
+    dual = loaded.dual
+    personal = F.load_personal(out, user, before=3)
+    dual.load(final, F.scale_personal(personal, scale))
+    dual.model.eval()
+    want = ItemScorer(dual.model, vocab, tiny_dataset.catalog, prompts, "items", cfg.fed.window)
+    torch.testing.assert_close(
+        got.log_probs([history]), want.log_probs([history]), atol=1e-5, rtol=0
+    )
+    rounds = json.loads((out / F.METRICS_JSON).read_text())["rounds"]
+    assert rounds[-1]["val_HR@10"] is not None and rounds[-1]["accepted"]
