@@ -113,7 +113,8 @@ def test_item_rows_are_shared_and_averaged(item_dual, tiny_dataset):
         assert F.ITEM_ROWS_KEY not in r.personal_state
     outcome = F.server_update(shared, [r.upload() for r in results], cfg.fed)
     n = torch.tensor([float(r.n_examples) for r in results], dtype=torch.float64)
-    mean = sum(w * r.shared_delta[F.ITEM_ROWS_KEY].double() for w, r in zip(n, results)) / n.sum()
+    deltas = [r.shared_delta[F.ITEM_ROWS_KEY].double() for r in results]
+    mean = sum(w * d for w, d in zip(n, deltas, strict=True)) / n.sum()
     torch.testing.assert_close(
         outcome.shared_state[F.ITEM_ROWS_KEY],
         (shared[F.ITEM_ROWS_KEY].double() + mean).float(),
