@@ -30,7 +30,8 @@ from llmrec.federated import EXPORT_JSON, RUN_JSON, adapter_for
 from llmrec.finetune import ADAPTER_DIR, next_item_examples, sample_users, train_lora
 from llmrec.foundation import load_foundation, train_foundation
 from llmrec.launch import train_command
-from llmrec.model import attach_adapter, load_base, resolve_model_path
+from llmrec.model import attach_adapter, load_base, load_model, resolve_model_path
+from llmrec.model.item_vocab import ItemVocab, has_item_vocab, history_reading
 from llmrec.plots import plot_metric_bars
 from llmrec.prompts import PromptBuilder, template_digests
 from llmrec.recommend import ItemKNN, Popularity, SASRec, build_recommender, mean_metrics
@@ -354,17 +355,30 @@ def _cohort(runs: dict[str, Path]) -> list[str]:
 def _store_methods(
     cfg: AppConfig, dataset: Dataset, folder: Path, users: Sequence[str]
 ) -> tuple[Ranker, Scorer]:
-    """Each user ranked with the adapter the store would serve them (own, else shared)."""
-    base_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+    """Each user ranked with the adapter the store would serve them (own, else shared),
+    over the base the run published them for (an item-token run's served base)."""
+    export = json.loads((folder / RUN_DIR / EXPORT_JSON).read_text())
+    base_path = export.get("base") or resolve_model_path(
+        cfg.model.name_or_path, cfg.model.cache_dir
+    )
     store = AdapterStore(folder / STORE_DIR, module_shapes=module_shapes_for(base_path))
     refs = {u: adapter_for(store, u) for u in users}
     if any(ref is None for ref in refs.values()):
         raise ValueError(f"{folder / STORE_DIR} holds no adapter for some users")
     weights = {ref.adapter_name: store.load(ref) for ref in refs.values()}
     first = next(iter(weights.values()))
-    model, tokenizer = load_base(cfg)
+    model, tokenizer = load_model(
+        base_path, quantization=cfg.model.quantization, dtype=cfg.model.dtype
+    )
     lora = SwappableLora(model, max(w.r for w in weights.values()), first.target_modules)
-    recommender = build_recommender(cfg, dataset, lora.model, tokenizer)
+    if has_item_vocab(base_path):
+        render, window = history_reading(base_path)
+        prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
+        vocab = ItemVocab.read(base_path)
+        scorer = ItemScorer(lora.model, vocab, dataset.catalog, prompts, render, window)
+        ranks, scores = _item_methods(scorer)
+    else:
+        ranks, scores = _llm_methods(build_recommender(cfg, dataset, lora.model, tokenizer))
 
     def use(user_id: str) -> None:
         name = refs[user_id].adapter_name
@@ -372,11 +386,11 @@ def _store_methods(
 
     def rank(user_id: str, history: Sequence[str], k: int) -> list[str]:
         use(user_id)
-        return [r.item_id for r in recommender.recommend(history, k=k)]
+        return ranks(user_id, history, k)
 
     def score(user_id: str, history: Sequence[str], item_id: str) -> float:
         use(user_id)
-        return recommender.item_logprob(history, item_id)
+        return scores(user_id, history, item_id)
 
     return rank, score
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from llmrec import federated as F
-from llmrec.adapters import read_adapter
+from llmrec.adapters import AdapterStore
 from llmrec.config import ConfigError, load_config
 from llmrec.data import leave_last_out
-from llmrec.model import load_model
+from llmrec.model import fingerprint_model_dir, load_model
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend import Recommender, mean_metrics
 
@@ -144,14 +144,11 @@ def _shared_hr(model_dir: Path, cfg, shared: F.State, cohort: list[str]) -> dict
 
 
 def _shared_after(out: Path, r: int) -> F.State:
-    return read_adapter(out / f"round-{r:04d}" / "shared").state
+    return F.read_round_state(out, r)
 
 
-@pytest.mark.slow
-@pytest.mark.flower
-def test_simulation_matches_the_accelerate_runner(tiny_model_dir, tmp_path):
-    """Same seed, cohort, full participation: Flower's FedAvg lands on the same shared adapter."""
-    extra = ["fed.val_users=4"]
+def _parity_runs(tiny_model_dir: Path, tmp_path: Path, extra: list[str]):
+    """The accelerate runner and a Flower simulation on the same config; their folders."""
     acc_cfg = load_config(TINY_YAML, _overrides(tiny_model_dir, tmp_path / "acc", *extra))
     spec = importlib.util.spec_from_file_location(
         "training_federated", ROOT / "training" / "federated.py"
@@ -173,13 +170,21 @@ def test_simulation_matches_the_accelerate_runner(tiny_model_dir, tmp_path):
     with Federation(home, cwd=ROOT, simulation_nodes=4, env={"OMP_NUM_THREADS": "1"}) as fed:
         res = fed.run(APP, {"config": str(TINY_YAML), "overrides": overrides}, timeout_s=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-
     for r in (1, 2):  # FedAvg of weights == weights + FedAvg of deltas, up to one rounding
         a, b = _shared_after(tmp_path / "acc", r), _shared_after(flw, r)
         assert a.keys() == b.keys()
         diff = max(float((a[k] - b[k]).abs().max()) for k in a)
         assert diff < 1e-6, (r, diff)
-    cohort = json.loads((tmp_path / "acc" / "run.json").read_text())["cohort"]
+    return acc_cfg, tmp_path / "acc", flw, diff
+
+
+@pytest.mark.slow
+@pytest.mark.flower
+def test_simulation_matches_the_accelerate_runner(tiny_model_dir, tmp_path):
+    """Same seed, cohort, full participation: Flower's FedAvg lands on the same shared adapter."""
+    acc_cfg, acc, flw, diff = _parity_runs(tiny_model_dir, tmp_path, ["fed.val_users=4"])
+    a, b = _shared_after(acc, 2), _shared_after(flw, 2)
+    cohort = json.loads((acc / "run.json").read_text())["cohort"]
     hr_a = _shared_hr(tiny_model_dir, acc_cfg, a, cohort)
     hr_b = _shared_hr(tiny_model_dir, acc_cfg, b, cohort)
     print(
@@ -191,6 +196,25 @@ def test_simulation_matches_the_accelerate_runner(tiny_model_dir, tmp_path):
     # every client published its own stacked adapter; the server, the shared one
     export = json.loads((flw / "export.json").read_text())
     assert export["users_published_on_clients"] == 4 and export["shared"] == "_shared@v1"
+
+
+@pytest.mark.slow
+@pytest.mark.flower
+def test_item_head_simulation_matches_the_accelerate_runner(tiny_model_dir, tmp_path):
+    """The item-token head under Flower: the same shared adapter AND item rows as the
+    accelerate runner; the server serves its own item base and every client published for it."""
+    extra = ["fed.val_users=4", "fed.head=items", "fed.window=3"]
+    _, acc, flw, _ = _parity_runs(tiny_model_dir, tmp_path, extra)
+    assert F.ITEM_ROWS_KEY in _shared_after(flw, 2)
+    export = json.loads((flw / "export.json").read_text())
+    served = flw / F.SERVED_BASE_DIR
+    assert export["base"] == str(served)
+    assert export["base_fingerprint"] == fingerprint_model_dir(served)
+    assert export["users_published_on_clients"] == 4
+    store = AdapterStore(flw / "adapters", base_fingerprint=export["base_fingerprint"])
+    for user in store.users():  # every adapter is checked against the served base
+        assert store.current(user).manifest.base_fingerprint == export["base_fingerprint"]
+    assert len(store.users()) == 4
 
 
 def _wait_for(predicate, timeout_s: float, what: str) -> None:

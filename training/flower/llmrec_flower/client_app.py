@@ -51,11 +51,18 @@ from llmrec.federated import (
     validate_user,
 )
 from llmrec.finetune import Example
-from llmrec.model import fingerprint_model_dir
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend import hit_rate_at_k, ndcg_at_k
 
-from .codec import CONFIG_KEY, EXPORT_KEY, ROUND_KEY, from_ndarrays, node_config, to_ndarrays
+from .codec import (
+    BASE_KEY,
+    CONFIG_KEY,
+    EXPORT_KEY,
+    ROUND_KEY,
+    from_ndarrays,
+    node_config,
+    to_ndarrays,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +164,7 @@ class UserClient(NumPyClient):
                 user_id,
                 shared,
                 rt.dual,
-                fingerprint_model_dir(rt.base_path),
+                str(config[BASE_KEY]),
                 server_round,
                 {"val_hit": float(metrics["hit"]), "val_loss": loss},
                 validation=(rt.recommender, rt.split),

@@ -24,6 +24,9 @@ CONFIG_KEY = "llmrec-config"
 ROUND_KEY = "round"
 EXPORT_KEY = "export"
 """Evaluate config flag: publish your stacked adapter after this (final) round."""
+BASE_KEY = "base-fingerprint"
+"""Evaluate config of the final round: the fingerprint of the base users are served on
+(for the item-token head, the server's new version with the federated item rows)."""
 NODE_LOCAL_SECTIONS = ("data", "model")
 """Sections a SuperNode may override for itself: where its data and base model live."""
 

@@ -35,19 +35,22 @@ from flwr.serverapp import Grid, ServerApp
 from llmrec.adapters import LoraWeights
 from llmrec.atomic import write_json_atomic
 from llmrec.config import AppConfig, FedConfig, load_config
+from llmrec.data import dataset_from_config
 from llmrec.federated import (
     EXPORT_JSON,
+    ITEM_ROWS_KEY,
     RUN_JSON,
     State,
-    build_dual_lora,
     completed_rounds,
     finite_metrics,
     init_shared_state,
+    load_federated_model,
     open_store,
+    served_base,
     shared_weights,
     write_round,
 )
-from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
+from llmrec.model import fingerprint_model_dir
 
 from .codec import to_ndarrays
 from .strategy import Rounds, flower_strategy
@@ -60,9 +63,6 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
     fed = cfg.fed
     if not fed.shared_rank:
         raise ValueError("fed.shared_rank=0 federates nothing: run training/federated.py")
-    if fed.head == "items":
-        # Its clients would each need the served base (the item rows) to publish against.
-        raise ValueError("fed.head='items' runs with training/federated.py, not under Flower")
     if fed.dp.enabled and fed.dp.seed is not None:
         log.warning("fed.dp.seed has no effect under Flower: its DP noise is never seeded")
     out = Path(fed.output_dir)
@@ -80,17 +80,22 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
     )
 
     # The server needs the adapter's keys and shapes and the seeded round-0 state: the same
-    # dual LoRA as a client (a frozen base, never trained here).
-    base_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
-    model, tokenizer = load_model(
-        base_path, quantization=cfg.model.quantization, dtype=cfg.model.dtype
-    )
-    dual = build_dual_lora(model, fed, tokenizer.pad_token_id)
+    # dual LoRA as a client (a frozen base, never trained here); the item-token head's base
+    # is built from the (public) catalog.
+    loaded = load_federated_model(cfg, dataset_from_config(cfg).catalog)
+    base_path, dual = loaded.base_path, loaded.dual
     shared = init_shared_state(dual, fed.seed)
     keys = sorted(shared)
+    served: dict[str, str] = {}
 
     def save_round(server_round: int, state: State, record: dict[str, Any]) -> None:
-        write_round(out, server_round, record, shared_weights(state, fed, dual.base_model))
+        weights = shared_weights(state, fed, dual.base_model)
+        write_round(out, server_round, record, weights, state.get(ITEM_ROWS_KEY))
+
+    def publish_base(state: State) -> str:
+        served["base"] = served_base(base_path, state, out, fed)
+        served["fingerprint"] = fingerprint_model_dir(served["base"])
+        return served["fingerprint"]
 
     rounds = Rounds(
         flower_strategy(cfg),
@@ -99,6 +104,7 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
         ndarrays_to_parameters(to_ndarrays(shared, keys)),
         save_round,
         out,
+        publish_base,
     )
     context = LegacyContext(
         context=context,
@@ -110,7 +116,10 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
     # The server publishes what it holds, the shared adapter; every client published its
     # own stacked adapter in the last round (counted in the record).
     last = rounds.records[-1] if rounds.records else {}
-    _publish_shared(fed, base_path, shared_weights(rounds.current, fed, dual.base_model), last)
+    if "base" not in served:  # no client evaluated the last round
+        publish_base(rounds.current)
+    weights = shared_weights(rounds.current, fed, dual.base_model)
+    _publish_shared(fed, served["base"], served["fingerprint"], weights, last)
     return last
 
 
@@ -129,10 +138,9 @@ def _fit_workflow(fed: FedConfig) -> SecAggPlusWorkflow | None:
 
 
 def _publish_shared(
-    fed: FedConfig, base_path: str, weights: LoraWeights, last: dict[str, Any]
+    fed: FedConfig, base_path: str, fingerprint: str, weights: LoraWeights, last: dict[str, Any]
 ) -> None:
-    """The final shared adapter to ``fed.store_dir``, and ``export.json``."""
-    fingerprint = fingerprint_model_dir(base_path)
+    """The final shared adapter to ``fed.store_dir`` for the served base, and ``export.json``."""
     ref = open_store(fed, base_path).publish_shared(
         weights,
         base_fingerprint=fingerprint,
@@ -143,6 +151,7 @@ def _publish_shared(
         Path(fed.output_dir) / EXPORT_JSON,
         {
             "round": fed.rounds,
+            "base": base_path,
             "base_fingerprint": fingerprint,
             "shared": ref.adapter_name,
             "users_published_on_clients": last.get("exported_users"),

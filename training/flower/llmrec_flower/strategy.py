@@ -51,12 +51,14 @@ from llmrec.federated import (
     write_metrics,
 )
 
-from .codec import CONFIG_KEY, EXPORT_KEY, ROUND_KEY, from_ndarrays, to_ndarrays
+from .codec import BASE_KEY, CONFIG_KEY, EXPORT_KEY, ROUND_KEY, from_ndarrays, to_ndarrays
 
 log = logging.getLogger(__name__)
 
 RoundWriter = Callable[[int, State, dict[str, Any]], None]
 """(server round, shared state after it, round record) -> writes ``round-XXXX/``."""
+BasePublisher = Callable[[State], str]
+"""(final shared state) -> the fingerprint of the base its users are served on."""
 
 
 def flower_strategy(cfg: AppConfig) -> Strategy:
@@ -107,11 +109,13 @@ class Rounds(Strategy):
         initial: Parameters,
         write_round: RoundWriter,
         output_dir: Path,
+        publish_base: BasePublisher,
     ) -> None:
         super().__init__()
         self.inner, self.cfg, self.keys = inner, cfg, list(keys)
         self.initial: Parameters | None = initial
         self.write_round, self.output_dir = write_round, output_dir
+        self.publish_base = publish_base
         self.config_json = cfg.model_dump_json()
         self.current: State = from_ndarrays(parameters_to_ndarrays(initial), self.keys)
         self.records: list[dict[str, Any]] = []
@@ -233,6 +237,8 @@ class Rounds(Strategy):
         if n == 0:
             return []
         config = {**self._config(server_round), EXPORT_KEY: last}
+        if last:  # the clients publish against the base the server serves them on
+            config[BASE_KEY] = self.publish_base(self.current)
         clients = client_manager.sample(num_clients=n, min_num_clients=n)
         return [(c, EvaluateIns(parameters, dict(config))) for c in clients]
 
