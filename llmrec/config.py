@@ -230,11 +230,12 @@ class FedConfig(BaseModel):
 
     n_users: int = Field(16, ge=0)
     """Cohort: a seeded sample of users with a validation item (0 = all such users)."""
-    head: Literal["titles", "items"] = "titles"
-    """What the clients train. "titles": the adapters write the next title (trie decoding).
-    "items": the item-token base (llm section); the item rows are a shared parameter,
-    federated with the shared adapter, and every position of a client's training history is
-    a target (``window`` items per sequence; ``targets_per_*`` are the titles head's)."""
+    head: Literal["items", "titles"] = "items"
+    """What the clients train. "items": over the item-token base, one forward pass ranks
+    the catalog; the item rows are a shared parameter, federated with the shared adapter,
+    and every position of a client's training history is a target (``window`` items per
+    sequence). "titles": the adapters write the next title (trie decoding) from the last
+    ``targets_per_user`` positions."""
     window: int = Field(100, ge=1)
     """Item-token head: history items per training sequence and read when ranking."""
     rounds: int = Field(3, ge=1)
@@ -246,9 +247,9 @@ class FedConfig(BaseModel):
     local_batch_size: int = Field(1, ge=1)
     """Sequences per local optimizer step (each scores targets_per_example items)."""
     targets_per_user: int = Field(32, ge=1)
-    """Next-item targets per client, from the end of its training history."""
+    """Titles head: next-item targets per client, from the end of its training history."""
     targets_per_example: int = Field(8, ge=1)
-    """Consecutive targets one training sequence scores (one forward pass for all)."""
+    """Titles head: consecutive targets one training sequence scores (one forward pass)."""
     learning_rate: float = Field(1e-3, gt=0)
     """AdamW learning rate of both LoRA adapters on the client."""
     shared_rank: int = Field(8, ge=0, le=256)

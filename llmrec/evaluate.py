@@ -311,6 +311,16 @@ def federated_store_dir(cfg: AppConfig, method: str) -> Path:
     return Path(cfg.eval.federated_dir) / f"{method}-{_fingerprint(inputs)}" / STORE_DIR
 
 
+def federated_served_base(cfg: AppConfig, method: str) -> Path | None:
+    """The base ``method``'s finished run published its adapters for (an item-token run's
+    served base), or None before the run or for a run that served the configured base."""
+    export = federated_store_dir(cfg, method).parent / RUN_DIR / EXPORT_JSON
+    if not export.is_file():
+        return None
+    base = json.loads(export.read_text()).get("base")
+    return Path(base) if base else None
+
+
 def federated_run(cfg: AppConfig, method: str) -> Path:
     """The finished federated run behind ``method``: trained now unless one exists already.
 

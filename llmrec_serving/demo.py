@@ -25,7 +25,7 @@ from rich.table import Table
 
 from llmrec.adapters import AdapterStore
 from llmrec.data import user_sort_key
-from llmrec.evaluate import federated_store_dir
+from llmrec.evaluate import federated_served_base, federated_store_dir
 from llmrec_serving.config import ServingConfig
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,19 @@ class DemoError(RuntimeError):
 
 
 def demo_config(cfg: ServingConfig) -> ServingConfig:
-    """``cfg`` serving the federated run's store, on vLLM only where it can run here."""
+    """``cfg`` serving the federated run's store over the base it was published for, on vLLM
+    only where it can run here."""
     serve = cfg.serve
     backend = serve.backend
     if backend == "vllm" and serve.vllm_url is None and importlib.util.find_spec("vllm") is None:
         log.warning("vLLM is not installed here: serving in-process (transformers + peft)")
         backend = "inprocess"
     update = {"store_dir": federated_store_dir(cfg, METHOD), "backend": backend}
-    return cfg.model_copy(update={"serve": serve.model_copy(update=update)})
+    changes: dict[str, Any] = {"serve": serve.model_copy(update=update)}
+    base = federated_served_base(cfg, METHOD)
+    if base is not None:  # an item-token run: its adapters go with its own base version
+        changes["model"] = cfg.model.model_copy(update={"name_or_path": str(base)})
+    return cfg.model_copy(update=changes)
 
 
 def pick_user(store: AdapterStore) -> str:

@@ -1,19 +1,23 @@
 """`llmrec serve-demo`: the main job ends by serving the federated run's adapters over REST.
 
 A fake "finished federated run" is the conftest store copied to where the demo's config
-fingerprint puts the run of method ``ours``; the command then starts the real stack on
-loopback, asks as one of its users, prints, revokes its key and stops.
+fingerprint puts the run of method ``ours`` (and, for the item-token head, a real federated
+run trained there); the command then starts the real stack on loopback, asks as one of its
+users, prints, revokes its key and stops.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from llmrec.cli import app
-from llmrec.evaluate import federated_store_dir
+from llmrec.evaluate import federated_served_base, federated_store_dir
 from llmrec_serving.config import load_serving_config
 from llmrec_serving.keys import KeyStore
 
@@ -62,3 +66,41 @@ def test_serve_demo_on_vllm(demo_world, vllm_overrides):
     pytest.importorskip("vllm")
     overrides, keys_file = demo_world
     check(runner.invoke(app, ["serve-demo", *overrides, *vllm_overrides]), keys_file)
+
+
+def test_serve_demo_serves_an_item_token_run_over_its_own_base(serving_world, tmp_path):
+    """A real federated run of the item-token head, where `llmrec demo` would have trained
+    it: serve-demo serves its users' adapters over the run's own base (federated rows)."""
+    overrides = [
+        *serving_world.overrides,
+        f"eval.federated_dir={tmp_path / 'eval-federated'}",
+        f"serve.keys_file={tmp_path / 'keys.json'}",
+        "fed.head=items",
+        "fed.window=3",
+        "fed.n_users=6",
+        "fed.clients_per_round=4",
+        "fed.rounds=1",
+        "fed.local_steps=1",
+        "fed.val_users=2",
+        "fed.shared_rank=4",
+        "fed.personal_rank=2",
+        "fed.target_modules=[q_proj, v_proj]",
+    ]
+    cfg = load_serving_config(None, overrides)
+    store_dir = federated_store_dir(cfg, "ours")
+    assert federated_served_base(cfg, "ours") is None  # nothing trained yet
+    run = [*overrides, f"fed.output_dir={store_dir.parent / 'run'}", f"fed.store_dir={store_dir}"]
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("fed_demo", root / "training" / "federated.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.run(load_serving_config(None, run))
+
+    base = federated_served_base(cfg, "ours")
+    assert base == store_dir.parent / "run" / "base" and (base / "item_vocab.json").is_file()
+    export = json.loads((store_dir.parent / "run" / "export.json").read_text())
+    user = min(export["users"], key=int)
+    result = runner.invoke(app, ["serve-demo", *overrides, "serve.backend=inprocess"])
+    assert result.exit_code == 0, result.output
+    assert f"user {user}, adapter {export['users'][user]}" in result.output
+    assert result.output.count("│ m") >= 5
