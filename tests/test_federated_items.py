@@ -175,3 +175,24 @@ def test_run_checkpoints_the_rows_and_serves_what_was_trained(
     )
     rounds = json.loads((out / F.METRICS_JSON).read_text())["rounds"]
     assert rounds[-1]["val_HR@10"] is not None and rounds[-1]["accepted"]
+
+
+def test_a_local_refresh_trains_the_personal_part_over_the_served_base(item_run, tiny_dataset):
+    cfg, out = item_run
+    refresher = F.Personalizer(cfg, tiny_dataset.catalog)
+    served = ItemVocab.read(out / F.SERVED_BASE_DIR)
+    assert refresher.dual.vocab == served
+    rows = load_file(F.round_dir(out, 2) / F.ITEM_ROWS_FILE)[F.ITEM_ROWS_KEY]
+    torch.testing.assert_close(refresher.shared[F.ITEM_ROWS_KEY], rows, atol=1e-6, rtol=0)
+    store = AdapterStore(out / "adapters")
+    user = min(json.loads((out / F.EXPORT_JSON).read_text())["users"], key=int)
+    before = store.current(user)
+    history = leave_last_out(tiny_dataset.histories).train[user]
+    result = refresher.refresh(user, history)
+    after = store.current(user)
+    assert result.adapter_name == after.adapter_name and after.version == before.version + 1
+    assert after.manifest.base_fingerprint == fingerprint_model_dir(out / F.SERVED_BASE_DIR)
+    old, new = store.load(before).state, store.load(after).state
+    assert any(not torch.equal(old[k], new[k]) for k in old)  # the personal part moved
+    with pytest.raises(F.RefreshError, match="at least 2 items"):
+        refresher.refresh(user, history[:1])

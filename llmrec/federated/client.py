@@ -91,7 +91,8 @@ def client_examples(
     if cfg.head == "items":
         if vocab is None:
             raise ValueError("fed.head='items' needs the item vocabulary")
-        return _item_examples(split.train[user_id], catalog, prompts, cfg, vocab)
+        k = min(cfg.decoupling.holdout_targets, max(0, len(split.train[user_id]) - 2))
+        return item_examples(split.train[user_id], catalog, prompts, cfg, vocab, holdout=k)
     history = split.train[user_id]
     k = min(cfg.decoupling.holdout_targets, cfg.targets_per_user - 1, max(0, len(history) - 2))
     examples = next_item_examples(
@@ -107,17 +108,19 @@ def client_examples(
     return examples
 
 
-def _item_examples(
+def item_examples(
     history: Sequence[str],
     catalog: Catalog,
     prompts: PromptBuilder,
     cfg: FedConfig,
     vocab: ItemVocab,
+    holdout: int = 0,
 ) -> list[Example]:
-    """Item-token examples: every window of the history before the holdout targets, then one
-    holdout sequence whose last ``holdout_targets`` positions alone are labelled."""
+    """Item-token examples of one history: every window (``cfg.window`` items) of it but its
+    last ``holdout`` items, each position labelled with its next item's catalog index; then,
+    with ``holdout``, one ``holdout`` sequence whose last ``holdout`` positions alone are."""
     items = [i for i in history if i in catalog]
-    k = min(cfg.decoupling.holdout_targets, max(0, len(items) - 2))
+    k = min(holdout, len(items))
     seqs = history_sequences(
         {"client": items[: len(items) - k]}, catalog, vocab, prompts, "items", cfg.window
     )

@@ -6,7 +6,9 @@ shared adapter as last downloaded from the store is loaded and FROZEN (nothing i
 uploaded, so nothing may drift from what everybody shares), the user's personal adapter
 continues from its client-side state and trains on their current history, and the
 stacked adapter is published as the user's next version. Serving resolves the current
-version per request, so the next request gets it without a restart.
+version per request, so the next request gets it without a restart. For the item-token head
+the refresh trains over the run's served base, whose item rows are the shared ones (frozen
+too), on every position of the history.
 
 Client-side personal state lives where federated training keeps it,
 ``<fed.output_dir>/clients/<user_id>/``: training writes ``personal-rNNNN.safetensors``
@@ -15,6 +17,7 @@ per round, a refresh writes ``personal-local.safetensors``; the newer file is th
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -27,13 +30,14 @@ from llmrec.adapters import validate_user_id
 from llmrec.atomic import write_atomic
 from llmrec.config import AppConfig
 from llmrec.data import Catalog
-from llmrec.federated.client import client_update
+from llmrec.federated.client import client_update, item_examples
 from llmrec.federated.client_state import personal_path, personal_versions
-from llmrec.federated.dual_lora import State, build_dual_lora, init_personal_state
+from llmrec.federated.dual_lora import ITEM_ROWS_KEY, State, build_dual_lora, init_personal_state
 from llmrec.federated.export import open_store, user_weights
-from llmrec.federated.layout import CLIENTS_DIR
+from llmrec.federated.layout import CLIENTS_DIR, EXPORT_JSON
 from llmrec.finetune import next_item_examples
 from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
+from llmrec.model.item_vocab import ItemVocab
 from llmrec.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -81,16 +85,14 @@ class Personalizer:
         fed = cfg.fed
         if not fed.personal_rank:
             raise RefreshError("fed.personal_rank is 0: there is no personal adapter to refresh")
-        if fed.head == "items":
-            # A refresh would train over the run's served base (its federated item rows).
-            raise RefreshError("a local refresh trains the titles head; fed.head is 'items'")
         self.cfg = cfg
         self.catalog = catalog
-        base_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+        base_path = self._base_path()
         model, tokenizer = load_model(
             base_path, quantization=cfg.model.quantization, dtype=cfg.model.dtype
         )
-        self.dual = build_dual_lora(model, fed, tokenizer.pad_token_id)
+        vocab = ItemVocab.read(base_path) if fed.head == "items" else None
+        self.dual = build_dual_lora(model, fed, tokenizer.pad_token_id, vocab)
         for param in self.dual.shared.values():
             param.requires_grad_(False)  # frozen: a local refresh uploads nothing
         self.prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
@@ -98,10 +100,25 @@ class Personalizer:
         self.store = open_store(fed, base_path, base_fingerprint=self.fingerprint)
         self.shared = self._shared_state()
 
+    def _base_path(self) -> str:
+        """The base the store's adapters are for: the configured one (titles head), or the
+        served base the finished item-token run exported (its federated item rows)."""
+        fed = self.cfg.fed
+        if fed.head == "titles":
+            return resolve_model_path(self.cfg.model.name_or_path, self.cfg.model.cache_dir)
+        export = Path(fed.output_dir) / EXPORT_JSON
+        base = json.loads(export.read_text()).get("base") if export.is_file() else None
+        if not base:
+            raise RefreshError(f"no finished item-token run in {fed.output_dir}: train it first")
+        return str(base)
+
     def _shared_state(self) -> State:
         fed = self.cfg.fed
         if not fed.shared_rank:
             return {}
+        rows = {}
+        if self.dual.initial_rows is not None:  # the served base's rows are the shared ones
+            rows = {ITEM_ROWS_KEY: self.dual.initial_rows}
         ref = self.store.shared()
         if ref is None:
             raise RefreshError(
@@ -112,7 +129,7 @@ class Personalizer:
                 f"{ref.adapter_name} has rank {ref.manifest.rank}, the config's "
                 f"fed.shared_rank is {fed.shared_rank}: use the config it was trained with"
             )
-        return dict(self.store.load(ref).state)
+        return {**self.store.load(ref).state, **rows}
 
     def _personal_state(self, user_id: str) -> State:
         path = latest_personal_state(self.cfg.fed.output_dir, user_id)
@@ -132,14 +149,18 @@ class Personalizer:
         start = time.perf_counter()
         fed = self.cfg.fed
         known = [i for i in history if i in self.catalog]
-        examples = next_item_examples(
-            {user_id: known},
-            self.catalog,
-            self.prompts,
-            per_user=fed.targets_per_user,
-            per_example=fed.targets_per_example,
-        )
-        if not examples:
+        if self.dual.vocab is not None:
+            vocab = self.dual.vocab
+            examples = item_examples(known, self.catalog, self.prompts, fed, vocab)
+        else:
+            examples = next_item_examples(
+                {user_id: known},
+                self.catalog,
+                self.prompts,
+                per_user=fed.targets_per_user,
+                per_example=fed.targets_per_example,
+            )
+        if len(known) < 2 or not examples:
             raise RefreshError(f"{user_id}: a refresh needs at least 2 items in the history")
         personal = self._personal_state(user_id)
         current = self.store.current(user_id)
