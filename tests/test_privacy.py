@@ -132,11 +132,29 @@ def test_epsilon_shrinks_with_more_noise():
 def test_epsilon_known_setting():
     # Abadi et al. 2016's setting (q=0.01, sigma=4, 10k steps, delta=1e-5): their moments
     # accountant gives ~1.26; RDP is at least as tight (opacus 1.6.0 gives ~1.04).
-    acc = PrivacyAccountant(noise_multiplier=4.0, sample_rate=0.01, delta=1e-5)
+    acc = PrivacyAccountant(4.0, 0.01, 1e-5, adjacency="add-remove")
     for _ in range(10_000):
         acc.step()
     assert math.isfinite(acc.epsilon)
     assert 0.5 < acc.epsilon < 1.26
+
+
+def test_a_fixed_count_mean_is_charged_at_half_the_noise():
+    """Replace-one adjacency (the server's fixed-count mean) doubles the sensitivity: its
+    epsilon is add/remove's at noise multiplier z / 2, far above add/remove's at z. The
+    ml100k.yaml setting (z = 1, 8 of 16 clients, 6 rounds, delta 1e-5) is about 26, not 9."""
+
+    def spent(z, adjacency, rounds=6):
+        acc = PrivacyAccountant(z, 0.5, 1e-5, adjacency=adjacency)
+        for _ in range(rounds):
+            acc.step()
+        return acc.epsilon
+
+    assert spent(1.0, "replace-one") == pytest.approx(spent(0.5, "add-remove"), rel=1e-12)
+    assert spent(1.0, "replace-one") > 2 * spent(1.0, "add-remove")
+    assert 20 < spent(1.0, "replace-one") < 32 and 7 < spent(1.0, "add-remove") < 11
+    with pytest.raises(ValueError, match="adjacency"):
+        PrivacyAccountant(1.0, 0.5, 1e-5, adjacency="swap")
 
 
 @pytest.mark.parametrize(

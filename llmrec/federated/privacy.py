@@ -3,9 +3,17 @@
 McMahan, Ramage, Talwar, Zhang 2018, "Learning Differentially Private Recurrent Language
 Models" (ICLR): each round, clip every sampled client's update to L2 norm ``C``, take the
 *uniform* mean over the ``n`` clients, and add Gaussian noise of standard deviation
-``z * C / n`` (noise multiplier ``z``). One client then changes the mean by at most ``C / n``,
-so the round is a subsampled Gaussian mechanism, and ``PrivacyAccountant`` tracks (epsilon,
-delta) over rounds with opacus's RDP accountant (Mironov 2017, "Renyi Differential Privacy").
+``z * C / n`` (noise multiplier ``z``). The round is a subsampled Gaussian mechanism, and
+``PrivacyAccountant`` tracks (epsilon, delta) over rounds with opacus's RDP accountant
+(Mironov 2017, "Renyi Differential Privacy").
+
+Adjacency. The server samples a FIXED number of clients and divides by that count, so a
+neighbouring federation is one where a client's data is REPLACED (the count stays ``n``),
+not removed: one client then moves the mean by up to ``2C / n``, twice the add/remove
+sensitivity the noise is calibrated to. The accountant therefore charges each round at the
+effective noise multiplier ``z / 2`` (``adjacency="replace-one"``, the default); opacus's
+bound for add/remove adjacency (``z``) applies only to a mean over a Poisson sample divided
+by its expected size.
 
 Contract for the caller (the server loop):
 
@@ -13,10 +21,11 @@ Contract for the caller (the server loop):
   never with example-count weights: a weight that depends on a client's data raises that
   client's influence above ``C / n`` and its count itself leaks. ``n_clients`` is the number of
   updates in the mean (after validation), not the number sampled.
-- ``sample_rate`` = clients per round / total clients. The accountant assumes Poisson
-  sampling of clients; a fixed-size uniform sample is the usual approximation (as in the paper).
+- ``sample_rate`` = clients per round / total clients. The subsampling bound is opacus's for
+  Poisson sampling; a fixed-size uniform sample is the usual approximation (as in the paper).
 - Use a generator seeded from ``secure_generator`` in real runs; fixed seeds are for tests.
-- The guarantee covers the shared LoRA only; personal LoRAs never leave the client.
+- The guarantee covers the shared state (the shared LoRA, and the item rows of the item-token
+  head); personal LoRAs never leave the client.
 
 Pure tensor functions; opacus is imported lazily so that ``import llmrec`` stays light.
 """
@@ -114,32 +123,51 @@ def secure_generator(device: str | torch.device = "cpu") -> torch.Generator:
     return gen
 
 
+ADJACENCIES = ("replace-one", "add-remove")
+
+
 class PrivacyAccountant:
     """Tracks the (epsilon, delta) spent by DP-FedAvg rounds, via opacus's RDP accountant.
 
     One ``step()`` per aggregation round with the same ``noise_multiplier`` and
-    ``sample_rate`` (clients per round / total clients).
+    ``sample_rate`` (clients per round / total clients). ``adjacency="replace-one"`` (the
+    server's fixed-count mean, see the module docstring) charges each round at noise
+    multiplier ``noise_multiplier / 2``; "add-remove" at ``noise_multiplier``.
     """
 
-    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float) -> None:
-        """ValueError on noise_multiplier <= 0, sample_rate not in (0, 1], delta not in (0, 1)."""
+    def __init__(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        delta: float,
+        adjacency: str = "replace-one",
+    ) -> None:
+        """ValueError on noise_multiplier <= 0, sample_rate not in (0, 1], delta not in (0, 1),
+        an unknown adjacency."""
         _check_positive("noise_multiplier", noise_multiplier)
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if adjacency not in ADJACENCIES:
+            raise ValueError(f"adjacency must be one of {list(ADJACENCIES)}, got {adjacency!r}")
         # lazy: opacus pulls in its optimizers and grad-sample machinery at import
         from opacus.accountants import RDPAccountant
 
         self.noise_multiplier = float(noise_multiplier)
         self.sample_rate = float(sample_rate)
         self.delta = float(delta)
+        self.adjacency = adjacency
+        # Replace-one doubles the sensitivity: the same noise is worth half the multiplier.
+        self.charged_multiplier = self.noise_multiplier / (2 if adjacency == "replace-one" else 1)
         self._accountant = RDPAccountant()
         self._rounds = 0
 
     def step(self) -> None:
         """Record one aggregation round."""
-        self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self._accountant.step(
+            noise_multiplier=self.charged_multiplier, sample_rate=self.sample_rate
+        )
         self._rounds += 1
 
     @property
