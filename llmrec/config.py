@@ -266,7 +266,8 @@ class FedConfig(BaseModel):
     """Rule for the shared deltas: fedavg weights by next-item target count; the robust
     rules do not."""
     trim_ratio: float = Field(0.1, ge=0.0, lt=0.5)
-    """Fraction cut from each end per coordinate by trimmed_mean."""
+    """Fraction cut from each end per coordinate by trimmed_mean: floor(trim_ratio *
+    clients_per_round) updates, which must be at least one."""
     max_update_norm: float | None = Field(100.0, gt=0)
     """Reject (never average) a shared delta whose L2 norm exceeds this; None = no bound.
     AdamW moves a weight about lr per step, so an honest delta stays under
@@ -304,6 +305,12 @@ class FedConfig(BaseModel):
             raise ValueError("learning_rate * decoupling.personal_decay must be < 1")
         if self.dp.enabled and self.shared_rank == 0:
             raise ValueError("dp.enabled needs a shared adapter (shared_rank > 0)")
+        if self.aggregation == "trimmed_mean" and int(self.trim_ratio * self.clients_per_round) < 1:
+            # floor(ratio * n) updates are cut from each end: 0 would be a plain mean.
+            raise ValueError(
+                f"trim_ratio {self.trim_ratio} trims nothing from {self.clients_per_round} "
+                f"clients per round: set trim_ratio >= 1 / clients_per_round"
+            )
         if self.dp.enabled and self.aggregation != "fedavg":
             # private_mean is a uniform mean; a median/trimmed mean has another sensitivity.
             raise ValueError("dp.enabled replaces the aggregation rule: set aggregation=fedavg")

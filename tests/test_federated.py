@@ -412,6 +412,9 @@ def test_fed_config_checks():
         load_config(overrides=["fed.dp.enabled=true", "fed.aggregation=median"])
     with pytest.raises(ConfigError, match="clients_per_round"):
         load_config(overrides=["fed.n_users=4", "fed.clients_per_round=8"])
+    with pytest.raises(ConfigError, match="trims nothing"):  # floor(0.1 * 8) = 0
+        load_config(overrides=["fed.aggregation=trimmed_mean", "fed.trim_ratio=0.1"])
+    load_config(overrides=["fed.aggregation=trimmed_mean", "fed.trim_ratio=0.125"])
     cfg = load_config(overrides=["lora.target_modules=[q_proj]"])
     assert cfg.fed.target_modules == ["q_proj"]
 

@@ -83,8 +83,8 @@ def test_flower_strategies_follow_the_config():
 
     assert type(build()) is FedAvg
     assert type(build("fed.aggregation=median")) is FedMedian
-    trimmed = build("fed.aggregation=trimmed_mean", "fed.trim_ratio=0.2")
-    assert type(trimmed) is FedTrimmedAvg and trimmed.beta == 0.2
+    trimmed = build("fed.aggregation=trimmed_mean", "fed.trim_ratio=0.25")  # 1 of 4 each end
+    assert type(trimmed) is FedTrimmedAvg and trimmed.beta == 0.25
     dp = build("fed.dp.enabled=true")
     assert isinstance(dp, DifferentialPrivacyServerSideFixedClipping)
     both = build("fed.dp.enabled=true", "fed.flower.secagg=true")
