@@ -125,13 +125,24 @@ def _llm_methods(recommender) -> tuple[Ranker, Scorer]:
 
 
 def _item_methods(scorer: ItemScorer) -> tuple[Ranker, Scorer]:
-    """The one-pass ranking, and the item's log-probability over the whole catalog."""
-    return (
-        lambda _user, history, k: [r.item_id for r in scorer.recommend(history, k=k)],
-        lambda _user, history, item: float(
-            scorer.log_probs([history])[0, scorer.vocab.index(item)]
-        ),
-    )
+    """The one-pass ranking, and the item's log-probability over the whole catalog: one
+    forward pass per (user, history) serves both (each user has one adapter)."""
+    passes: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
+
+    def log_probs(user: str, history: Sequence[str]) -> torch.Tensor:
+        key = (user, tuple(history))
+        if key not in passes:
+            passes[key] = scorer.log_probs([history])[0]
+        return passes[key]
+
+    def rank(user: str, history: Sequence[str], k: int) -> list[str]:
+        top = scorer.top_unseen(log_probs(user, history).clone()[None], [history], k)
+        return [r.item_id for r in top[0]]
+
+    def score(user: str, history: Sequence[str], item: str) -> float:
+        return float(log_probs(user, history)[scorer.vocab.index(item)])
+
+    return rank, score
 
 
 def _shared_ranker(recommend: Callable[[Sequence[str], int], list[str]]) -> Ranker:

@@ -136,6 +136,25 @@ def test_seen_and_excluded_items_are_never_returned(loaded, tiny_dataset):
     assert scorer.recommend(history, k=5, exclude=catalog.ids) == []
 
 
+def test_evaluation_ranks_and_scores_from_one_pass_per_user(loaded, tiny_dataset, monkeypatch):
+    from llmrec.evaluate import _item_methods
+
+    model, tokenizer, vocab = loaded
+    scorer = scorer_for(model, tokenizer, vocab, tiny_dataset.catalog)
+    history = list(tiny_dataset.histories["1"])[:-1]
+    target = tiny_dataset.histories["1"][-1]
+    want_rank = [r.item_id for r in scorer.recommend(history, k=5)]
+    want_score = float(scorer.log_probs([history])[0, vocab.index(target)])
+    passes = []
+    forward = scorer.log_probs
+    monkeypatch.setattr(scorer, "log_probs", lambda h, *a: passes.append(1) or forward(h, *a))
+    rank, score = _item_methods(scorer)
+    assert rank("1", history, 5) == want_rank
+    assert score("1", history, target) == want_score
+    assert rank("1", history, 5) == want_rank  # the cached scores are not masked away
+    assert len(passes) == 1
+
+
 def test_the_window_keeps_the_most_recent_items(loaded, tiny_dataset):
     model, tokenizer, vocab = loaded
     scorer = scorer_for(model, tokenizer, vocab, tiny_dataset.catalog, window=3)

@@ -131,7 +131,18 @@ class ItemScorer:
         contexts: Sequence[str | None] | None = None,
     ) -> list[list[ScoredItem]]:
         """The ``k`` best unseen items after each history, best first."""
-        scores = self.log_probs(histories, contexts)
+        return self.top_unseen(self.log_probs(histories, contexts), histories, k, exclude)
+
+    def top_unseen(
+        self,
+        scores: torch.Tensor,
+        histories: Sequence[Sequence[str]],
+        k: int = 10,
+        exclude: Sequence[Sequence[str]] | None = None,
+    ) -> list[list[ScoredItem]]:
+        """The ``k`` best items per row of ``scores`` (:meth:`log_probs` of ``histories``;
+        masked in place) that are neither in the row's history nor excluded, renormalised
+        over the items left."""
         exclude = exclude or [()] * len(histories)
         seen = [
             {self.vocab.index(i) for i in (*h, *x) if i in self.catalog}
