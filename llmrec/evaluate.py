@@ -26,7 +26,7 @@ from llmrec.adapters import AdapterStore, SwappableLora, module_shapes_for
 from llmrec.atomic import write_json_atomic, write_text_atomic
 from llmrec.config import AppConfig
 from llmrec.data import Dataset, Split, dataset_from_config, leave_last_out, user_sort_key
-from llmrec.federated import EXPORT_JSON, RUN_JSON, adapter_for
+from llmrec.federated import EXPORT_JSON, RUN_JSON, adapter_for, exported_base
 from llmrec.finetune import ADAPTER_DIR, next_item_examples, sample_users, train_lora
 from llmrec.foundation import load_foundation, train_foundation
 from llmrec.launch import train_command
@@ -325,10 +325,7 @@ def federated_store_dir(cfg: AppConfig, method: str) -> Path:
 def federated_served_base(cfg: AppConfig, method: str) -> Path | None:
     """The base ``method``'s finished run published its adapters for (an item-token run's
     served base), or None before the run or for a run that served the configured base."""
-    export = federated_store_dir(cfg, method).parent / RUN_DIR / EXPORT_JSON
-    if not export.is_file():
-        return None
-    base = json.loads(export.read_text()).get("base")
+    base = exported_base(federated_store_dir(cfg, method).parent / RUN_DIR)
     return Path(base) if base else None
 
 
@@ -378,8 +375,7 @@ def _store_methods(
 ) -> tuple[Ranker, Scorer]:
     """Each user ranked with the adapter the store would serve them (own, else shared),
     over the base the run published them for (an item-token run's served base)."""
-    export = json.loads((folder / RUN_DIR / EXPORT_JSON).read_text())
-    base_path = export.get("base") or resolve_model_path(
+    base_path = exported_base(folder / RUN_DIR) or resolve_model_path(
         cfg.model.name_or_path, cfg.model.cache_dir
     )
     store = AdapterStore(folder / STORE_DIR, module_shapes=module_shapes_for(base_path))

@@ -86,8 +86,9 @@ def next_item_examples(
     return examples
 
 
-def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padded positions get no attention and no loss."""
+def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of anything with ``input_ids`` and ``labels`` (an ``Example``, the
+    item-token ``HistorySequence``); padded positions get no attention and no loss."""
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from llmrec.atomic import write_dir_atomic, write_json_atomic
 from llmrec.config import AppConfig, LLMConfig
 from llmrec.data import Catalog, Dataset, Split, user_sort_key
-from llmrec.finetune import ADAPTER_DIR, IGNORE_INDEX, peft_lora_config
+from llmrec.finetune import ADAPTER_DIR, IGNORE_INDEX, collate, peft_lora_config
 from llmrec.model.fingerprint import fingerprint_model_dir
 from llmrec.model.item_vocab import ItemVocab, history_reading, save_item_base
 from llmrec.plots import plot_curve
@@ -123,6 +123,14 @@ class ItemLM(torch.nn.Module):
         hidden = self.decoder(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
         return hidden[at].float() @ self.item_rows.T
 
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over the item tokens of a collated batch
+        (``llmrec.finetune.collate``) whose ``labels`` hold, per position, the catalog index
+        of the item to predict there."""
+        at = batch["labels"] != IGNORE_INDEX
+        logits = self.item_logits(batch["input_ids"], batch["attention_mask"], at)
+        return torch.nn.functional.cross_entropy(logits, batch["labels"][at])
+
     @torch.no_grad()
     def write_rows(self) -> None:
         """Copy the trained rows into the base embedding (and so the tied output head)."""
@@ -149,18 +157,6 @@ def _batches(
     ]
     rng.shuffle(batches)
     return batches
-
-
-def _right_pad(batch: list[HistorySequence], pad_id: int):
-    width = max(len(s.input_ids) for s in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, s in enumerate(batch):
-        ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
-        labels[row, : len(s.labels)] = torch.tensor(s.labels)
-        mask[row, : len(s.input_ids)] = 1
-    return ids, mask, labels
 
 
 @dataclass
@@ -241,14 +237,13 @@ def train_item_model(
         total, count = 0.0, 0
         batches = _batches(seqs, cfg.batch_size, rng)
         for batch in tqdm(batches, desc=f"llm epoch {epoch}", leave=False):
-            ids, mask, labels = _right_pad(batch, pad_id)
-            at = labels != IGNORE_INDEX
-            logits = net.item_logits(ids, mask, at)
-            loss = torch.nn.functional.cross_entropy(logits, labels[at])
+            padded = collate(batch, pad_id)
+            loss = net.loss(padded)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total, count = total + loss.item() * int(at.sum()), count + int(at.sum())
+            n = int((padded["labels"] != IGNORE_INDEX).sum())
+            total, count = total + loss.item() * n, count + n
         result.train_loss.append(total / count)
         net.eval()
         net.write_rows()

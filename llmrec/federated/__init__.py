@@ -104,6 +104,7 @@ from .layout import (
     SHARED_DIR,
     VAL_PNG,
     completed_rounds,
+    exported_base,
     read_records,
     read_round_state,
     remove_partial_rounds,
@@ -147,6 +148,7 @@ from .validation import (
 )
 
 __all__ = [
+    "exported_base",
     "Ranker",
     "load_federated_model",
     "FederatedModel",

@@ -139,9 +139,7 @@ class DualLora:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.items is None:
             return self.model(**batch, use_cache=False).loss
-        at = batch["labels"] != IGNORE_INDEX
-        logits = self.items.item_logits(batch["input_ids"], batch["attention_mask"], at)
-        return torch.nn.functional.cross_entropy(logits, batch["labels"][at])
+        return self.items.loss(batch)
 
     def scored_positions(self, labels: Sequence[int]) -> int:
         """How many predictions :meth:`loss` averages over in one example's ``labels``."""

@@ -110,6 +110,13 @@ def read_round_state(output_dir: Path, server_round: int) -> dict[str, torch.Ten
     return state
 
 
+def exported_base(output_dir: Path) -> str | None:
+    """The base a finished run published its adapters for (``export.json``'s ``base``: an
+    item-token run's served base), or None before export or for a run without one."""
+    export = Path(output_dir) / EXPORT_JSON
+    return json.loads(export.read_text()).get("base") if export.is_file() else None
+
+
 def remove_partial_rounds(output_dir: Path) -> None:
     """Delete the hidden folders of round writes that were cut off: the new folder being
     built (``.tmp-``) and, cut off mid-replace, the old one set aside (``.old-``)."""

@@ -17,7 +17,6 @@ per round, a refresh writes ``personal-local.safetensors``; the newer file is th
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ from llmrec.federated.client import client_update, item_examples
 from llmrec.federated.client_state import personal_path, personal_versions
 from llmrec.federated.dual_lora import ITEM_ROWS_KEY, State, build_dual_lora, init_personal_state
 from llmrec.federated.export import open_store, user_weights
-from llmrec.federated.layout import CLIENTS_DIR, EXPORT_JSON
+from llmrec.federated.layout import CLIENTS_DIR, exported_base
 from llmrec.finetune import next_item_examples
 from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
 from llmrec.model.item_vocab import ItemVocab
@@ -106,8 +105,7 @@ class Personalizer:
         fed = self.cfg.fed
         if fed.head == "titles":
             return resolve_model_path(self.cfg.model.name_or_path, self.cfg.model.cache_dir)
-        export = Path(fed.output_dir) / EXPORT_JSON
-        base = json.loads(export.read_text()).get("base") if export.is_file() else None
+        base = exported_base(fed.output_dir)
         if not base:
             raise RefreshError(f"no finished item-token run in {fed.output_dir}: train it first")
         return str(base)
