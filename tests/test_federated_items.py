@@ -58,11 +58,16 @@ def item_dual(tiny_model_dir, tiny_dataset):
     return cfg, F.load_federated_model(cfg, tiny_dataset.catalog)
 
 
-@pytest.fixture(scope="module")
-def item_run(tiny_model_dir, tmp_path_factory):
+def _runner():
     spec = importlib.util.spec_from_file_location("fed_items", ROOT / "training" / "federated.py")
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
+    return runner
+
+
+@pytest.fixture(scope="module")
+def item_run(tiny_model_dir, tmp_path_factory):
+    runner = _runner()
     out = tmp_path_factory.mktemp("fed-items") / "out"
     cfg = _cfg(tiny_model_dir, out)
     runner.run(cfg)
@@ -196,3 +201,47 @@ def test_a_local_refresh_trains_the_personal_part_over_the_served_base(item_run,
     assert any(not torch.equal(old[k], new[k]) for k in old)  # the personal part moved
     with pytest.raises(F.RefreshError, match="at least 2 items"):
         refresher.refresh(user, history[:1])
+
+
+def test_batched_clients_run_the_same_rounds(item_run, tiny_model_dir, tmp_path):
+    """fed.client_batch: the runner trains groups of clients in one forward, and every
+    round's shared state and every client's personal state match the one-at-a-time run."""
+    _, out = item_run
+    runner = _runner()
+    batched = tmp_path / "batched"
+    runner.run(_cfg(tiny_model_dir, batched, "fed.client_batch=3"))
+    for r in (1, 2):
+        one, many = F.read_round_state(out, r), F.read_round_state(batched, r)
+        assert one.keys() == many.keys()
+        for k in one:
+            torch.testing.assert_close(many[k], one[k], rtol=1e-3, atol=1e-4)
+    users = sorted(p.name for p in (out / F.CLIENTS_DIR).iterdir())
+    assert users == sorted(p.name for p in (batched / F.CLIENTS_DIR).iterdir())
+    for user in users:
+        for path in sorted((out / F.CLIENTS_DIR / user).glob("personal-r*.safetensors")):
+            one, many = load_file(path), load_file(batched / F.CLIENTS_DIR / user / path.name)
+            for k in one:
+                torch.testing.assert_close(many[k], one[k], rtol=1e-3, atol=1e-4)
+
+
+def test_schedule_after_fits_every_personal_part_once_on_the_final_shared_part(
+    item_run, tiny_model_dir, tmp_path
+):
+    """decoupling.schedule=after: the rounds are plain FedAvg's (the same shared states as
+    the sequential run, which trains its shared part first), then every cohort client fits
+    its personal part on the final shared part and is published with it."""
+    cfg, out = item_run
+    after = tmp_path / "after"
+    runner = _runner()
+    extra = ("fed.decoupling.schedule=after", "fed.decoupling.personal_steps=3")
+    runner.run(_cfg(tiny_model_dir, after, *extra, "fed.client_batch=4"))
+    for r in (1, 2):
+        one, two = F.read_round_state(out, r), F.read_round_state(after, r)
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-4)
+    run = json.loads((after / F.RUN_JSON).read_text())
+    for user in run["cohort"]:
+        versions = F.personal_versions(after, user)
+        assert versions == [cfg.fed.rounds]  # the fit alone wrote one
+    exported = json.loads((after / F.EXPORT_JSON).read_text())
+    assert sorted(exported["users"]) == sorted(run["cohort"])

@@ -302,3 +302,74 @@ def test_secagg_plus_run_completes(tiny_model_dir, tmp_path):
     shared = _shared_after(out, 1)
     moved = max(float((shared[k] - init[k]).abs().max()) for k in init)
     assert 0 < moved < 1 and all(torch.isfinite(t).all() for t in shared.values())
+
+
+@pytest.mark.parametrize("head", ["titles", "items"])
+def test_the_wire_from_client_to_server_holds_only_the_shared_part(tiny_model_dir, tmp_path, head):
+    """The privacy boundary, decoded from the bytes Flower sends. The ClientApp answers a
+    train message as a SuperNode does; its reply is serialized with Flower's own protobuf
+    serde and parsed back. It must hold the shared tensors only (their count and shapes,
+    in the codec's order) and scalar metrics; no personal tensor (its float32 bytes appear
+    nowhere in the wire bytes) and no item id or title of the user's history."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common import FitIns, MessageType, ndarrays_to_parameters, serde
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+
+    extra = ["fed.head=items", "fed.window=3"] if head == "items" else []
+    cfg = load_config(TINY_YAML, _overrides(tiny_model_dir, tmp_path / "flower", *extra))
+    rt = client_app.runtime(cfg.model_dump_json(), "")
+    user = rt.cohort[1]
+    shared = F.init_shared_state(rt.dual, cfg.fed.seed)
+    # A personal part that is surely not zero (B = 0 would be easy to miss): the user's round
+    # starts from it, and its trained version is what must not leave.
+    start = F.init_personal_state(rt.dual, cfg.fed.seed, user)
+    start = {k: v + 0.05 * torch.randn_like(v) for k, v in start.items()}
+    F.save_personal(tmp_path / "flower", user, 0, start)
+    fitins = FitIns(
+        ndarrays_to_parameters(codec.to_ndarrays(shared, rt.keys)),
+        {codec.ROUND_KEY: 1, codec.CONFIG_KEY: cfg.model_dump_json()},
+    )
+    message = Message(
+        content=fitins_to_recorddict(fitins, keep_input=True),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
+    context = Context(
+        run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={}
+    )
+    reply = client_app.app(message, context)
+    wire = serde.message_to_proto(reply).SerializeToString()
+    decoded = serde.message_from_proto(type(serde.message_to_proto(reply)).FromString(wire))
+
+    content = decoded.content
+    arrays = [a.numpy() for record in content.array_records.values() for a in record.values()]
+    assert [a.shape for a in arrays] == [tuple(shared[k].shape) for k in rt.keys]
+    # Both parts use the same saved key names: what tells them apart is the rank (and below,
+    # the bits). Each uploaded LoRA factor has the shared rank, none the personal one.
+    ranks = {min(a.shape) for k, a in zip(rt.keys, arrays, strict=True) if "lora_" in k}
+    assert ranks == {cfg.fed.shared_rank} != {cfg.fed.personal_rank}
+    scalars = {
+        key: value
+        for records in (content.metric_records, content.config_records)
+        for record in records.values()
+        for key, value in record.items()
+    }
+    # Flower's own fit-result fields (the weight and the status) and our three metrics.
+    assert set(scalars) == {"num_examples", "code", "message", "loss", "seconds", "targets"}
+    assert scalars["message"] == "Success" and scalars["num_examples"] == scalars["targets"]
+
+    personal = F.load_personal(tmp_path / "flower", user, before=2)
+    assert personal is not None and personal.keys() == start.keys()
+    for key, tensor in personal.items():
+        raw = tensor.float().numpy().tobytes()
+        assert not torch.equal(tensor, start[key]) or "gate" in key  # it trained
+        # Any 32 consecutive bytes of the personal tensor would reveal it.
+        for at in range(0, len(raw) - 32, max(1, len(raw) // 8)):
+            assert raw[at : at + 32] not in wire, key
+    history = rt.split.train[user]
+    titles = [rt.recommender.catalog[i].title for i in history if i in rt.recommender.catalog]
+    for text in titles:
+        assert text.encode() not in wire, text
+    texts = [str(v) for v in scalars.values() if isinstance(v, str)] + list(scalars)
+    for item in history:
+        assert all(item != t for t in texts), item

@@ -142,7 +142,7 @@ def test_epsilon_known_setting():
 def test_a_fixed_count_mean_is_charged_at_half_the_noise():
     """Replace-one adjacency (the server's fixed-count mean) doubles the sensitivity: its
     epsilon is add/remove's at noise multiplier z / 2, far above add/remove's at z. The
-    ml100k.yaml setting (z = 1, 8 of 16 clients, 6 rounds, delta 1e-5) is about 26, not 9."""
+    former ml100k.yaml setting (z = 1, 8 of 16 clients, 6 rounds, delta 1e-5) is about 26, not 9."""
 
     def spent(z, adjacency, rounds=6):
         acc = PrivacyAccountant(z, 0.5, 1e-5, adjacency=adjacency)

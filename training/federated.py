@@ -74,12 +74,14 @@ from llmrec.federated import (
     load_federated_model,
     mean_or_none,
     open_store,
+    personal_path,
     prune_personal,
     publish_user,
     read_records,
     read_round_state,
     remove_partial_rounds,
     run_client,
+    run_clients,
     secure_generator,
     select_clients,
     served_base,
@@ -114,6 +116,7 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
         outcome = recipe.server_update(uploads, server_round)
         val = recipe.validate(server_round)
         recipe.save_round(server_round, selected, uploads, failed, outcome, val)
+    recipe.fit_personal()
     recipe.export()
     return {"rounds": recipe.records}
 
@@ -174,12 +177,18 @@ class Recipe:
         return select_clients(self.cohort, self.fed.clients_per_round, self.fed.seed, server_round)
 
     def clients(
-        self, selected: list[str], server_round: int
+        self, selected: list[str], server_round: int, progress: dict | None = None
     ) -> tuple[list[ClientUpdate], dict[str, str]]:
         """This process's share of the clients, then every process's uploads and failures."""
         uploads, failed = [], {}
-        progress = dict(desc=f"round {server_round} clients", leave=False, disable=not self.main)
-        for user_id in tqdm(self._mine(selected), **progress):
+        if progress is None:
+            progress = dict(
+                desc=f"round {server_round} clients", leave=False, disable=not self.main
+            )
+        batched = self.fed.client_batch > 1
+        if batched:
+            uploads, failed = self._batched_clients(selected, server_round, progress)
+        for user_id in [] if batched else tqdm(self._mine(selected), **progress):
             try:
                 result = run_client(
                     self.dual,
@@ -206,6 +215,38 @@ class Recipe:
             (u for ups, _ in gathered for u in ups), key=lambda u: user_sort_key(u.user_id)
         )
         return all_uploads, {k: v for _, f in gathered for k, v in f.items()}
+
+    def _batched_clients(
+        self, selected: list[str], server_round: int, progress: dict
+    ) -> tuple[list[ClientUpdate], dict[str, str]]:
+        """This process's clients in groups of ``client_batch`` trained together (clients of
+        similar length side by side, so little is padding); a failed group fails its clients."""
+        mine = sorted(
+            self._mine(selected),
+            key=lambda u: (max(len(e.input_ids) for e in self._examples_of(u)), user_sort_key(u)),
+        )
+        size = self.fed.client_batch
+        groups = [mine[i : i + size] for i in range(0, len(mine), size)]
+        uploads, failed = [], {}
+        bar = tqdm(total=len(mine), **progress)
+        for group in groups:
+            jobs = [(u, self._examples_of(u)) for u in group]
+            try:
+                results = run_clients(self.dual, self.out, jobs, self.shared, server_round)
+            except Exception as err:  # one group's failure never ends a round
+                failed.update(dict.fromkeys(group, f"{type(err).__name__}: {err}"))
+                logger.warning(
+                    "round %d: %d batched clients dropped: %s",
+                    server_round,
+                    len(group),
+                    err,
+                    main_process_only=False,
+                )
+            else:
+                uploads += [r.upload() for r in results]
+            bar.update(len(group))
+        bar.close()
+        return uploads, failed
 
     def server_update(self, uploads: list[ClientUpdate], server_round: int) -> ServerOutcome | None:
         """The main process aggregates; every process gets its shared state (None elsewhere)."""
@@ -315,6 +356,28 @@ class Recipe:
                 len(selected),
                 record["seconds"],
             )
+        self.accelerator.wait_for_everyone()
+
+    def fit_personal(self) -> None:
+        """Schedule "after": every cohort client fits its personal part on the final shared
+        part (frozen), kept as its version of the last round. Clients that already hold it
+        (a resumed run) are skipped; a client whose fit fails is served the shared part."""
+        fed = self.fed
+        if fed.decoupling.schedule != "after" or not fed.personal_rank:
+            return
+        final = fed.rounds
+        todo = [u for u in self.cohort if not personal_path(self.out, u, final).is_file()]
+        trainable = {k: p.requires_grad for k, p in self.dual.shared.items()}
+        for param in self.dual.shared.values():
+            param.requires_grad_(False)
+        try:
+            progress = dict(desc="personal fit", leave=False, disable=not self.main)
+            _, failed = self.clients(todo, final, progress)
+        finally:
+            for key, param in self.dual.shared.items():
+                param.requires_grad_(trainable[key])
+        if failed:
+            logger.warning("personal fit: %d clients failed: %s", len(failed), failed)
         self.accelerator.wait_for_everyone()
 
     def export(self) -> None:

@@ -11,7 +11,8 @@ Modules, in the order a round uses them:
   FedPA); key names; the seeded initial states. ``gates``: the gate in a saved state.
 - ``cohort``: the cohort, each round's clients, their sharding over processes; ``seeds``.
 - ``client``: the client's examples and local training (FedRep-style schedule, FedProx);
-  ``client_state``: its personal states on its own disk.
+  ``client_state``: its personal states on its own disk; ``batched``: a group of clients'
+  local steps in one batched forward, with the same results.
 - ``server``: checks and aggregation of the shared deltas; ``aggregate`` (FedAvg, Yin et
   al.'s median and trimmed mean), ``privacy`` (DP-FedAvg).
 - ``validation``: the client's validation and personal-scale pick; ``export``: the served
@@ -38,6 +39,11 @@ from .aggregate import (
     filter_updates,
     trimmed_mean,
     update_norm,
+)
+from .batched import (
+    ClientJob,
+    batched_client_updates,
+    run_clients,
 )
 from .client import (
     ClientFn,
@@ -148,6 +154,9 @@ from .validation import (
 )
 
 __all__ = [
+    "ClientJob",
+    "batched_client_updates",
+    "run_clients",
     "exported_base",
     "Ranker",
     "load_federated_model",

@@ -174,38 +174,34 @@ def client_update(
     if not trained:
         raise ValueError(f"client {user_id}: every example is held out")
 
-    def steps(groups: list[dict], data: Sequence[Example], prox: State | None) -> list[float]:
-        return _local_steps(dual, groups, data, gen, prox, start, user_id)
+    def steps(groups: list[dict], prox: State | None, n: int = cfg.local_steps) -> list[float]:
+        return _local_steps(dual, groups, trained, gen, prox, start, user_id, n)
 
-    personal_b = [p for k, p in dual.personal.items() if "lora_B" in k]
-    personal_a = [p for k, p in dual.personal.items() if "lora_B" not in k]
-    personal_groups = [
-        {"params": personal_a, "lr": cfg.learning_rate},
-        # Decoupled decay on B only (B = 0 is "no personal update"; A is a projection). As a
-        # loss term, Adam would rescale it away; AdamW's decay shrinks by lr * decay per step.
-        {"params": personal_b, "lr": cfg.learning_rate, "weight_decay": dec.personal_decay},
-        {"params": list(dual.gates.values()), "lr": dec.gate_learning_rate},
-    ]
-    shared_groups = [{"params": list(dual.shared.values()), "lr": cfg.learning_rate}]
+    personal_groups = param_groups(
+        cfg, shared=[], personal=dual.personal, gates=list(dual.gates.values())
+    )
+    shared_groups = param_groups(cfg, shared=list(dual.shared.values()), personal={}, gates=[])
+    trained_personal = bool(personal_steps(dual))
     if dec.schedule == "joint" and dual.shared and dual.personal:
         dual.load(shared_state, personal_state)
         downloaded = dual.shared_state()
-        losses = steps(shared_groups + personal_groups, trained, downloaded)
+        losses = steps(shared_groups + personal_groups, downloaded)
     else:
         losses = []
+        n_personal = personal_steps(dual)
         # A caller may have frozen the shared part (a local refresh uploads nothing).
         trainable = {k: p.requires_grad for k, p in dual.shared.items()}
         if any(trainable.values()):
             # The personal part off (B = 0, gates neutral): exactly plain FedAvg's update.
             dual.load(shared_state, scale_personal(personal_state, 0.0))
             downloaded = dual.shared_state()
-            losses = steps(shared_groups, trained, downloaded)
-        if dual.personal:
+            losses = steps(shared_groups, downloaded)
+        if n_personal:
             dual.load(dual.shared_state() if losses else shared_state, personal_state)
             for param in dual.shared.values():  # frozen: the residual fits on top of it
                 param.requires_grad_(False)
             try:
-                personal_losses = steps(personal_groups, trained, None)
+                personal_losses = steps(personal_groups, None, n_personal)
             finally:
                 for key, param in dual.shared.items():
                     param.requires_grad_(trainable[key])
@@ -217,10 +213,57 @@ def client_update(
         user_id=user_id,
         shared_delta=delta,
         n_examples=sum(e.targets for e in trained),
-        personal_state=dual.personal_state(),
+        personal_state=dual.personal_state() if trained_personal else dict(personal_state),
         loss=sum(losses) / len(losses),
         seconds=time.perf_counter() - start,
     )
+
+
+def personal_steps(dual: DualLora) -> int:
+    """Steps a client update gives the personal part: ``local_steps``; with schedule
+    "after", none while the shared part trains (a round) and ``personal_steps`` where it is
+    frozen (the fit after the last round, a local refresh); none without a personal part."""
+    dec = dual.cfg.decoupling
+    if not dual.personal:
+        return 0
+    if dec.schedule != "after":
+        return dual.cfg.local_steps
+    shared_trains = any(p.requires_grad for p in dual.shared.values())
+    return 0 if shared_trains else dec.personal_steps
+
+
+def param_groups(
+    cfg: FedConfig,
+    shared: list[torch.nn.Parameter],
+    personal: Mapping[str, torch.nn.Parameter],
+    gates: list[torch.nn.Parameter],
+) -> list[dict]:
+    """AdamW parameter groups of a local phase (the non-empty ones): the shared part, the
+    personal A, the personal B with ``personal_decay``, the gates at their own rate."""
+    dec = cfg.decoupling
+    groups = [
+        {"params": shared, "lr": cfg.learning_rate},
+        {"params": [p for k, p in personal.items() if "lora_B" not in k], "lr": cfg.learning_rate},
+        # Decoupled decay on B only (B = 0 is "no personal update"; A is a projection). As a
+        # loss term, Adam would rescale it away; AdamW's decay shrinks by lr * decay per step.
+        {
+            "params": [p for k, p in personal.items() if "lora_B" in k],
+            "lr": cfg.learning_rate,
+            "weight_decay": dec.personal_decay,
+        },
+        {"params": gates, "lr": dec.gate_learning_rate},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def draw_batch(
+    order: list[int], n: int, batch_size: int, gen: torch.Generator
+) -> tuple[list[int], list[int]]:
+    """The next batch of example indices and what is left of the shuffled order (one more
+    permutation of the ``n`` examples is appended when fewer than ``batch_size`` remain)."""
+    if len(order) < batch_size:
+        order = order + torch.randperm(n, generator=gen).tolist()
+    return order[:batch_size], order[batch_size:]
 
 
 def _local_steps(
@@ -231,21 +274,23 @@ def _local_steps(
     prox_anchor: State | None,
     start: float,
     user_id: str,
+    n_steps: int,
 ) -> list[float]:
-    """``local_steps`` AdamW steps on ``groups`` over batches of ``examples``; the losses.
+    """``n_steps`` AdamW steps on ``groups`` over batches of ``examples``; the losses.
 
     ``prox_anchor`` (the downloaded shared state) adds FedProx's ``mu/2 ||shared - anchor||^2``.
     """
     cfg = dual.cfg
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    # Gradients an earlier phase left on these (the personal part is in the forward while the
+    # shared part trains) must not leak into this phase's first step.
+    optimizer.zero_grad(set_to_none=True)
     dual.model.train()
     mu = cfg.decoupling.prox_mu
     order: list[int] = []
     losses: list[float] = []
-    for _ in range(cfg.local_steps):
-        if len(order) < cfg.local_batch_size:  # reshuffle when an epoch runs out
-            order += torch.randperm(len(examples), generator=gen).tolist()
-        batch_ids, order = order[: cfg.local_batch_size], order[cfg.local_batch_size :]
+    for _ in range(n_steps):
+        batch_ids, order = draw_batch(order, len(examples), cfg.local_batch_size, gen)
         loss = dual.loss(collate([examples[i] for i in batch_ids], dual.pad_id))
         objective = loss
         if mu and prox_anchor is not None:
@@ -269,6 +314,15 @@ ClientFn = Callable[[DualLora, str, Sequence[Example], State, State, int], Clien
 """The signature of :func:`client_update` (a test may wrap it to inject failures)."""
 
 
+def personal_to_train(dual: DualLora, client_dir: Path, user_id: str, server_round: int) -> State:
+    """The personal state a client's round starts from: its latest version before the round,
+    or its first (from (seed, user)). A version of this round left by a crashed attempt is
+    deleted: it must not outlive a failure now."""
+    personal_path(client_dir, user_id, server_round).unlink(missing_ok=True)
+    personal = load_personal(client_dir, user_id, before=server_round)
+    return personal if personal is not None else init_personal_state(dual, dual.cfg.seed, user_id)
+
+
 def run_client(
     dual: DualLora,
     client_dir: Path,
@@ -283,11 +337,8 @@ def run_client(
     The caller uploads ``result.upload()`` and nothing else. Raises what ``client_fn``
     raises; the new personal version is then absent, so a retry starts from the same state.
     """
-    # A version of this round left by a crashed attempt must not outlive a failure now.
-    personal_path(client_dir, user_id, server_round).unlink(missing_ok=True)
-    personal = load_personal(client_dir, user_id, before=server_round)
-    if personal is None:
-        personal = init_personal_state(dual, dual.cfg.seed, user_id)
+    personal = personal_to_train(dual, client_dir, user_id, server_round)
     result = client_fn(dual, user_id, examples, shared_state, personal, server_round)
-    save_personal(client_dir, user_id, server_round, result.personal_state)  # stays on the client
+    if personal_steps(dual):  # a new version (it stays on the client); else it is unchanged
+        save_personal(client_dir, user_id, server_round, result.personal_state)
     return result

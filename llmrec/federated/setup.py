@@ -52,6 +52,10 @@ def load_federated_model(cfg: AppConfig, catalog: Catalog, device: str = "cpu") 
         base_path, quantization=cfg.model.quantization, dtype=cfg.model.dtype, device=device
     )
     vocab = ItemVocab.read(base_path) if fed.head == "items" else None
+    if vocab is not None:
+        # The item head's sequences are short (window + prompt, ~100 tokens): there the plain
+        # attention trains faster on a CPU than the fused SDPA kernel (docs/experiments.md).
+        model.set_attn_implementation("eager")
     dual = build_dual_lora(model, fed, tokenizer.pad_token_id, vocab)
     prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
     ranker: Ranker

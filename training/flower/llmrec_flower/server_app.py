@@ -63,6 +63,13 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
     fed = cfg.fed
     if not fed.shared_rank:
         raise ValueError("fed.shared_rank=0 federates nothing: run training/federated.py")
+    if fed.decoupling.schedule == "after" and fed.personal_rank:
+        # The personal fit needs the final shared part, which a client only gets after the
+        # last round: the accelerate runner runs it; a Flower client trains both each round.
+        raise ValueError(
+            "fed.decoupling.schedule='after' runs in training/federated.py: under Flower "
+            "set fed.decoupling.schedule=sequential"
+        )
     if fed.dp.enabled and fed.dp.seed is not None:
         log.warning("fed.dp.seed has no effect under Flower: its DP noise is never seeded")
     out = Path(fed.output_dir)

@@ -1,0 +1,309 @@
+"""The federated run, measured: its training speed, and the personalization it buys.
+
+``speed``: batched clients against the one-client loop, in one run. Trains the same seeded
+sample of clients (their first round of ``training/configs/ml100k.yaml``) twice per
+repetition, side by side: one client at a time (``client_update``, the loop every runner
+had), then in groups of ``--group`` clients in one batched forward (``batched_client_updates``,
+what ``fed.client_batch`` runs). Prints and writes client-steps/s, training tokens/s, and the
+fraction of this CPU's measured matmul rate (a large square matmul in the model's dtype)
+that the training's matmul FLOPs reach. Medians over repetitions.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/federated.py speed --clients 64 --group 16 --reps 2
+
+Writes ``bench/reports/federated-speed.json`` and a PNG beside it.
+
+``report``: a finished run of ``training/federated.py`` (schedule "after": one shared state,
+then each client's personal part) scored on every user's validation and test item against
+the whole catalog. Shared-only is the final shared state alone (plain FedAvg); ours is each
+user's shared + personal adapter at the personal scale export picked on the user's own
+held-out data. Paired over users: a bootstrap interval of the NDCG@10 difference, a sign-flip
+p-value and McNemar's exact test on HR@10. Centralized and SASRec are the committed quality
+report's rows (the same users and protocol).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/federated.py report --run outputs/fed-all
+
+Writes ``bench/reports/federated.json`` and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from llmrec import federated as F
+from llmrec.atomic import write_json_atomic
+from llmrec.config import AppConfig, load_config
+from llmrec.data import dataset_from_config, leave_last_out, user_sort_key
+from llmrec.federated import VAL_K
+from llmrec.federated.client import draw_batch
+from llmrec.finetune import sample_users
+from llmrec.plots import plot_metric_bars
+from llmrec.quality import Task, per_user, summarize, target_ranks
+from llmrec.stats import bootstrap_ci, mcnemar_exact, sign_flip_test
+
+
+def matmul_rate(dtype: torch.dtype, size: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of a ``size``-square matmul in ``dtype`` on this machine (median of ``reps``)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+def step_flops(model: torch.nn.Module, dual: F.DualLora, tokens: int, width: int) -> float:
+    """Matmul FLOPs of one forward + backward over ``tokens`` tokens in sequences of about
+    ``width``: the frozen base's Linear layers 2 + 2 per weight and token (forward, and the
+    backward's input gradient: a frozen weight has no weight gradient), each LoRA factor 2 + 4
+    (it has one), attention's two products 2 * width * hidden per layer and token (forward,
+    causal half) times 3, and the item head 2 + 4 per row element."""
+    linear = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lora_" not in n and not n.endswith("lm_head")
+    )
+    lora = sum(p[0].numel() for p in dual.shared.values() if p.dim() == 2)
+    lora += sum(p.numel() for k, p in dual.personal.items())
+    cfg = model.config
+    attention = 3 * 2 * width * cfg.hidden_size * cfg.num_hidden_layers
+    rows = dual.items.item_rows.numel() if dual.items is not None else 0
+    return tokens * (4 * linear + 6 * lora + attention + 6 * rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("speed", help="batched clients against the one-client loop")
+    p.add_argument("--config", type=Path, default=Path("training/configs/ml100k.yaml"))
+    p.add_argument("--clients", type=int, default=64, help="seeded sample of the users")
+    p.add_argument("--group", type=int, default=16, help="clients per batched forward")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--report", type=Path, default=Path("bench/reports/federated-speed.json"))
+    p.add_argument("overrides", nargs="*", help="section.field=value config overrides")
+    p = sub.add_parser("report", help="shared-only against ours on every user")
+    p.add_argument("--run", type=Path, default=Path("outputs/federated"))
+    p.add_argument("--quality", type=Path, default=Path("bench/reports/quality.json"))
+    p.add_argument("--report", type=Path, default=Path("bench/reports/federated.json"))
+    args = parser.parse_args()
+    (speed if args.command == "speed" else report)(args)
+
+
+def speed(args: argparse.Namespace) -> None:
+    """Client-steps/s, tokens/s and FLOP fraction of the loop and of batched clients."""
+    cfg = load_config(args.config, ["fed.n_users=0", *args.overrides])
+    fed = cfg.fed
+    dataset = dataset_from_config(cfg)
+    split = leave_last_out(dataset.histories)
+    loaded = F.load_federated_model(cfg, dataset.catalog)
+    dual = loaded.dual
+    users = sample_users(F.federated_cohort(split, fed), args.clients, fed.seed)
+    jobs = [
+        F.ClientJob(
+            u,
+            F.client_examples(split, dataset.catalog, loaded.prompts, fed, u, dual.vocab),
+            F.init_personal_state(dual, fed.seed, u),
+        )
+        for u in users
+    ]
+    jobs.sort(key=lambda j: max(len(e.input_ids) for e in j.examples))  # as the runner groups
+    shared = F.init_shared_state(dual, fed.seed)
+    # A round's phases: the shared part, then (sequential) the personal part on top.
+    both = fed.shared_rank and fed.personal_rank and fed.decoupling.schedule == "sequential"
+    phases = 2 if both else 1
+    tokens = sum(_drawn_tokens(fed, j, phases) for j in jobs)
+    widths = [len(e.input_ids) for j in jobs for e in j.examples if not e.holdout]
+    flops = step_flops(dual.model, dual, tokens, statistics.mean(widths))
+    client_steps = phases * fed.local_steps * len(jobs)
+
+    def loop() -> None:
+        for j in jobs:
+            F.client_update(dual, j.user_id, j.examples, shared, j.personal_state, 1)
+
+    def batched() -> None:
+        for i in range(0, len(jobs), args.group):
+            F.batched_client_updates(dual, jobs[i : i + args.group], shared, 1)
+
+    F.client_update(dual, jobs[0].user_id, jobs[0].examples, shared, jobs[0].personal_state, 1)
+    F.batched_client_updates(dual, jobs[: args.group], shared, 1)  # warm-up, both paths
+    seconds: dict[str, list[float]] = {"loop": [], "batched": []}
+    for rep in range(args.reps):
+        for name, fn in (("loop", loop), ("batched", batched)):
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+            print(f"rep {rep} {name}: {seconds[name][-1]:.1f} s", flush=True)
+    dtype = next(dual.model.parameters()).dtype
+    peak = matmul_rate(dtype)
+    paths = {}
+    for name, times in seconds.items():
+        s = statistics.median(times)
+        paths[name] = {
+            "seconds": round(s, 2),
+            "client_steps_s": round(client_steps / s, 3),
+            "tokens_s": round(tokens / s, 1),
+            "flop_fraction": round(flops / s / peak, 4),
+        }
+    report = {
+        "command": "bench/federated.py "
+        + " ".join(
+            [f"--clients {args.clients}", f"--group {args.group}", f"--reps {args.reps}"]
+            + args.overrides
+        ),
+        "model": cfg.model.name_or_path,
+        "dtype": str(dtype).removeprefix("torch."),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "clients": len(jobs),
+        "group": args.group,
+        "local_steps": fed.local_steps,
+        "phases": phases,
+        "client_steps": client_steps,
+        "tokens": tokens,
+        "train_gflop": round(flops / 1e9, 1),
+        "matmul_gflop_s": round(peak / 1e9, 1),
+        "loop": paths["loop"],
+        "batched": paths["batched"],
+        "speedup": round(paths["loop"]["seconds"] / paths["batched"]["seconds"], 2),
+        "seconds_per_rep": seconds,
+    }
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.report, report)
+    plot_metric_bars(
+        {n: {"client-steps/s": p["client_steps_s"]} for n, p in paths.items()},
+        ["client-steps/s"],
+        args.report.with_suffix(".png"),
+        f"Federated local steps, {len(jobs)} clients (batched: {args.group} per forward)",
+    )
+    for name, p in paths.items():
+        print(
+            f"{name}: {p['client_steps_s']} client-steps/s, {p['tokens_s']} tokens/s, "
+            f"{p['flop_fraction']:.1%} of {peak / 1e9:.0f} GFLOP/s"
+        )
+    print(f"speedup {report['speedup']}x -> {args.report}")
+
+
+def _drawn_tokens(fed, job: F.ClientJob, phases: int) -> int:
+    """Tokens ``job``'s local steps train on in round 1 (its draws, replayed)."""
+    trained = [e for e in job.examples if not e.holdout]
+    gen = torch.Generator().manual_seed(F.derive_seed(fed.seed, "client", 1, job.user_id))
+    total = 0
+    for _ in range(phases):
+        order: list[int] = []
+        for _ in range(fed.local_steps):
+            ids, order = draw_batch(order, len(trained), fed.local_batch_size, gen)
+            total += sum(len(trained[i].input_ids) for i in ids)
+    return total
+
+
+def report(args: argparse.Namespace) -> None:
+    """bench/reports/federated.json: every user, shared-only against ours, paired."""
+    run = args.run
+    record = json.loads((run / F.RUN_JSON).read_text())
+    cfg = AppConfig.model_validate(record["config"])
+    fed, k = cfg.fed, VAL_K
+    exported = json.loads((run / F.EXPORT_JSON).read_text())
+    dataset = dataset_from_config(cfg)
+    split = leave_last_out(dataset.histories)
+    loaded = F.load_federated_model(cfg, dataset.catalog)
+    dual, scorer = loaded.dual, loaded.ranker
+    shared = F.read_round_state(run, fed.rounds)
+    users = sorted(split.test, key=user_sort_key)
+    tasks = {"valid": Task.valid(split, users), "test": Task.test(split, users)}
+    scales = exported.get("personal_scale", {})
+    start = time.perf_counter()
+
+    def scores(histories) -> np.ndarray:
+        return scorer.log_probs(histories).numpy()
+
+    shared_only = {}
+    dual.load(shared, F.scale_personal(F.init_personal_state(dual, fed.seed, users[0]), 0.0))
+    for name, task in tasks.items():
+        shared_only[name] = per_user(target_ranks(scores(task.histories), task, dataset.catalog), k)
+    ours_scores = {name: np.empty((len(users), len(dataset.catalog))) for name in tasks}
+    for row, user in enumerate(tqdm(users, desc="ours, user by user")):
+        personal = F.load_personal(run, user, before=fed.rounds + 1)
+        if personal is None:  # never trained: served the shared part
+            personal = F.scale_personal(F.init_personal_state(dual, fed.seed, user), 0.0)
+        dual.load(shared, F.scale_personal(personal, scales.get(user, 1.0)))
+        both = scores([tasks["valid"].histories[row], tasks["test"].histories[row]])
+        ours_scores["valid"][row], ours_scores["test"][row] = both
+    ours = {
+        name: per_user(target_ranks(ours_scores[name], task, dataset.catalog), k)
+        for name, task in tasks.items()
+    }
+    seconds = time.perf_counter() - start
+    quality = json.loads(args.quality.read_text()) if args.quality.is_file() else {}
+    methods = {
+        name: {"valid": summarize(r["valid"], fed.seed), "test": summarize(r["test"], fed.seed)}
+        for name, r in (("shared-only", shared_only), ("ours", ours))
+    }
+    for name, ref in (("centralized", "llm"), ("sasrec", "sasrec")):
+        if ref in quality.get("methods", {}):
+            methods[name] = {"test": quality["methods"][ref]["test"], "from": str(args.quality)}
+    ndcg = f"NDCG@{k}"
+    diff = ours["test"][ndcg] - shared_only["test"][ndcg]
+    delta, p = sign_flip_test(ours["test"][ndcg], shared_only["test"][ndcg], seed=fed.seed)
+    records = json.loads((run / F.METRICS_JSON).read_text())["rounds"]
+    picked = list(scales.values())
+    out = {
+        "command": f"bench/federated.py report --run {run}",
+        "users": len(users),
+        "rounds": fed.rounds,
+        "clients_per_round": fed.clients_per_round,
+        "client_batch": fed.client_batch,
+        "schedule": fed.decoupling.schedule,
+        "wall_s": round((run / F.EXPORT_JSON).stat().st_mtime - (run / F.RUN_JSON).stat().st_mtime),
+        "rounds_s": round(sum(r["seconds"] for r in records)),
+        "comm_ratio": records[-1]["comm_ratio"],
+        "bytes_up_per_client": records[-1]["bytes_up_per_client"],
+        "full_model_bytes": records[-1]["full_model_bytes"],
+        "epsilon": records[-1]["epsilon"],
+        "personal_scale_counts": {str(s): picked.count(s) for s in sorted(set(picked))},
+        "methods": methods,
+        "paired": {
+            "ours_vs_shared-only": {
+                "metric": ndcg,
+                "delta": round(delta, 4),
+                "delta_ci95": [round(v, 4) for v in bootstrap_ci(diff, seed=fed.seed)],
+                "p": round(p, 4),
+                f"HR@{k}_p_mcnemar": round(
+                    mcnemar_exact(ours["test"][f"HR@{k}"], shared_only["test"][f"HR@{k}"]), 4
+                ),
+            }
+        },
+        "aa": None,
+        "eval_seconds": round(seconds, 1),
+    }
+    if "centralized" in methods:
+        out["ours_vs_centralized_ratio"] = round(
+            methods["ours"]["test"][ndcg] / methods["centralized"]["test"][ndcg], 3
+        )
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.report, out)
+    plot_metric_bars(
+        {n: {f"HR@{k}": m["test"][f"HR@{k}"], ndcg: m["test"][ndcg]} for n, m in methods.items()},
+        [f"HR@{k}", ndcg],
+        args.report.with_suffix(".png"),
+        f"Federated, all {len(users)} users (test)",
+        intervals={
+            n: {f"HR@{k}": m["test"][f"HR@{k}_ci95"], ndcg: m["test"][f"{ndcg}_ci95"]}
+            for n, m in methods.items()
+        },
+    )
+    print(json.dumps({n: m["test"] for n, m in methods.items()}, indent=1))
+    print(json.dumps(out["paired"], indent=1), f"-> {args.report}")
+
+
+if __name__ == "__main__":
+    main()
