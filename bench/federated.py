@@ -23,6 +23,17 @@ report's rows (the same users and protocol).
     HF_HUB_OFFLINE=1 .venv/bin/python bench/federated.py report --run outputs/fed-all
 
 Writes ``bench/reports/federated.json`` and a PNG beside it.
+
+``personal``: the personal fit's settings chosen on validation. For each (steps, decay) of
+the grid, every user of a finished run fits its personal part on the run's final shared
+part (as the runner's fit after the last round does), picks its scale on its own held-out
+data, and is scored on its validation item; the test item is scored once, for the
+configuration with the best validation NDCG@10 (and for shared-only beside it).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/federated.py personal --run outputs/fed-all \
+        --steps 4 16 --decay 0 30
+
+Writes ``bench/reports/personal.json`` and a PNG beside it.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import json
 import platform
 import statistics
 import time
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +108,14 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=Path("outputs/federated"))
     p.add_argument("--quality", type=Path, default=Path("bench/reports/quality.json"))
     p.add_argument("--report", type=Path, default=Path("bench/reports/federated.json"))
+    p = sub.add_parser("personal", help="the personal fit's settings, chosen on validation")
+    p.add_argument("--run", type=Path, default=Path("outputs/federated"))
+    p.add_argument("--steps", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--decay", type=float, nargs="+", default=[0.0])
+    p.add_argument("--out", type=Path, default=Path("outputs/personal-screen"))
+    p.add_argument("--report", type=Path, default=Path("bench/reports/personal.json"))
     args = parser.parse_args()
-    (speed if args.command == "speed" else report)(args)
+    {"speed": speed, "report": report, "personal": personal}[args.command](args)
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -303,6 +321,107 @@ def report(args: argparse.Namespace) -> None:
     )
     print(json.dumps({n: m["test"] for n, m in methods.items()}, indent=1))
     print(json.dumps(out["paired"], indent=1), f"-> {args.report}")
+
+
+def personal(args: argparse.Namespace) -> None:
+    """bench/reports/personal.json: the personal fit's grid on validation, the best tested."""
+    run = args.run
+    cfg = AppConfig.model_validate(json.loads((run / F.RUN_JSON).read_text())["config"])
+    fed, k, ndcg = cfg.fed, VAL_K, f"NDCG@{VAL_K}"
+    dataset = dataset_from_config(cfg)
+    split = leave_last_out(dataset.histories)
+    loaded = F.load_federated_model(cfg, dataset.catalog)
+    dual, scorer = loaded.dual, loaded.ranker
+    shared = F.read_round_state(run, fed.rounds)
+    for param in dual.shared.values():  # the fit trains the personal part alone
+        param.requires_grad_(False)
+    users = sorted(split.test, key=user_sort_key)
+    tasks = {"valid": Task.valid(split, users), "test": Task.test(split, users)}
+    examples = {
+        u: F.client_examples(split, dataset.catalog, loaded.prompts, fed, u, dual.vocab)
+        for u in users
+    }
+    order = sorted(users, key=lambda u: max(len(e.input_ids) for e in examples[u]))
+    size = max(fed.client_batch, 1)
+
+    def metrics(task: str, state_of) -> dict[str, np.ndarray]:
+        """Per-user metrics of ``task`` with ``state_of(row, user)`` loaded for each user."""
+        rows = np.empty((len(users), len(dataset.catalog)))
+        for row, user in enumerate(tqdm(users, desc=task, leave=False)):
+            dual.load(shared, state_of(row, user))
+            rows[row] = scorer.log_probs([tasks[task].histories[row]]).numpy()[0]
+        return per_user(target_ranks(rows, tasks[task], dataset.catalog), k)
+
+    off = F.scale_personal(F.init_personal_state(dual, fed.seed, users[0]), 0.0)
+    grid, picked_states = {}, {}
+    for steps, decay in product(args.steps, args.decay):
+        name = f"steps {steps}, decay {decay:g}"
+        dec = fed.decoupling.model_copy(update={"personal_steps": steps, "personal_decay": decay})
+        dual.cfg = fed.model_copy(update={"decoupling": dec})
+        folder = args.out / f"steps{steps}-decay{decay:g}"
+        start = time.perf_counter()
+        todo = [u for u in order if F.load_personal(folder, u, before=fed.rounds + 1) is None]
+        for i in tqdm(range(0, len(todo), size), desc=f"fit {name}"):
+            jobs = [(u, examples[u]) for u in todo[i : i + size]]
+            F.run_clients(dual, folder, jobs, shared, fed.rounds)
+        fit_s = time.perf_counter() - start
+        states, scales = [], []
+        for user in tqdm(users, desc=f"pick {name}", leave=False):
+            state = F.load_personal(folder, user, before=fed.rounds + 1)
+            scale, _ = F.pick_personal_scale(dual, scorer, split, user, shared, state)
+            states.append(F.scale_personal(state, scale))
+            scales.append(scale)
+        valid = metrics("valid", lambda row, _u, states=states: states[row])
+        picked_states[name] = states
+        grid[name] = {
+            "personal_steps": steps,
+            "personal_decay": decay,
+            "valid": summarize(valid, fed.seed),
+            "personal_scale_counts": {str(v): scales.count(v) for v in sorted(set(scales))},
+            "fit_s": round(fit_s, 1),
+        }
+        print(name, grid[name]["valid"], grid[name]["personal_scale_counts"], flush=True)
+    dual.cfg = fed
+    best = max(grid, key=lambda n: grid[n]["valid"][ndcg])
+    shared_valid = metrics("valid", lambda _r, _u: off)
+    shared_test = metrics("test", lambda _r, _u: off)
+    best_test = metrics("test", lambda row, _u: picked_states[best][row])
+    delta, p = sign_flip_test(best_test[ndcg], shared_test[ndcg], seed=fed.seed)
+    out = {
+        "command": "bench/federated.py personal --run {} --steps {} --decay {}".format(
+            run, " ".join(map(str, args.steps)), " ".join(f"{d:g}" for d in args.decay)
+        ),
+        "users": len(users),
+        "selected_on": "validation (the scale pick reads each user's validation item too)",
+        "grid": grid,
+        "chosen": best,
+        "shared-only": {
+            "valid": summarize(shared_valid, fed.seed),
+            "test": summarize(shared_test, fed.seed),
+        },
+        "ours_test": summarize(best_test, fed.seed),
+        "paired": {
+            "ours_vs_shared-only": {
+                "metric": ndcg,
+                "delta": round(delta, 4),
+                "delta_ci95": [
+                    round(v, 4)
+                    for v in bootstrap_ci(best_test[ndcg] - shared_test[ndcg], seed=fed.seed)
+                ],
+                "p": round(p, 4),
+                f"HR@{k}_p_mcnemar": round(
+                    mcnemar_exact(best_test[f"HR@{k}"], shared_test[f"HR@{k}"]), 4
+                ),
+            }
+        },
+    }
+    write_json_atomic(args.report, out)
+    table = {n: {ndcg: g["valid"][ndcg]} for n, g in grid.items()}
+    table["shared-only"] = {ndcg: out["shared-only"]["valid"][ndcg]}
+    plot_metric_bars(
+        table, [ndcg], args.report.with_suffix(".png"), "Personal fit, validation, every user"
+    )
+    print(json.dumps(out["paired"], indent=1), f"chosen {best} -> {args.report}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmrec import federated as F
-from llmrec.config import load_config
+from llmrec.config import ConfigError, load_config
 from llmrec.data import leave_last_out
 from llmrec.federated.batched import ClientJob, batched_client_updates, run_clients
 
@@ -125,3 +125,9 @@ def test_run_clients_keeps_each_personal_state_on_its_own_client(
         for k, v in alone.personal_state.items():
             torch.testing.assert_close(saved[k], v, rtol=1e-3, atol=1e-4)
             torch.testing.assert_close(result.personal_state[k], saved[k])
+
+
+def test_batched_clients_are_for_the_item_head_only():
+    with pytest.raises(ConfigError, match="client_batch > 1 needs head='items'"):
+        load_config(overrides=["fed.head=titles", "fed.client_batch=4"])
+    assert load_config(overrides=["fed.head=items", "fed.client_batch=4"]).fed.client_batch == 4
