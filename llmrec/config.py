@@ -178,6 +178,9 @@ class DecouplingConfig(BaseModel):
     local refresh: the personal part trains only where the shared part is frozen. "joint":
     both in the same steps (the personal part can absorb what the crowd would have learned,
     and the shared part drifts from plain FedAvg)."""
+    personal_learning_rate: float | None = Field(None, gt=0)
+    """AdamW learning rate of the personal part (None = ``fed.learning_rate``): with
+    ``local_optimizer="sgd"`` the two parts need rates of different scales."""
     personal_steps: int = Field(8, ge=1)
     """Steps of the personal fit with ``schedule="after"`` (each ``local_batch_size``
     windows of the client's training history)."""
@@ -263,6 +266,20 @@ class FedConfig(BaseModel):
     """Titles head: consecutive targets one training sequence scores (one forward pass)."""
     learning_rate: float = Field(1e-3, gt=0)
     """AdamW learning rate of both LoRA adapters on the client."""
+    local_optimizer: Literal["adamw", "sgd"] = "adamw"
+    """The client's optimizer of the shared part: AdamW, fresh each round, or plain SGD at
+    ``learning_rate`` (what ``server_optimizer="adam"`` expects: the delta is then the
+    gradient times the step). The personal part always trains with AdamW."""
+    server_optimizer: Literal["none", "adam"] = "none"
+    """"none": the aggregate delta is added (FedAvg). "adam": FedAdam (Reddi et al. 2021),
+    an Adam step on the pseudo-gradient -aggregate / (learning_rate * local_steps), with
+    moments kept across rounds (and checkpointed)."""
+    server_learning_rate: float = Field(1e-3, gt=0)
+    """Learning rate of the server optimizer."""
+    server_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas of the server optimizer."""
+    server_eps: float = Field(1e-8, gt=0)
+    """Adam epsilon of the server optimizer."""
     shared_rank: int = Field(8, ge=0, le=256)
     """Rank of the shared adapter (0 = personal-only ablation: local training, no federation)."""
     personal_rank: int = Field(4, ge=0, le=256)
@@ -314,8 +331,9 @@ class FedConfig(BaseModel):
             raise ValueError(f"val_users ({self.val_users}) exceeds n_users ({self.n_users})")
         if self.client_batch > 1 and self.head != "items":
             raise ValueError("client_batch > 1 needs head='items' (batched clients)")
-        if self.learning_rate * self.decoupling.personal_decay >= 1:
-            raise ValueError("learning_rate * decoupling.personal_decay must be < 1")
+        personal_lr = self.decoupling.personal_learning_rate or self.learning_rate
+        if personal_lr * self.decoupling.personal_decay >= 1:
+            raise ValueError("the personal learning rate * decoupling.personal_decay must be < 1")
         if self.dp.enabled and self.shared_rank == 0:
             raise ValueError("dp.enabled needs a shared adapter (shared_rank > 0)")
         if self.aggregation == "trimmed_mean" and int(self.trim_ratio * self.clients_per_round) < 1:

@@ -79,10 +79,11 @@ def _assert_same(one, many):
         ["fed.decoupling.schedule=joint", "fed.decoupling.gate=adapter"],
         ["fed.personal_rank=0"],  # shared-only
         ["fed.shared_rank=0", "fed.decoupling.gate=none"],  # personal-only: frozen rows
+        ["fed.local_optimizer=sgd", "fed.learning_rate=0.5", "fed.personal_rank=0"],  # FedAdam
         ["fed.decoupling.schedule=after"],  # a round: the shared part alone
         ["fed.decoupling.schedule=after", "fed.decoupling.personal_steps=2", "frozen"],  # fit
     ],
-    ids=["sequential", "joint", "shared-only", "personal-only", "after-round", "after-fit"],
+    ids=["sequential", "joint", "shared-only", "personal-only", "sgd", "after-round", "after-fit"],
 )
 def test_a_batched_group_updates_as_one_client_at_a_time(tiny_model_dir, tiny_dataset, extra):
     frozen = "frozen" in extra

@@ -1,5 +1,6 @@
 """Federated training of the item-token head: the item rows are shared, every position of a
-client's history is a target, and what is served is exactly what the clients trained.
+client's history is a target, what is served is exactly what the clients trained, and under
+FedAdam a round is one Adam step on the clients' batch that --resume continues exactly.
 
 The tiny 2-layer Llama extended with one token per item of the 20-user synthetic fixture;
 the accelerate runner in-process.
@@ -19,7 +20,7 @@ from llmrec import federated as F
 from llmrec.adapters import AdapterStore
 from llmrec.config import load_config
 from llmrec.data import leave_last_out
-from llmrec.finetune import IGNORE_INDEX
+from llmrec.finetune import IGNORE_INDEX, collate
 from llmrec.model import attach_adapter, fingerprint_model_dir, load_model
 from llmrec.model.item_vocab import ItemVocab, history_reading, prepare_item_base
 from llmrec.prompts import PromptBuilder
@@ -28,6 +29,15 @@ from llmrec.recommend.item_scorer import ItemScorer
 ROOT = Path(__file__).resolve().parent.parent
 TINY_YAML = ROOT / "training" / "configs" / "tiny.yaml"
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny"
+# FedAdam (llmrec.federated.server_optimizer): one local SGD step, one server Adam step.
+FEDADAM = [
+    "fed.local_optimizer=sgd",
+    "fed.local_steps=1",
+    "fed.server_optimizer=adam",
+    "fed.server_learning_rate=0.01",
+    "fed.learning_rate=0.5",
+    "fed.personal_rank=0",
+]
 
 
 def _cfg(model_dir: Path, out: Path, *extra: str):
@@ -245,3 +255,70 @@ def test_schedule_after_fits_every_personal_part_once_on_the_final_shared_part(
         assert versions == [cfg.fed.rounds]  # the fit alone wrote one
     exported = json.loads((after / F.EXPORT_JSON).read_text())
     assert sorted(exported["users"]) == sorted(run["cohort"])
+
+
+def test_a_fedadam_round_is_one_adam_step_on_the_clients_batch(tiny_model_dir, tiny_dataset):
+    cfg = _cfg(tiny_model_dir, Path("unused"), *FEDADAM, "fed.local_batch_size=1")
+    loaded = F.load_federated_model(cfg, tiny_dataset.catalog)
+    dual, fed = loaded.dual, cfg.fed
+    split = leave_last_out(tiny_dataset.histories)
+    users = sorted(split.train)[:4]
+    examples = {
+        u: F.client_examples(split, tiny_dataset.catalog, loaded.prompts, fed, u, dual.vocab)
+        for u in users
+    }
+    shared = F.init_shared_state(dual, 0)
+    shared = {k: v + 0.01 * torch.randn_like(v) for k, v in shared.items()}
+    results = [F.client_update(dual, u, examples[u], shared, {}, 1) for u in users]
+    optimizer = F.server_optimizer(fed, shared)
+    got = F.server_update(shared, [r.upload() for r in results], fed, None, optimizer).shared_state
+
+    # Centralized: the same windows each client drew, the loss weighted as FedAvg weights the
+    # clients, one torch Adam step at the server's learning rate.
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in shared.items()}
+    adam = torch.optim.Adam(params.values(), lr=fed.server_learning_rate)
+    weights = torch.tensor([float(r.n_examples) for r in results])
+    dual.load(shared, {})
+    total = 0.0
+    for u, w in zip(users, weights / weights.sum(), strict=True):
+        gen = torch.Generator().manual_seed(F.derive_seed(fed.seed, "client", 1, u))
+        trained = [e for e in examples[u] if not e.holdout]
+        drawn = torch.randperm(len(trained), generator=gen).tolist()[:1]
+        loss = dual.loss(collate([trained[i] for i in drawn], dual.pad_id))
+        total = total + w * loss
+    grads = torch.autograd.grad(total, [dual.shared[k] for k in params])
+    for p, g in zip(params.values(), grads, strict=True):
+        p.grad = g
+    adam.step()
+    for k, p in params.items():
+        # To float rounding: about 1% of one Adam step (lr 0.01) at most.
+        torch.testing.assert_close(got[k], p.detach(), rtol=1e-3, atol=1e-4)
+    assert any((got[k] - shared[k]).abs().max() > 1e-3 for k in shared)  # it moved
+
+
+def test_resume_continues_the_server_moments(tiny_model_dir, tmp_path):
+    runner = _runner()
+    straight = tmp_path / "straight"
+    runner.run(_cfg(tiny_model_dir, straight, *FEDADAM))
+    cut = tmp_path / "cut"
+    runner.run(_cfg(tiny_model_dir, cut, *FEDADAM, "fed.rounds=1"))
+    assert F.server_optimizer_path(cut, 1).is_file()
+    runner.run(_cfg(tiny_model_dir, cut, *FEDADAM), resume=True)
+    a, b = F.read_round_state(straight, 2), F.read_round_state(cut, 2)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # Only the latest round keeps the moments.
+    assert (
+        not F.server_optimizer_path(cut, 1).exists() and F.server_optimizer_path(cut, 2).is_file()
+    )
+
+
+def test_a_resume_without_the_moments_is_refused(tiny_model_dir, tmp_path):
+    """Fresh moments would silently change every later round: refuse instead."""
+    runner = _runner()
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    runner.run(_cfg(tiny_model_dir, straight, *FEDADAM))
+    runner.run(_cfg(tiny_model_dir, cut, *FEDADAM, "fed.rounds=1"))
+    F.server_optimizer_path(cut, 1).unlink()
+    with pytest.raises(FileNotFoundError, match="server optimizer"):
+        runner.run(_cfg(tiny_model_dir, cut, *FEDADAM), resume=True)

@@ -85,6 +85,8 @@ from llmrec.federated import (
     secure_generator,
     select_clients,
     served_base,
+    server_optimizer,
+    server_optimizer_path,
     server_update,
     shard,
     shared_weights,
@@ -151,6 +153,9 @@ class Recipe:
         self.base_path, self.dual, self.prompts = loaded.base_path, loaded.dual, loaded.prompts
         self.full_model_bytes = loaded.base_bytes
         self.shared, self.records = _restore(fed, self.dual, self.start, done)
+        self.server_optimizer = server_optimizer(fed, self.shared)
+        if self.server_optimizer is not None and self.start > 1:
+            self.server_optimizer.load(server_optimizer_path(self.out, self.start - 1))
         self.accountant = _accountant(fed, len(self.cohort), self.records, self.main)
         # Validation and export rank with the dual LoRA's model (whatever it holds then).
         self.ranker = loaded.ranker
@@ -253,7 +258,11 @@ class Recipe:
         outcome = None
         if self.main:
             outcome = server_update(
-                self.shared, uploads, self.fed, self._dp_generator(server_round)
+                self.shared,
+                uploads,
+                self.fed,
+                self._dp_generator(server_round),
+                self.server_optimizer,
             )
             if outcome.noised and self.accountant is not None:
                 self.accountant.step()
@@ -339,7 +348,15 @@ class Recipe:
             weights = (
                 shared_weights(self.shared, fed, self.dual.base_model) if fed.shared_rank else None
             )
-            write_round(self.out, server_round, record, weights, self.shared.get(ITEM_ROWS_KEY))
+            optimizer = self.server_optimizer
+            write_round(
+                self.out,
+                server_round,
+                record,
+                weights,
+                self.shared.get(ITEM_ROWS_KEY),
+                optimizer.save if optimizer is not None else None,
+            )
             self.records.append(record)
             _write_metrics(self.out, self.records, fed.val_every)
             # Older personal versions are no longer needed: this round is on disk for good.

@@ -14,7 +14,7 @@ Modules, in the order a round uses them:
   ``client_state``: its personal states on its own disk; ``batched``: a group of clients'
   local steps in one batched forward, with the same results.
 - ``server``: checks and aggregation of the shared deltas; ``aggregate`` (FedAvg, Yin et
-  al.'s median and trimmed mean), ``privacy`` (DP-FedAvg).
+  al.'s median and trimmed mean), ``privacy`` (DP-FedAvg), ``server_optimizer`` (FedAdam).
 - ``validation``: the client's validation and personal-scale pick; ``export``: the served
   adapters and publishing; ``layout``: the run folder both runners write.
 - ``personalize``: a local refresh of one user's personal adapter between rounds.
@@ -107,6 +107,7 @@ from .layout import (
     ROUND_JSON,
     RUN_JSON,
     SERVED_BASE_DIR,
+    SERVER_OPTIMIZER_FILE,
     SHARED_DIR,
     VAL_PNG,
     completed_rounds,
@@ -115,6 +116,7 @@ from .layout import (
     read_round_state,
     remove_partial_rounds,
     round_dir,
+    server_optimizer_path,
     write_metrics,
     write_round,
 )
@@ -141,6 +143,10 @@ from .server import (
     mean_or_none,
     server_update,
 )
+from .server_optimizer import (
+    ServerAdam,
+    server_optimizer,
+)
 from .setup import (
     FederatedModel,
     load_federated_model,
@@ -154,6 +160,10 @@ from .validation import (
 )
 
 __all__ = [
+    "ServerAdam",
+    "server_optimizer",
+    "SERVER_OPTIMIZER_FILE",
+    "server_optimizer_path",
     "ClientJob",
     "batched_client_updates",
     "run_clients",

@@ -30,6 +30,7 @@ from llmrec.federated.client import (
     ClientResult,
     ClientTimeout,
     draw_batch,
+    local_optimizers,
     param_groups,
     personal_steps,
     personal_to_train,
@@ -223,9 +224,9 @@ def batched_client_updates(
             personal=group.personal if train_personal else {},
             gates=list(group.gates.values()) if train_personal else [],
         )
-        # The fused kernel: one pass over the stacks (the same update as the loop's AdamW,
-        # to float rounding).
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0, fused=True)
+        # The fused AdamW kernel: one pass over the stacks (the same update as the loop's, to
+        # float rounding).
+        optimizers = local_optimizers(cfg, groups, fused=True)
         dual.model.train()
         orders: list[list[int]] = [[] for _ in jobs]
         losses: list[list[float]] = [[] for _ in jobs]
@@ -241,8 +242,9 @@ def batched_client_updates(
                 drift = sum(((p - anchor[k]) ** 2).sum() for k, p in group.shared.items())
                 objective = objective + dec.prox_mu / 2 * drift
             objective.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             for c, value in enumerate(per_client.detach().tolist()):
                 losses[c].append(value)
             if time.perf_counter() - start > cfg.client_timeout_s:

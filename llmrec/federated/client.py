@@ -241,19 +241,40 @@ def param_groups(
     """AdamW parameter groups of a local phase (the non-empty ones): the shared part, the
     personal A, the personal B with ``personal_decay``, the gates at their own rate."""
     dec = cfg.decoupling
+    personal_lr = dec.personal_learning_rate or cfg.learning_rate
     groups = [
-        {"params": shared, "lr": cfg.learning_rate},
-        {"params": [p for k, p in personal.items() if "lora_B" not in k], "lr": cfg.learning_rate},
+        {"params": shared, "lr": cfg.learning_rate, "shared": True},
+        {"params": [p for k, p in personal.items() if "lora_B" not in k], "lr": personal_lr},
         # Decoupled decay on B only (B = 0 is "no personal update"; A is a projection). As a
         # loss term, Adam would rescale it away; AdamW's decay shrinks by lr * decay per step.
         {
             "params": [p for k, p in personal.items() if "lora_B" in k],
-            "lr": cfg.learning_rate,
+            "lr": personal_lr,
             "weight_decay": dec.personal_decay,
         },
         {"params": gates, "lr": dec.gate_learning_rate},
     ]
     return [g for g in groups if g["params"]]
+
+
+def local_optimizers(
+    cfg: FedConfig, groups: list[dict], fused: bool = False
+) -> list[torch.optim.Optimizer]:
+    """The optimizers of a local phase: the shared group by ``fed.local_optimizer`` (AdamW or
+    plain SGD), every other group by AdamW (``fused``: torch's one-pass kernel)."""
+    sgd = cfg.local_optimizer == "sgd"
+    plain = [g for g in groups if sgd and g.get("shared")]
+    adam = [g for g in groups if g not in plain]
+    optimizers: list[torch.optim.Optimizer] = []
+    if plain:
+        optimizers.append(torch.optim.SGD(plain, lr=cfg.learning_rate))
+    if adam:
+        optimizers.append(torch.optim.AdamW(adam, weight_decay=0.0, fused=fused or None))
+    for optimizer in optimizers:
+        # Gradients an earlier phase left on these (the personal part is in the forward
+        # while the shared part trains) must not leak into this phase's first step.
+        optimizer.zero_grad(set_to_none=True)
+    return optimizers
 
 
 def draw_batch(
@@ -281,10 +302,7 @@ def _local_steps(
     ``prox_anchor`` (the downloaded shared state) adds FedProx's ``mu/2 ||shared - anchor||^2``.
     """
     cfg = dual.cfg
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    # Gradients an earlier phase left on these (the personal part is in the forward while the
-    # shared part trains) must not leak into this phase's first step.
-    optimizer.zero_grad(set_to_none=True)
+    optimizers = local_optimizers(cfg, groups)
     dual.model.train()
     mu = cfg.decoupling.prox_mu
     order: list[int] = []
@@ -299,8 +317,9 @@ def _local_steps(
             )
             objective = objective + mu / 2 * drift
         objective.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if time.perf_counter() - start > cfg.client_timeout_s:
             raise ClientTimeout(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ from llmrec.atomic import write_dir_atomic, write_json_atomic
 from llmrec.federated.dual_lora import ITEM_ROWS_KEY
 
 RUN_JSON = "run.json"
+SERVER_OPTIMIZER_FILE = "server_optimizer.safetensors"
+"""Per round, the latest only: the server optimizer's moments (FedAdam)."""
 ROUND_JSON = "round.json"
 SHARED_DIR = "shared"
 """Sub-folder of ``round-XXXX/`` holding the shared adapter."""
@@ -81,9 +83,12 @@ def write_round(
     record: dict[str, Any],
     shared: LoraWeights | None,
     item_rows: torch.Tensor | None = None,
+    save_optimizer: Callable[[Path], None] | None = None,
 ) -> None:
     """Write (or replace) ``round-XXXX/``: the shared adapter, if any, the shared item rows,
-    if any, and ``round.json``.
+    if any, the server optimizer's state (``save_optimizer(path)``), if any, and
+    ``round.json``. The previous round's optimizer state is then deleted: only the latest
+    is ever resumed from, and it is as large as two shared states.
 
     Built in a hidden temp folder and renamed, so a reader sees it whole or not at all.
     """
@@ -93,9 +98,18 @@ def write_round(
             write_adapter(shared, tmp / SHARED_DIR)
         if item_rows is not None:
             save_file({ITEM_ROWS_KEY: item_rows.float().contiguous()}, tmp / ITEM_ROWS_FILE)
+        if save_optimizer is not None:
+            save_optimizer(tmp / SERVER_OPTIMIZER_FILE)
         write_json_atomic(tmp / ROUND_JSON, record, allow_nan=False)
 
     write_dir_atomic(round_dir(output_dir, server_round), fill)
+    if save_optimizer is not None and server_round > 1:
+        (round_dir(output_dir, server_round - 1) / SERVER_OPTIMIZER_FILE).unlink(missing_ok=True)
+
+
+def server_optimizer_path(output_dir: Path, server_round: int) -> Path:
+    """The server optimizer's state after ``server_round`` (present for the latest round)."""
+    return round_dir(output_dir, server_round) / SERVER_OPTIMIZER_FILE
 
 
 def read_round_state(output_dir: Path, server_round: int) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from llmrec.federated.aggregate import aggregate, filter_updates, update_norm
 from llmrec.federated.client import ClientUpdate
 from llmrec.federated.dual_lora import State
 from llmrec.federated.privacy import private_mean
+from llmrec.federated.server_optimizer import ServerAdam
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,16 @@ def server_update(
     updates: Sequence[ClientUpdate],
     cfg: FedConfig,
     generator: torch.Generator | None = None,
+    optimizer: ServerAdam | None = None,
 ) -> ServerOutcome:
     """Validate the clients' shared deltas, aggregate the accepted ones, apply the result.
 
     Malformed, non-finite or (without DP) oversized deltas are rejected and logged, never
     averaged. Accepted ones are summed in user order (reproducible bits) with
     ``cfg.aggregation``, or with DP on by ``privacy.private_mean`` (clip, uniform mean,
-    noise from ``generator``). With nothing accepted the shared state is unchanged.
+    noise from ``generator``). The aggregate is added to the shared state, or with an
+    ``optimizer`` (FedAdam) is its pseudo-gradient. With nothing accepted the shared state is
+    unchanged.
     """
     state = {k: v.detach().clone() for k, v in shared_state.items()}
     if not state:  # personal-only ablation: nothing is federated
@@ -75,8 +79,11 @@ def server_update(
         # server rounds its float64 mean of weights (numerically the same adapter).
         wide = [{k: d[k].double() for k in d} for d in deltas]
         mean = aggregate(cfg.aggregation, wide, counts, cfg.trim_ratio)
-    for key in state:
-        state[key] = (state[key].double() + mean[key].double()).to(state[key].dtype)
+    if optimizer is not None:
+        state = optimizer.step(state, mean)
+    else:
+        for key in state:
+            state[key] = (state[key].double() + mean[key].double()).to(state[key].dtype)
     return ServerOutcome(state, ids, rejected, norms, noised=cfg.dp.enabled)
 
 

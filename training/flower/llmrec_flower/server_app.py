@@ -63,6 +63,11 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
     fed = cfg.fed
     if not fed.shared_rank:
         raise ValueError("fed.shared_rank=0 federates nothing: run training/federated.py")
+    if fed.server_optimizer != "none":
+        raise ValueError(
+            "fed.server_optimizer runs in training/federated.py; under Flower use "
+            "fed.server_optimizer=none (Flower's FedAdam strategy is not wired in)"
+        )
     if fed.decoupling.schedule == "after" and fed.personal_rank:
         # The personal fit needs the final shared part, which a client only gets after the
         # last round: the accelerate runner runs it; a Flower client trains both each round.
