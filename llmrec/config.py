@@ -274,6 +274,13 @@ class FedConfig(BaseModel):
     """"none": the aggregate delta is added (FedAvg). "adam": FedAdam (Reddi et al. 2021),
     an Adam step on the pseudo-gradient -aggregate / (learning_rate * local_steps), with
     moments kept across rounds (and checkpointed)."""
+
+    @property
+    def personal_learning_rate(self) -> float:
+        """The personal part's AdamW rate: ``decoupling.personal_learning_rate`` or, unset,
+        ``learning_rate``."""
+        return self.decoupling.personal_learning_rate or self.learning_rate
+
     server_learning_rate: float = Field(1e-3, gt=0)
     """Learning rate of the server optimizer."""
     server_betas: tuple[float, float] = (0.9, 0.999)
@@ -331,8 +338,7 @@ class FedConfig(BaseModel):
             raise ValueError(f"val_users ({self.val_users}) exceeds n_users ({self.n_users})")
         if self.client_batch > 1 and self.head != "items":
             raise ValueError("client_batch > 1 needs head='items' (batched clients)")
-        personal_lr = self.decoupling.personal_learning_rate or self.learning_rate
-        if personal_lr * self.decoupling.personal_decay >= 1:
+        if self.personal_learning_rate * self.decoupling.personal_decay >= 1:
             raise ValueError("the personal learning rate * decoupling.personal_decay must be < 1")
         if self.dp.enabled and self.shared_rank == 0:
             raise ValueError("dp.enabled needs a shared adapter (shared_rank > 0)")

@@ -241,7 +241,7 @@ def param_groups(
     """AdamW parameter groups of a local phase (the non-empty ones): the shared part, the
     personal A, the personal B with ``personal_decay``, the gates at their own rate."""
     dec = cfg.decoupling
-    personal_lr = dec.personal_learning_rate or cfg.learning_rate
+    personal_lr = cfg.personal_learning_rate
     groups = [
         {"params": shared, "lr": cfg.learning_rate, "shared": True},
         {"params": [p for k, p in personal.items() if "lora_B" not in k], "lr": personal_lr},

@@ -62,9 +62,9 @@ class ServerAdam:
             if state:
                 tensors[f"exp_avg.{k}"] = state["exp_avg"].contiguous()
                 tensors[f"exp_avg_sq.{k}"] = state["exp_avg_sq"].contiguous()
-                tensors["step"] = torch.as_tensor(
-                    float(state["step"]), dtype=torch.float64
-                ).reshape(1)
+                step = float(state["step"])  # one step count: every key steps together
+        if tensors:
+            tensors["step"] = torch.tensor([step], dtype=torch.float64)
         save_file(tensors, path)
 
     def load(self, path: Path) -> None:
