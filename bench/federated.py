@@ -366,11 +366,15 @@ def personal(args: argparse.Namespace) -> None:
             F.run_clients(dual, folder, jobs, shared, fed.rounds)
         fit_s = time.perf_counter() - start
         states, scales = [], []
-        for user in tqdm(users, desc=f"pick {name}", leave=False):
-            state = F.load_personal(folder, user, before=fed.rounds + 1)
-            scale, _ = F.pick_personal_scale(dual, scorer, split, user, shared, state)
-            states.append(F.scale_personal(state, scale))
-            scales.append(scale)
+        for i in tqdm(range(0, len(users), size), desc=f"pick {name}", leave=False):
+            fitted = {
+                u: F.load_personal(folder, u, before=fed.rounds + 1) for u in users[i : i + size]
+            }
+            for user, (scale, _) in F.pick_personal_scales(
+                dual, scorer, split, shared, fitted
+            ).items():
+                states.append(F.scale_personal(fitted[user], scale))
+                scales.append(scale)
         valid = metrics("valid", lambda row, _u, states=states: states[row])
         picked_states[name] = states
         grid[name] = {

@@ -132,3 +132,18 @@ def test_batched_clients_are_for_the_item_head_only():
     with pytest.raises(ConfigError, match="client_batch > 1 needs head='items'"):
         load_config(overrides=["fed.head=titles", "fed.client_batch=4"])
     assert load_config(overrides=["fed.head=items", "fed.client_batch=4"]).fed.client_batch == 4
+
+
+def test_batched_scale_picks_score_as_one_user_at_a_time(tiny_model_dir, tiny_dataset):
+    cfg, loaded = _loaded(tiny_model_dir, tiny_dataset.catalog, "fed.client_batch=4")
+    dual, split = loaded.dual, leave_last_out(tiny_dataset.histories)
+    shared = F.init_shared_state(dual, 0)
+    shared = {k: v + 0.01 * torch.randn_like(v) for k, v in shared.items()}
+    states = {j.user_id: j.personal_state for j in _jobs(loaded, cfg, tiny_dataset)}
+    many = F.pick_personal_scales(dual, loaded.ranker, split, shared, states)  # groups of 4, 2
+    assert list(many) == list(states)
+    for user, state in states.items():
+        scale, losses = F.pick_personal_scale(dual, loaded.ranker, split, user, shared, state)
+        assert many[user][0] == scale
+        assert many[user][1] == pytest.approx(losses, rel=1e-5)
+        assert len(set(losses.values())) > 1  # the scale does change the loss

@@ -72,6 +72,7 @@ from llmrec.federated import (
     finite_metrics,
     init_shared_state,
     load_federated_model,
+    load_personal,
     mean_or_none,
     open_store,
     personal_path,
@@ -82,6 +83,7 @@ from llmrec.federated import (
     remove_partial_rounds,
     run_client,
     run_clients,
+    scale_picks,
     secure_generator,
     select_clients,
     served_base,
@@ -544,17 +546,32 @@ def _export(recipe: Recipe) -> None:
     gates: list[float] = []
     if fed.personal_rank:
         scales = record["personal_scale"] = {}
-        validation = (recipe.ranker, recipe.split)
-        for user_id in tqdm(recipe.cohort, desc="export", leave=False):
-            published = publish_user(
-                store, out, user_id, recipe.shared, dual, fingerprint, final, metrics, validation
-            )
-            if published is None:  # never selected: served the shared adapter (cold start)
-                continue
-            record["users"][user_id] = published.ref.adapter_name
-            scales[user_id] = published.personal_scale
-            if published.personal_weight is not None:
-                gates.append(published.personal_weight)
+        size = max(fed.client_batch, 1)  # personal states in memory at once, picked together
+        bar = tqdm(total=len(recipe.cohort), desc="export", leave=False)
+        for i in range(0, len(recipe.cohort), size):
+            chunk = recipe.cohort[i : i + size]
+            personals = {u: load_personal(out, u, before=final + 1) for u in chunk}
+            # Never selected (None): served the shared adapter (cold start).
+            trained = {u: s for u, s in personals.items() if s is not None}
+            picks = scale_picks(dual, (recipe.ranker, recipe.split), recipe.shared, trained)
+            for user_id, personal in trained.items():
+                published = publish_user(
+                    store,
+                    user_id,
+                    recipe.shared,
+                    personal,
+                    dual,
+                    fingerprint,
+                    final,
+                    metrics,
+                    picks.get(user_id),
+                )
+                record["users"][user_id] = published.ref.adapter_name
+                scales[user_id] = published.personal_scale
+                if published.personal_weight is not None:
+                    gates.append(published.personal_weight)
+            bar.update(len(chunk))
+        bar.close()
     if gates:
         record["personal_weight_mean"] = sum(gates) / len(gates)
     write_json_atomic(out / EXPORT_JSON, record, allow_nan=False)

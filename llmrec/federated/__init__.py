@@ -12,7 +12,7 @@ Modules, in the order a round uses them:
 - ``cohort``: the cohort, each round's clients, their sharding over processes; ``seeds``.
 - ``client``: the client's examples and local training (FedRep-style schedule, FedProx);
   ``client_state``: its personal states on its own disk; ``batched``: a group of clients'
-  local steps in one batched forward, with the same results.
+  local steps (or their losses) in one batched forward, with the same results.
 - ``server``: checks and aggregation of the shared deltas; ``aggregate`` (FedAvg, Yin et
   al.'s median and trimmed mean), ``privacy`` (DP-FedAvg), ``server_optimizer`` (FedAdam).
 - ``validation``: the client's validation and personal-scale pick; ``export``: the served
@@ -89,6 +89,7 @@ from .export import (
     finite_metrics,
     open_store,
     publish_user,
+    scale_picks,
     served_base,
     shared_weights,
     user_weights,
@@ -155,6 +156,7 @@ from .validation import (
     VAL_K,
     Ranker,
     pick_personal_scale,
+    pick_personal_scales,
     validate_user,
     validation_loss,
 )
@@ -236,9 +238,11 @@ __all__ = [
     "personal_versions",
     "personal_weight_mean",
     "pick_personal_scale",
+    "pick_personal_scales",
     "private_mean",
     "prune_personal",
     "publish_user",
+    "scale_picks",
     "read_records",
     "remove_partial_rounds",
     "round_dir",

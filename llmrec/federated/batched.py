@@ -13,6 +13,8 @@ frozen base's output for client ``c``'s rows (in float32, as peft does), and cli
 own item rows embed its item tokens and score its positions. The objective is the SUM over
 clients of each client's mean loss, so client ``c``'s gradient is its own, and AdamW is
 elementwise, so one optimizer over the stacks is one optimizer per client.
+:func:`batched_losses` runs the same forward without training: the export's personal-scale
+pick scores every (user, scale) of a group at once.
 """
 
 from __future__ import annotations
@@ -309,3 +311,34 @@ def run_clients(
         for result in results:
             save_personal(client_dir, result.user_id, server_round, result.personal_state)
     return results
+
+
+def batched_losses(
+    dual: DualLora,
+    shared_state: Mapping[str, torch.Tensor],
+    personal_states: Sequence[State],
+    examples: Sequence[Sequence[Example]],
+) -> list[float]:
+    """Client ``c``'s mean item NLL over ``examples[c]`` (token-weighted, as one forward per
+    example gives) with ``shared_state`` + ``personal_states[c]``: every client in one
+    inference forward. Item-token head only."""
+    if dual.items is None:
+        raise ValueError("batched losses need the item-token head (fed.head='items')")
+    n, device = len(personal_states), dual.device
+    # One shared state for all: a view per client, not a copy.
+    shared = {
+        k: shared_state[k].float().to(device).expand(n, *shared_state[k].shape) for k in dual.shared
+    }
+    group = _Group(
+        dual,
+        shared,
+        _stack(personal_states, dual.personal, device, lambda _k: False),
+        _stack(personal_states, dual.gates, device, lambda _k: False),
+    )
+    per_client = max(len(e) for e in examples)
+    filler = Example([dual.pad_id], [IGNORE_INDEX], 0)
+    rows = [row for e in examples for row in [*e, *[filler] * (per_client - len(e))]]
+    dual.model.eval()
+    with torch.inference_mode():
+        batch = {k: v.to(device) for k, v in collate(rows, dual.pad_id).items()}
+        return group.losses(batch).tolist()

@@ -19,11 +19,10 @@ import torch
 from llmrec.adapters import DEFAULT_MAX_RANK, AdapterStore, LoraWeights, module_shapes_for, stack
 from llmrec.config import FedConfig
 from llmrec.data import Split
-from llmrec.federated.client_state import load_personal
 from llmrec.federated.dual_lora import ITEM_ROWS_KEY, DualLora, State, module_of
 from llmrec.federated.gates import gate_values, personal_weight_mean, scale_personal
 from llmrec.federated.layout import SERVED_BASE_DIR
-from llmrec.federated.validation import Ranker, pick_personal_scale
+from llmrec.federated.validation import Ranker, pick_personal_scales
 
 if TYPE_CHECKING:
     from llmrec.adapters import AdapterRef
@@ -159,39 +158,47 @@ class Published:
     personal_scale: float
 
 
+def scale_picks(
+    dual: DualLora,
+    validation: tuple[Ranker, Split],
+    shared_state: State,
+    personal_states: Mapping[str, State],
+) -> dict[str, tuple[float, dict[float, float]]]:
+    """Each user's personal-scale pick (:func:`pick_personal_scales`): for users with a
+    validation item, when both ranks are set and ``personal_scales`` has more than one value;
+    the others are published as trained."""
+    cfg = dual.cfg
+    if not (cfg.shared_rank and cfg.personal_rank and len(set(cfg.decoupling.personal_scales)) > 1):
+        return {}
+    ranker, split = validation
+    picked = {u: s for u, s in personal_states.items() if u in split.valid}
+    return pick_personal_scales(dual, ranker, split, shared_state, picked)
+
+
 def publish_user(
     store: AdapterStore,
-    client_dir: Path,
     user_id: str,
     shared_state: State,
+    personal_state: State,
     dual: DualLora,
     base_fingerprint: str,
     server_round: int,
     metrics: Mapping[str, float],
-    validation: tuple[Ranker, Split] | None = None,
-) -> Published | None:
-    """Publish the user's stacked adapter after ``server_round``; None if the user never trained.
+    pick: tuple[float, Mapping[float, float]] | None = None,
+) -> Published:
+    """Publish the user's stacked adapter after ``server_round``.
 
-    With ``validation`` (and both ranks set, and more than one ``personal_scales``) the
-    personal part is first scaled by :func:`pick_personal_scale`. Never-trained users are
-    cold start: they are served the shared adapter.
+    With ``pick`` (a :func:`scale_picks` entry: the scale and every scale's loss) the personal
+    part is first scaled by it. Users never trained are not published: they are cold start,
+    served the shared adapter.
     """
-    personal = load_personal(client_dir, user_id, before=server_round + 1)
-    if personal is None:
-        return None
-    cfg = dual.cfg
     scale, metrics = 1.0, dict(metrics)
-    if (
-        validation is not None
-        and cfg.shared_rank
-        and cfg.personal_rank
-        and len(set(cfg.decoupling.personal_scales)) > 1
-        and user_id in validation[1].valid
-    ):
-        scale, losses = pick_personal_scale(dual, *validation, user_id, shared_state, personal)
-        personal = scale_personal(personal, scale)
+    personal = personal_state
+    if pick is not None:
+        scale, losses = pick
+        personal = scale_personal(personal_state, scale)
         metrics.update(personal_scale=scale, val_loss_picked=losses[scale])
-    weights = user_weights(shared_state, personal, cfg, dual.base_model)
+    weights = user_weights(shared_state, personal, dual.cfg, dual.base_model)
     ref = store.publish(
         user_id,
         weights,

@@ -9,12 +9,13 @@ alone; the pick never leaves the client.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from llmrec.data import Split
+from llmrec.federated.batched import batched_losses
 from llmrec.federated.client import client_examples, holdout_examples
 from llmrec.federated.client_state import load_personal
 from llmrec.federated.dual_lora import DualLora, State, init_personal_state
@@ -100,13 +101,60 @@ def pick_personal_scale(
     It runs where the user's data is (the client), so a personal part that memorized rather
     than generalized is turned down for that user only.
     """
-    cfg = dual.cfg
-    examples = client_examples(
-        split, recommender.catalog, recommender.prompts, cfg, user_id, dual.vocab
-    )
-    scored = holdout_examples(examples) + [_validation_example(recommender, split, user_id)]
-    losses = {}
-    for scale in sorted(set(cfg.decoupling.personal_scales)):
+    scored, losses = _scale_pick_examples(dual, recommender, split, user_id), {}
+    for scale in sorted(set(dual.cfg.decoupling.personal_scales)):
         dual.load(shared_state, scale_personal(personal_state, scale))
         losses[scale] = _answer_loss(dual, scored)
-    return min(losses, key=lambda s: (losses[s], s)), losses
+    return _lowest(losses), losses
+
+
+def pick_personal_scales(
+    dual: DualLora,
+    recommender: Ranker,
+    split: Split,
+    shared_state: State,
+    personal_states: Mapping[str, State],
+) -> dict[str, tuple[float, dict[float, float]]]:
+    """:func:`pick_personal_scale` for each user of ``personal_states`` (user -> state).
+
+    With the item-token head, ``fed.client_batch`` users times every scale are scored in
+    one batched forward (:func:`~llmrec.federated.batched.batched_losses`: the same losses
+    to float rounding); with the titles head, one user at a time.
+    """
+    if dual.items is None:
+        return {
+            u: pick_personal_scale(dual, recommender, split, u, shared_state, s)
+            for u, s in personal_states.items()
+        }
+    scales = sorted(set(dual.cfg.decoupling.personal_scales))
+    users = list(personal_states)
+    size = max(dual.cfg.client_batch, 1)
+    out = {}
+    for i in range(0, len(users), size):
+        group = users[i : i + size]
+        scored = [_scale_pick_examples(dual, recommender, split, u) for u in group]
+        values = batched_losses(
+            dual,
+            shared_state,
+            [scale_personal(personal_states[u], s) for u in group for s in scales],
+            [examples for examples in scored for _ in scales],
+        )
+        for j, user in enumerate(group):
+            losses = dict(zip(scales, values[j * len(scales) : (j + 1) * len(scales)], strict=True))
+            out[user] = (_lowest(losses), losses)
+    return out
+
+
+def _scale_pick_examples(
+    dual: DualLora, recommender: Ranker, split: Split, user_id: str
+) -> list[Example]:
+    """What the scale pick scores: the user's holdout targets and validation item."""
+    examples = client_examples(
+        split, recommender.catalog, recommender.prompts, dual.cfg, user_id, dual.vocab
+    )
+    return holdout_examples(examples) + [_validation_example(recommender, split, user_id)]
+
+
+def _lowest(losses: Mapping[float, float]) -> float:
+    """The scale of the lowest loss, ties to the smaller (the shared side)."""
+    return min(losses, key=lambda s: (losses[s], s))

@@ -44,10 +44,12 @@ from llmrec.federated import (
     client_examples,
     federated_cohort,
     load_federated_model,
+    load_personal,
     open_store,
     prune_personal,
     publish_user,
     run_client,
+    scale_picks,
     validate_user,
 )
 from llmrec.finetune import Example
@@ -158,18 +160,21 @@ class UserClient(NumPyClient):
         }
         if config.get(EXPORT_KEY) and rt.cfg.fed.personal_rank:
             store_dir = Path(str(self.node.get("store-dir", rt.cfg.fed.store_dir)))
-            published = publish_user(
-                open_store(rt.cfg.fed, rt.base_path, store_dir),
-                client_dir,
-                user_id,
-                shared,
-                rt.dual,
-                str(config[BASE_KEY]),
-                server_round,
-                {"val_hit": float(metrics["hit"]), "val_loss": loss},
-                validation=(rt.recommender, rt.split),
-            )
-            metrics["exported"] = int(published is not None)
+            personal = load_personal(client_dir, user_id, before=server_round + 1)
+            if personal is not None:  # else cold start: served the shared adapter
+                pick = scale_picks(rt.dual, (rt.recommender, rt.split), shared, {user_id: personal})
+                publish_user(
+                    open_store(rt.cfg.fed, rt.base_path, store_dir),
+                    user_id,
+                    shared,
+                    personal,
+                    rt.dual,
+                    str(config[BASE_KEY]),
+                    server_round,
+                    {"val_hit": float(metrics["hit"]), "val_loss": loss},
+                    pick.get(user_id),
+                )
+            metrics["exported"] = int(personal is not None)
         return float(np.float64(loss)), 1, metrics
 
 
