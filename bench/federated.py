@@ -17,8 +17,8 @@ then each client's personal part) scored on every user's validation and test ite
 the whole catalog. Shared-only is the final shared state alone (plain FedAvg); ours is each
 user's shared + personal adapter at the personal scale export picked on the user's own
 held-out data. Paired over users: a bootstrap interval of the NDCG@10 difference, a sign-flip
-p-value and McNemar's exact test on HR@10. Centralized and SASRec are the committed quality
-report's rows (the same users and protocol).
+p-value and McNemar's exact test on HR@10. Popularity, ItemKNN, SASRec and centralized are
+the committed quality report's rows (the same users and protocol).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/federated.py report --run outputs/fed-all
 
@@ -266,7 +266,8 @@ def report(args: argparse.Namespace) -> None:
         name: {"valid": summarize(r["valid"], fed.seed), "test": summarize(r["test"], fed.seed)}
         for name, r in (("shared-only", shared_only), ("ours", ours))
     }
-    for name, ref in (("centralized", "llm"), ("sasrec", "sasrec")):
+    baselines = ("popularity", "itemknn", "sasrec")
+    for name, ref in (*((b, b) for b in baselines), ("centralized", "llm")):
         if ref in quality.get("methods", {}):
             methods[name] = {"test": quality["methods"][ref]["test"], "from": str(args.quality)}
     ndcg = f"NDCG@{k}"
