@@ -22,7 +22,13 @@ the committed quality report's rows (the same users and protocol).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/federated.py report --run outputs/fed-all
 
-Writes ``bench/reports/federated.json`` and a PNG beside it.
+Writes ``bench/reports/federated.json`` and a PNG beside it. Every run's per-user ranks are
+also kept in ``--seeds`` (``bench/reports/federated-seeds.json``, one entry per ``fed.seed``
+of one configuration; a run of another configuration is refused), so seeds run in different
+sessions pair user by user: the report adds each arm's per-seed figures, the A/A check
+(shared-only of two seeds against each other, the noise floor between runs) and ours
+against shared-only on each user's mean over the seeds. An ablation of another
+configuration (FedSA-LoRA: ``fed.share=lora_a``) passes its own ``--report`` and ``--seeds``.
 
 ``personal``: the personal fit's settings chosen on validation. For each (steps, decay) of
 the grid, every user of a finished run fits its personal part on the run's final shared
@@ -51,7 +57,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmrec import federated as F
-from llmrec.atomic import write_json_atomic
+from llmrec.atomic import write_json_atomic, write_text_atomic
 from llmrec.config import AppConfig, load_config
 from llmrec.data import dataset_from_config, leave_last_out, user_sort_key
 from llmrec.federated import VAL_K
@@ -59,7 +65,7 @@ from llmrec.federated.client import draw_batch
 from llmrec.finetune import sample_users
 from llmrec.plots import plot_metric_bars
 from llmrec.quality import Task, per_user, summarize, target_ranks
-from llmrec.stats import bootstrap_ci, mcnemar_exact, sign_flip_test
+from llmrec.stats import paired_comparison
 
 
 def matmul_rate(dtype: torch.dtype, size: int = 2048, reps: int = 10) -> float:
@@ -108,6 +114,12 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=Path("outputs/federated"))
     p.add_argument("--quality", type=Path, default=Path("bench/reports/quality.json"))
     p.add_argument("--report", type=Path, default=Path("bench/reports/federated.json"))
+    p.add_argument(
+        "--seeds",
+        type=Path,
+        default=Path("bench/reports/federated-seeds.json"),
+        help="every seed's per-user ranks, this run's added (runs of one config only)",
+    )
     p = sub.add_parser("personal", help="the personal fit's settings, chosen on validation")
     p.add_argument("--run", type=Path, default=Path("outputs/federated"))
     p.add_argument("--steps", type=int, nargs="+", default=[4, 16])
@@ -224,6 +236,77 @@ def _drawn_tokens(fed, job: F.ClientJob, phases: int) -> int:
     return total
 
 
+# A run's own settings, which differ between seeds of one configuration.
+_PER_RUN = ("seed", "output_dir", "store_dir")
+
+
+def _record_seed(
+    path: Path, config: dict, users: list, seed: int, ranks: dict, run: Path
+) -> dict[int, dict]:
+    """Add this run's per-user 0-based target ranks (per method and split) to ``path`` and
+    return every recorded seed's, as arrays. The run directories do not outlive a session;
+    the ranks do, so seeds run in different sessions are still paired user by user."""
+    config = {**config, "fed": {k: v for k, v in config["fed"].items() if k not in _PER_RUN}}
+    doc = {"users": users, "config": config, "runs": {}}
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        if doc["users"] != users:
+            raise SystemExit(f"{path}: recorded for other users; pass another --seeds file")
+        for section in sorted(set(doc["config"]) | set(config)):
+            if doc["config"].get(section) != config.get(section):
+                raise SystemExit(
+                    f"{path}: recorded for another config (section {section!r} differs); "
+                    "pass another --seeds file"
+                )
+    doc["runs"][str(seed)] = {
+        "run": str(run),
+        "ranks": {
+            m: {s: [int(r) for r in v] for s, v in splits.items()} for m, splits in ranks.items()
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(doc) + "\n")  # compact: 943 ranks per array
+    return {
+        int(s): {
+            m: {sp: np.asarray(v) for sp, v in splits.items()} for m, splits in r["ranks"].items()
+        }
+        for s, r in doc["runs"].items()
+    }
+
+
+def _over_seeds(seeds: dict[int, dict], k: int, path: Path) -> dict[str, object]:
+    """Each arm's test figures per seed (mean and sd over seeds), the A/A check (shared-only
+    of the first two seeds against each other: the noise floor between runs), and ours
+    against shared-only on each user's mean over seeds."""
+    order = sorted(seeds)
+    test = {s: {m: per_user(seeds[s][m]["test"], k) for m in seeds[s]} for s in order}
+    arms: dict[str, object] = {}
+    for method in ("shared-only", "ours"):
+        arms[method] = {}
+        for name in (f"HR@{k}", f"NDCG@{k}"):
+            values = [round(float(test[s][method][name].mean()), 4) for s in order]
+            arms[method][name] = {
+                "per_seed": values,
+                "mean": round(statistics.fmean(values), 4),
+                "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+            }
+    if len(order) < 2:
+        return {"seeds": {"file": str(path), "runs": order, **arms}, "aa": None}
+    mean = {
+        m: {name: np.mean([test[s][m][name] for s in order], axis=0) for name in test[order[0]][m]}
+        for m in ("shared-only", "ours")
+    }
+    return {
+        "seeds": {"file": str(path), "runs": order, **arms},
+        "aa": {
+            "arm": "shared-only",
+            "seeds": order[:2],
+            **paired_comparison(test[order[1]]["shared-only"], test[order[0]]["shared-only"], k),
+        },
+        "paired_over_seeds": paired_comparison(mean["ours"], mean["shared-only"], k),
+    }
+
+
 def report(args: argparse.Namespace) -> None:
     """bench/reports/federated.json: every user, shared-only against ours, paired."""
     run = args.run
@@ -235,7 +318,7 @@ def report(args: argparse.Namespace) -> None:
     split = leave_last_out(dataset.histories)
     loaded = F.load_federated_model(cfg, dataset.catalog)
     dual, scorer = loaded.dual, loaded.ranker
-    shared = F.read_round_state(run, fed.rounds)
+    shared = F.read_round_state(run, fed.rounds, dual.shared)
     users = sorted(split.test, key=user_sort_key)
     tasks = {"valid": Task.valid(split, users), "test": Task.test(split, users)}
     scales = exported.get("personal_scale", {})
@@ -247,32 +330,39 @@ def report(args: argparse.Namespace) -> None:
     shared_only = {}
     dual.load(shared, F.scale_personal(F.init_personal_state(dual, fed.seed, users[0]), 0.0))
     for name, task in tasks.items():
-        shared_only[name] = per_user(target_ranks(scores(task.histories), task, dataset.catalog), k)
-    ours_scores = {name: np.empty((len(users), len(dataset.catalog))) for name in tasks}
-    for row, user in enumerate(tqdm(users, desc="ours, user by user")):
+        shared_only[name] = target_ranks(scores(task.histories), task, dataset.catalog)
+    ours = {name: r.copy() for name, r in shared_only.items()}
+    # A user at scale 0 (or never trained) is served exactly the shared adapter
+    # (scale_personal): their ranks are shared-only's, and only the others are scored.
+    personal_rows = [row for row, user in enumerate(users) if scales.get(user, 1.0) != 0.0]
+    for row in tqdm(personal_rows, desc="ours, user by user"):
+        user = users[row]
         personal = F.load_personal(run, user, before=fed.rounds + 1)
         if personal is None:  # never trained: served the shared part
-            personal = F.scale_personal(F.init_personal_state(dual, fed.seed, user), 0.0)
+            continue
         dual.load(shared, F.scale_personal(personal, scales.get(user, 1.0)))
         both = scores([tasks["valid"].histories[row], tasks["test"].histories[row]])
-        ours_scores["valid"][row], ours_scores["test"][row] = both
-    ours = {
-        name: per_user(target_ranks(ours_scores[name], task, dataset.catalog), k)
-        for name, task in tasks.items()
-    }
+        for name, row_scores in zip(tasks, both, strict=True):
+            one = Task([tasks[name].histories[row]], [tasks[name].targets[row]])
+            ours[name][row] = target_ranks(row_scores[None], one, dataset.catalog)[0]
+    ranks = {"shared-only": shared_only, "ours": ours}
     seconds = time.perf_counter() - start
+    seeds = _record_seed(args.seeds, record["config"], users, fed.seed, ranks, run)
+    metrics = {
+        method: {name: per_user(r, k) for name, r in splits.items()}
+        for method, splits in ranks.items()
+    }
+    shared_only, ours = metrics["shared-only"], metrics["ours"]
     quality = json.loads(args.quality.read_text()) if args.quality.is_file() else {}
     methods = {
         name: {"valid": summarize(r["valid"], fed.seed), "test": summarize(r["test"], fed.seed)}
-        for name, r in (("shared-only", shared_only), ("ours", ours))
+        for name, r in metrics.items()
     }
     baselines = ("popularity", "itemknn", "sasrec")
     for name, ref in (*((b, b) for b in baselines), ("centralized", "llm")):
         if ref in quality.get("methods", {}):
             methods[name] = {"test": quality["methods"][ref]["test"], "from": str(args.quality)}
     ndcg = f"NDCG@{k}"
-    diff = ours["test"][ndcg] - shared_only["test"][ndcg]
-    delta, p = sign_flip_test(ours["test"][ndcg], shared_only["test"][ndcg], seed=fed.seed)
     records = json.loads((run / F.METRICS_JSON).read_text())["rounds"]
     picked = list(scales.values())
     out = {
@@ -290,18 +380,13 @@ def report(args: argparse.Namespace) -> None:
         "epsilon": records[-1]["epsilon"],
         "personal_scale_counts": {str(s): picked.count(s) for s in sorted(set(picked))},
         "methods": methods,
+        "seed": fed.seed,
         "paired": {
-            "ours_vs_shared-only": {
-                "metric": ndcg,
-                "delta": round(delta, 4),
-                "delta_ci95": [round(v, 4) for v in bootstrap_ci(diff, seed=fed.seed)],
-                "p": round(p, 4),
-                f"HR@{k}_p_mcnemar": round(
-                    mcnemar_exact(ours["test"][f"HR@{k}"], shared_only["test"][f"HR@{k}"]), 4
-                ),
-            }
+            "ours_vs_shared-only": paired_comparison(
+                ours["test"], shared_only["test"], k, seed=fed.seed
+            )
         },
-        "aa": None,
+        **_over_seeds(seeds, k, args.seeds),
         "eval_seconds": round(seconds, 1),
     }
     if "centralized" in methods:
@@ -333,7 +418,7 @@ def personal(args: argparse.Namespace) -> None:
     split = leave_last_out(dataset.histories)
     loaded = F.load_federated_model(cfg, dataset.catalog)
     dual, scorer = loaded.dual, loaded.ranker
-    shared = F.read_round_state(run, fed.rounds)
+    shared = F.read_round_state(run, fed.rounds, dual.shared)
     for param in dual.shared.values():  # the fit trains the personal part alone
         param.requires_grad_(False)
     users = sorted(split.test, key=user_sort_key)
@@ -391,7 +476,6 @@ def personal(args: argparse.Namespace) -> None:
     shared_valid = metrics("valid", lambda _r, _u: off)
     shared_test = metrics("test", lambda _r, _u: off)
     best_test = metrics("test", lambda row, _u: picked_states[best][row])
-    delta, p = sign_flip_test(best_test[ndcg], shared_test[ndcg], seed=fed.seed)
     out = {
         "command": "bench/federated.py personal --run {} --steps {} --decay {}".format(
             run, " ".join(map(str, args.steps)), " ".join(f"{d:g}" for d in args.decay)
@@ -406,18 +490,7 @@ def personal(args: argparse.Namespace) -> None:
         },
         "ours_test": summarize(best_test, fed.seed),
         "paired": {
-            "ours_vs_shared-only": {
-                "metric": ndcg,
-                "delta": round(delta, 4),
-                "delta_ci95": [
-                    round(v, 4)
-                    for v in bootstrap_ci(best_test[ndcg] - shared_test[ndcg], seed=fed.seed)
-                ],
-                "p": round(p, 4),
-                f"HR@{k}_p_mcnemar": round(
-                    mcnemar_exact(best_test[f"HR@{k}"], shared_test[f"HR@{k}"]), 4
-                ),
-            }
+            "ours_vs_shared-only": paired_comparison(best_test, shared_test, k, seed=fed.seed)
         },
     }
     write_json_atomic(args.report, out)

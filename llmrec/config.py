@@ -295,6 +295,18 @@ class FedConfig(BaseModel):
     """lora_alpha of the shared adapter (scale = alpha / rank)."""
     personal_alpha: float = Field(8.0, gt=0)
     """lora_alpha of the personal adapter (scale = alpha / rank)."""
+    share: Literal["adapter", "lora_a"] = "adapter"
+    """What of a client's LoRA the server averages. "adapter": the whole shared adapter, while
+    the personal adapter stays with the client (ours). "lora_a": FedSA-LoRA (Guo et al., arXiv
+    2410.01463), one LoRA of rank ``shared_rank`` whose A matrices (and the item rows) are
+    federated while every client keeps its own B, trained with A in each round at the
+    personal learning rate; needs ``personal_rank=0`` and ``decoupling.schedule="joint"``."""
+
+    @property
+    def keeps_personal(self) -> bool:
+        """Whether clients keep a state of their own: a personal adapter, or FedSA-LoRA's B."""
+        return bool(self.personal_rank) or self.share == "lora_a"
+
     target_modules: list[str] | None = None
     """Linear layers both adapters adapt; None = the lora section's target_modules."""
     aggregation: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
@@ -336,6 +348,13 @@ class FedConfig(BaseModel):
             )
         if self.n_users and self.val_users > self.n_users:
             raise ValueError(f"val_users ({self.val_users}) exceeds n_users ({self.n_users})")
+        if self.share == "lora_a" and (
+            self.personal_rank or not self.shared_rank or self.decoupling.schedule != "joint"
+        ):
+            raise ValueError(
+                "share='lora_a' (FedSA-LoRA) is one LoRA whose B stays local: it needs "
+                "shared_rank > 0, personal_rank=0 and decoupling.schedule='joint'"
+            )
         if self.client_batch > 1 and self.head != "items":
             raise ValueError("client_batch > 1 needs head='items' (batched clients)")
         if self.personal_learning_rate * self.decoupling.personal_decay >= 1:

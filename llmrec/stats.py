@@ -82,3 +82,26 @@ def mcnemar_exact(
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
     return min(1.0, 2 * tail / 2**n)
+
+
+def paired_comparison(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: int, seed: int = 0
+) -> dict[str, object]:
+    """A against B on the same users: the NDCG@k difference with its bootstrap interval and
+    sign-flip p, and McNemar's exact p on HR@k where both HR@k are per-user hits (0/1).
+
+    ``a`` and ``b`` map metric names (``NDCG@k``, ``HR@k``) to per-user values; a per-user
+    mean over several seeds is a valid input (its HR@k is then a rate, and McNemar is left
+    out).
+    """
+    ndcg, hr = f"NDCG@{k}", f"HR@{k}"
+    delta, p = sign_flip_test(a[ndcg], b[ndcg], seed=seed)
+    out: dict[str, object] = {
+        "metric": ndcg,
+        "delta": round(delta, 4),
+        "delta_ci95": [round(v, 4) for v in bootstrap_ci(a[ndcg] - b[ndcg], seed=seed)],
+        "p": round(p, 4),
+    }
+    if all(np.isin(m[hr], (0.0, 1.0)).all() for m in (a, b)):
+        out[f"{hr}_p_mcnemar"] = round(mcnemar_exact(a[hr], b[hr]), 4)
+    return out

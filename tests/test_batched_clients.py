@@ -82,8 +82,19 @@ def _assert_same(one, many):
         ["fed.local_optimizer=sgd", "fed.learning_rate=0.5", "fed.personal_rank=0"],  # FedAdam
         ["fed.decoupling.schedule=after"],  # a round: the shared part alone
         ["fed.decoupling.schedule=after", "fed.decoupling.personal_steps=2", "frozen"],  # fit
+        # FedSA-LoRA: one LoRA, A shared, each client's B its own
+        ["fed.share=lora_a", "fed.personal_rank=0", "fed.decoupling.schedule=joint"],
     ],
-    ids=["sequential", "joint", "shared-only", "personal-only", "sgd", "after-round", "after-fit"],
+    ids=[
+        "sequential",
+        "joint",
+        "shared-only",
+        "personal-only",
+        "sgd",
+        "after-round",
+        "after-fit",
+        "fedsa",
+    ],
 )
 def test_a_batched_group_updates_as_one_client_at_a_time(tiny_model_dir, tiny_dataset, extra):
     frozen = "frozen" in extra
@@ -98,7 +109,8 @@ def test_a_batched_group_updates_as_one_client_at_a_time(tiny_model_dir, tiny_da
     many = batched_client_updates(dual, jobs, shared, 2)
     _assert_same(one, many)
     # Not a vacuous match: the clients moved, and differently.
-    trained = "personal_state" if (frozen or not dual.shared) else "shared_delta"
+    b_shared = any("lora_B" in k for k in dual.shared)
+    trained = "shared_delta" if (b_shared and not frozen) else "personal_state"
     first = next(k for k in getattr(one[0], trained) if "lora_B" in k)
     start = {j.user_id: j.personal_state if trained == "personal_state" else {} for j in jobs}
     moved = [getattr(r, trained)[first] - start[r.user_id].get(first, 0) for r in one]

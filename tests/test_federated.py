@@ -303,7 +303,7 @@ def test_export_helpers_and_ablations(setup):
     shared = F.init_shared_state(dual, 0)
     personal = F.init_personal_state(dual, 0, "1")
     assert F.personal_weight_mean(personal) == pytest.approx(1.0)
-    assert F.shared_weights(shared, cfg.fed, "base").r == cfg.fed.shared_rank
+    assert F.shared_weights(dual, shared).r == cfg.fed.shared_rank
     shared_only = cfg.fed.model_copy(update={"personal_rank": 0})
     with pytest.raises(ValueError, match="shared adapter"):
         F.user_weights(shared, personal, shared_only, "base")
@@ -314,7 +314,7 @@ def test_export_helpers_and_ablations(setup):
 def test_personal_scale_interpolates_from_shared_to_as_trained(setup):
     cfg, dual, examples, _ = setup
     shared, personal = _trained_states(dual, examples, seed=2)
-    plain = F.shared_weights(shared, cfg.fed, "base")
+    plain = F.shared_weights(dual, shared)
     trained = F.user_weights(shared, personal, cfg.fed, "base")
     for scale in (0.0, 0.3, 1.0):
         scaled = F.user_weights(shared, F.scale_personal(personal, scale), cfg.fed, "base")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from llmrec import federated as F
 from llmrec.adapters import AdapterStore
-from llmrec.config import load_config
+from llmrec.config import ConfigError, load_config
 from llmrec.data import leave_last_out
 from llmrec.finetune import IGNORE_INDEX, collate
 from llmrec.model import attach_adapter, fingerprint_model_dir, load_model
@@ -322,3 +322,43 @@ def test_a_resume_without_the_moments_is_refused(tiny_model_dir, tmp_path):
     F.server_optimizer_path(cut, 1).unlink()
     with pytest.raises(FileNotFoundError, match="server optimizer"):
         runner.run(_cfg(tiny_model_dir, cut, *FEDADAM), resume=True)
+
+
+def test_fedsa_lora_federates_a_and_keeps_each_b_with_its_client(
+    item_dual, tiny_model_dir, tiny_dataset, tmp_path
+):
+    """fed.share=lora_a (FedSA-LoRA): the server only ever holds A and the item rows, each
+    client's B stays in its own personal state, and a user is served the shared A with its
+    own B, ranking exactly as its client does; cold start gets B = 0."""
+    out = tmp_path / "fedsa"
+    fedsa = ("fed.share=lora_a", "fed.personal_rank=0", "fed.decoupling.schedule=joint")
+    cfg = _cfg(tiny_model_dir, out, *fedsa, "fed.client_batch=2")
+    _runner().run(cfg)
+    loaded = F.load_federated_model(cfg, tiny_dataset.catalog)
+    dual = loaded.dual
+    assert dual.shared and not any("lora_B" in k for k in dual.shared)
+    assert dual.personal and all(k.endswith(".lora_B.weight") for k in dual.personal)
+    final = F.read_round_state(out, 2, dual.shared)
+    assert final.keys() == dual.shared.keys()
+    record = json.loads((out / F.EXPORT_JSON).read_text())
+    store = AdapterStore(out / "adapters", base_fingerprint=record["base_fingerprint"])
+    cold = store.load(store.shared()).state
+    assert all(not v.any() for k, v in cold.items() if "lora_B" in k)
+    user = min(record["users"], key=int)
+    personal = F.load_personal(out, user, before=3)
+    assert personal.keys() == dual.personal.keys() and any(v.any() for v in personal.values())
+    served = out / F.SERVED_BASE_DIR
+    model, tokenizer = load_model(str(served))
+    model = attach_adapter(model, store.current(user).path).eval()
+    prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
+    vocab = ItemVocab.read(served)
+    history = leave_last_out(tiny_dataset.histories).history_for_valid(user)
+    got = ItemScorer(model, vocab, tiny_dataset.catalog, prompts, "items", cfg.fed.window)
+    dual.load(final, personal)
+    dual.model.eval()
+    want = ItemScorer(dual.model, vocab, tiny_dataset.catalog, prompts, "items", cfg.fed.window)
+    torch.testing.assert_close(
+        got.log_probs([history]), want.log_probs([history]), atol=1e-5, rtol=0
+    )
+    with pytest.raises(ConfigError, match="FedSA-LoRA"):
+        _cfg(tiny_model_dir, out, "fed.share=lora_a")  # a personal adapter too

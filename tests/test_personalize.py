@@ -48,7 +48,7 @@ def world(tmp_path_factory, tiny_model_dir):
     shared = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in shared.items()}
     store = AdapterStore(cfg.fed.store_dir)
     store.publish_shared(
-        shared_weights(shared, cfg.fed, dual.base_model),
+        shared_weights(dual, shared),
         base_fingerprint=fingerprint_model_dir(tiny_model_dir),
     )
     return cfg, overrides, store

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from llmrec.stats import bootstrap_ci, mcnemar_exact, sign_flip_test
+from llmrec.quality import per_user
+from llmrec.stats import bootstrap_ci, mcnemar_exact, paired_comparison, sign_flip_test
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_users():
@@ -51,3 +52,18 @@ def test_mcnemar_exact_matches_the_binomial_tail():
 def test_empty_input_is_refused():
     with pytest.raises(ValueError, match="non-empty"):
         bootstrap_ci([])
+
+
+def test_paired_comparison_pairs_users_and_tests_hits_only_when_they_are_hits():
+    rng = np.random.default_rng(0)
+    ranks_a, ranks_b = rng.integers(0, 30, 400), rng.integers(0, 30, 400)
+    a, b = per_user(ranks_a, 10), per_user(ranks_b, 10)
+    out = paired_comparison(a, b, 10, seed=0)
+    assert out["delta"] == round(float((a["NDCG@10"] - b["NDCG@10"]).mean()), 4)
+    lo, hi = out["delta_ci95"]
+    assert lo <= out["delta"] <= hi
+    assert out["HR@10_p_mcnemar"] == round(mcnemar_exact(a["HR@10"], b["HR@10"]), 4)
+    assert paired_comparison(a, a, 10)["p"] == 1.0
+    # a mean over seeds is a rate, not a hit: no McNemar
+    mean = {m: (a[m] + b[m]) / 2 for m in a}
+    assert "HR@10_p_mcnemar" not in paired_comparison(mean, b, 10)

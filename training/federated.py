@@ -347,9 +347,7 @@ class Recipe:
                 logger.warning(
                     "dp.noise_multiplier=0: updates are clipped but epsilon is unbounded"
                 )
-            weights = (
-                shared_weights(self.shared, fed, self.dual.base_model) if fed.shared_rank else None
-            )
+            weights = shared_weights(self.dual, self.shared) if fed.shared_rank else None
             optimizer = self.server_optimizer
             write_round(
                 self.out,
@@ -472,7 +470,7 @@ def _restore(fed: FedConfig, dual: DualLora, start: int, done: list[int]) -> tup
     if start == 1:
         return init_shared_state(dual, fed.seed), []
     out = Path(fed.output_dir)
-    shared = read_round_state(out, start - 1)
+    shared = read_round_state(out, start - 1, dual.shared)
     logger.info("resuming after round %d", start - 1, main_process_only=True)
     return shared, read_records(out, done)
 
@@ -537,14 +535,14 @@ def _export(recipe: Recipe) -> None:
     }
     if fed.shared_rank:
         ref = store.publish_shared(
-            shared_weights(recipe.shared, fed, dual.base_model),
+            shared_weights(dual, recipe.shared),
             base_fingerprint=fingerprint,
             server_round=final,
             metrics=metrics,
         )
         record["shared"] = ref.adapter_name
     gates: list[float] = []
-    if fed.personal_rank:
+    if fed.keeps_personal:
         scales = record["personal_scale"] = {}
         size = max(fed.client_batch, 1)  # personal states in memory at once, picked together
         bar = tqdm(total=len(recipe.cohort), desc="export", leave=False)

@@ -104,7 +104,9 @@ class _Group:
             a = stacks.get(f"{KEY_PREFIX}{module}.lora_A.weight")
             if a is None or (is_personal and not self.with_personal):
                 continue
-            b = stacks[f"{KEY_PREFIX}{module}.lora_B.weight"] * scaling
+            b_key = f"{KEY_PREFIX}{module}.lora_B.weight"
+            # FedSA-LoRA (fed.share="lora_a"): the shared A's B is the client's own.
+            b = (stacks[b_key] if b_key in stacks else self.personal[b_key]) * scaling
             # Without the personal part its gate is neutral (g = 1): the shared weight is 1.
             if logit is not None and self.with_personal:
                 g = 2.0 * torch.sigmoid(logit).view(n, 1, 1)

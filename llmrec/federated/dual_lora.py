@@ -209,6 +209,9 @@ def build_dual_lora(
             key = saved_key(param_name, name)
             if key is not None:
                 table[key] = param
+    if cfg.share == "lora_a":  # FedSA-LoRA: the shared adapter's B is each client's own
+        for key in [k for k in dual.shared if k.endswith(".lora_B.weight")]:
+            dual.personal[key] = dual.shared.pop(key)
     if vocab is not None:
         dual.items = ItemLM(peft_model, vocab)
         dual.initial_rows = dual.items.item_rows.detach().cpu().clone()
@@ -222,9 +225,10 @@ def build_dual_lora(
     if cfg.decoupling.gate != "none" and cfg.shared_rank and cfg.personal_rank:
         _install_gates(dual)
     log.info(
-        "dual LoRA: shared r=%d, personal r=%d, gate=%s, %d adapted modules",
+        "dual LoRA: shared r=%d, personal r=%d, share=%s, gate=%s, %d adapted modules",
         cfg.shared_rank,
         cfg.personal_rank,
+        cfg.share,
         cfg.decoupling.gate,
         len({module_of(k) for k in {**dual.shared, **dual.personal} if k != ITEM_ROWS_KEY}),
     )

@@ -48,11 +48,13 @@ def _weights(
     )
 
 
-def shared_weights(
-    shared_state: Mapping[str, torch.Tensor], cfg: FedConfig, base_model: str
-) -> LoraWeights:
-    """The shared adapter as a plain PEFT LoRA (what cold-start users are served)."""
-    return _weights(shared_state, cfg.shared_rank, cfg.shared_alpha, cfg, base_model)
+def shared_weights(dual: DualLora, shared_state: Mapping[str, torch.Tensor]) -> LoraWeights:
+    """The shared adapter as a plain PEFT LoRA (what cold-start users are served). Under
+    FedSA-LoRA (``fed.share="lora_a"``) the shared A with B = 0: the base's own output."""
+    cfg, state = dual.cfg, dict(shared_state)
+    if cfg.share == "lora_a":
+        state.update({k: torch.zeros(tuple(p.shape)) for k, p in dual.personal.items()})
+    return _weights(state, cfg.shared_rank, cfg.shared_alpha, cfg, dual.base_model)
 
 
 def user_weights(
@@ -65,9 +67,13 @@ def user_weights(
 
     The gates are folded into the B matrices first, so the result computes exactly what
     the two gated adapters computed in training. With ``shared_rank == 0`` it is the
-    (gate-free) personal adapter alone; with ``personal_rank == 0`` there is no user adapter
+    (gate-free) personal adapter alone; under FedSA-LoRA (``share="lora_a"``) the shared A with
+    the user's own B. Otherwise with ``personal_rank == 0`` there is no user adapter
     (ValueError): such users are served the shared one.
     """
+    if cfg.share == "lora_a":
+        state = {**shared_state, **personal_state}
+        return _weights(state, cfg.shared_rank, cfg.shared_alpha, cfg, base_model)
     if not cfg.personal_rank:
         raise ValueError("personal_rank is 0: every user is served the shared adapter")
     modules = sorted({module_of(k) for k in personal_state if k.endswith(".lora_A.weight")})

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,15 +112,21 @@ def server_optimizer_path(output_dir: Path, server_round: int) -> Path:
     return round_dir(output_dir, server_round) / SERVER_OPTIMIZER_FILE
 
 
-def read_round_state(output_dir: Path, server_round: int) -> dict[str, torch.Tensor]:
+def read_round_state(
+    output_dir: Path, server_round: int, keys: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
     """The shared state after ``server_round``: the shared adapter's tensors (if it was
-    written) and the item rows (if they were)."""
+    written) and the item rows (if they were); with ``keys`` (a dual LoRA's shared keys)
+    those only: FedSA-LoRA's checkpoint carries a zero B that is not shared."""
     folder = round_dir(output_dir, server_round)
     state: dict[str, torch.Tensor] = {}
     if (folder / SHARED_DIR).is_dir():
         state.update(read_adapter(folder / SHARED_DIR).state)
     if (folder / ITEM_ROWS_FILE).is_file():
         state[ITEM_ROWS_KEY] = load_file(folder / ITEM_ROWS_FILE)[ITEM_ROWS_KEY]
+    if keys is not None:
+        wanted = set(keys)
+        state = {k: v for k, v in state.items() if k in wanted}
     return state
 
 

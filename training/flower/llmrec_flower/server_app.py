@@ -63,6 +63,8 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
     fed = cfg.fed
     if not fed.shared_rank:
         raise ValueError("fed.shared_rank=0 federates nothing: run training/federated.py")
+    if fed.share != "adapter":
+        raise ValueError("fed.share='lora_a' (FedSA-LoRA) runs in training/federated.py")
     if fed.server_optimizer != "none":
         raise ValueError(
             "fed.server_optimizer runs in training/federated.py; under Flower use "
@@ -101,7 +103,7 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
     served: dict[str, str] = {}
 
     def save_round(server_round: int, state: State, record: dict[str, Any]) -> None:
-        weights = shared_weights(state, fed, dual.base_model)
+        weights = shared_weights(dual, state)
         write_round(out, server_round, record, weights, state.get(ITEM_ROWS_KEY))
 
     def publish_base(state: State) -> str:
@@ -130,7 +132,7 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
     last = rounds.records[-1] if rounds.records else {}
     if "base" not in served:  # no client evaluated the last round
         publish_base(rounds.current)
-    weights = shared_weights(rounds.current, fed, dual.base_model)
+    weights = shared_weights(dual, rounds.current)
     _publish_shared(fed, served["base"], served["fingerprint"], weights, last)
     return last
 
