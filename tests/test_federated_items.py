@@ -360,5 +360,13 @@ def test_fedsa_lora_federates_a_and_keeps_each_b_with_its_client(
     torch.testing.assert_close(
         got.log_probs([history]), want.log_probs([history]), atol=1e-5, rtol=0
     )
+    # A local refresh trains the user's B alone, over the same A.
+    before = store.current(user)
+    F.Personalizer(cfg, tiny_dataset.catalog).refresh(user, history)
+    after = store.current(user)
+    assert after.version == before.version + 1
+    old, new = store.load(before).state, store.load(after).state
+    for k in old:
+        assert torch.equal(old[k], new[k]) != k.endswith(".lora_B.weight")
     with pytest.raises(ConfigError, match="FedSA-LoRA"):
         _cfg(tiny_model_dir, out, "fed.share=lora_a")  # a personal adapter too

@@ -82,7 +82,7 @@ class Personalizer:
 
     def __init__(self, cfg: AppConfig, catalog: Catalog):
         fed = cfg.fed
-        if not fed.personal_rank:
+        if not fed.keeps_personal:
             raise RefreshError("fed.personal_rank is 0: there is no personal adapter to refresh")
         self.cfg = cfg
         self.catalog = catalog
