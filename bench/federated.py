@@ -27,8 +27,11 @@ also kept in ``--seeds`` (``bench/reports/federated-seeds.json``, one entry per 
 of one configuration; a run of another configuration is refused), so seeds run in different
 sessions pair user by user: the report adds each arm's per-seed figures, the A/A check
 (shared-only of two seeds against each other, the noise floor between runs) and ours
-against shared-only on each user's mean over the seeds. An ablation of another
-configuration (FedSA-LoRA: ``fed.share=lora_a``) passes its own ``--report`` and ``--seeds``.
+against shared-only on each user's mean over the seeds. A run of another configuration is
+an ablation: its report is its own (a FedSA-LoRA run, ``fed.share=lora_a``, writes
+``federated-fedsa.json`` and ``federated-fedsa-seeds.json``, where "ours" is FedSA-LoRA and
+"shared-only" its shared A with B = 0), and the main report takes it as a row, paired with
+ours on the same seed: ``--ablation FedSA-LoRA=bench/reports/federated-fedsa-seeds.json``.
 
 ``personal``: the personal fit's settings chosen on validation. For each (steps, decay) of
 the grid, every user of a finished run fits its personal part on the run's final shared
@@ -113,12 +116,24 @@ def main() -> None:
     p = sub.add_parser("report", help="shared-only against ours on every user")
     p.add_argument("--run", type=Path, default=Path("outputs/federated"))
     p.add_argument("--quality", type=Path, default=Path("bench/reports/quality.json"))
-    p.add_argument("--report", type=Path, default=Path("bench/reports/federated.json"))
+    p.add_argument(
+        "--report",
+        type=Path,
+        help="default bench/reports/federated.json (FedSA-LoRA: federated-fedsa.json)",
+    )
     p.add_argument(
         "--seeds",
         type=Path,
-        default=Path("bench/reports/federated-seeds.json"),
-        help="every seed's per-user ranks, this run's added (runs of one config only)",
+        help="every seed's per-user ranks, this run's added (runs of one config only); "
+        "default: the report's name + -seeds.json",
+    )
+    p.add_argument(
+        "--ablation",
+        type=_named_path,
+        action="append",
+        default=[],
+        metavar="NAME=SEEDS",
+        help="a row from another configuration's --seeds file (its 'ours'), paired with ours",
     )
     p = sub.add_parser("personal", help="the personal fit's settings, chosen on validation")
     p.add_argument("--run", type=Path, default=Path("outputs/federated"))
@@ -307,6 +322,24 @@ def _over_seeds(seeds: dict[int, dict], k: int, path: Path) -> dict[str, object]
     }
 
 
+def _named_path(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=PATH")
+    return name, Path(path)
+
+
+def _ablation(path: Path, users: list, seed: int, k: int) -> tuple[int, dict[str, np.ndarray]]:
+    """Another configuration's per-user test metrics (the "ours" arm of its seeds file, see
+    :func:`_record_seed`): of ``seed`` if it was run, else of its lowest seed."""
+    doc = json.loads(path.read_text())
+    if doc["users"] != users:
+        raise SystemExit(f"{path}: recorded for other users")
+    runs = doc["runs"]
+    chosen = str(seed) if str(seed) in runs else min(runs, key=int)
+    return int(chosen), per_user(np.asarray(runs[chosen]["ranks"]["ours"]["test"]), k)
+
+
 def report(args: argparse.Namespace) -> None:
     """bench/reports/federated.json: every user, shared-only against ours, paired."""
     run = args.run
@@ -314,6 +347,11 @@ def report(args: argparse.Namespace) -> None:
     cfg = AppConfig.model_validate(record["config"])
     fed, k = cfg.fed, VAL_K
     exported = json.loads((run / F.EXPORT_JSON).read_text())
+    if args.report is None:
+        name = "federated-fedsa" if fed.share == "lora_a" else "federated"
+        args.report = Path("bench/reports") / f"{name}.json"
+    if args.seeds is None:
+        args.seeds = args.report.with_name(f"{args.report.stem}-seeds.json")
     dataset = dataset_from_config(cfg)
     split = leave_last_out(dataset.histories)
     loaded = F.load_federated_model(cfg, dataset.catalog)
@@ -362,11 +400,26 @@ def report(args: argparse.Namespace) -> None:
     for name, ref in (*((b, b) for b in baselines), ("centralized", "llm")):
         if ref in quality.get("methods", {}):
             methods[name] = {"test": quality["methods"][ref]["test"], "from": str(args.quality)}
+    paired = {
+        "ours_vs_shared-only": paired_comparison(
+            ours["test"], shared_only["test"], k, seed=fed.seed
+        )
+    }
+    for name, path in args.ablation:
+        seed, theirs = _ablation(path, users, fed.seed, k)
+        methods[name] = {"test": summarize(theirs, fed.seed), "from": str(path), "seed": seed}
+        if seed in seeds:  # the same seed's ours, user by user
+            mine = per_user(seeds[seed]["ours"]["test"], k)
+            paired[f"ours_vs_{name}"] = {
+                "seed": seed,
+                **paired_comparison(mine, theirs, k, seed=fed.seed),
+            }
     ndcg = f"NDCG@{k}"
     records = json.loads((run / F.METRICS_JSON).read_text())["rounds"]
     picked = list(scales.values())
     out = {
-        "command": f"bench/federated.py report --run {run}",
+        "command": f"bench/federated.py report --run {run}"
+        + "".join(f" --ablation {n}={path}" for n, path in args.ablation),
         "users": len(users),
         "rounds": fed.rounds,
         "clients_per_round": fed.clients_per_round,
@@ -381,11 +434,7 @@ def report(args: argparse.Namespace) -> None:
         "personal_scale_counts": {str(s): picked.count(s) for s in sorted(set(picked))},
         "methods": methods,
         "seed": fed.seed,
-        "paired": {
-            "ours_vs_shared-only": paired_comparison(
-                ours["test"], shared_only["test"], k, seed=fed.seed
-            )
-        },
+        "paired": paired,
         **_over_seeds(seeds, k, args.seeds),
         "eval_seconds": round(seconds, 1),
     }

@@ -347,6 +347,8 @@ def test_fedsa_lora_federates_a_and_keeps_each_b_with_its_client(
     user = min(record["users"], key=int)
     personal = F.load_personal(out, user, before=3)
     assert personal.keys() == dual.personal.keys() and any(v.any() for v in personal.values())
+    half = F.scale_personal(personal, 0.5)
+    assert all(torch.allclose(half[k], personal[k] / 2) for k in personal)
     served = out / F.SERVED_BASE_DIR
     model, tokenizer = load_model(str(served))
     model = attach_adapter(model, store.current(user).path).eval()

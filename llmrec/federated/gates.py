@@ -63,5 +63,7 @@ def scale_personal(personal_state: Mapping[str, torch.Tensor], scale: float) -> 
                 out[key_of_gate] = torch.full_like(personal_state[key_of_gate], logit)
     for key, tensor in personal_state.items():
         if key.endswith(".lora_B.weight"):
-            out[key] = (tensor.double() * factors[module_of(key)]).float()
+            # A B without a personal A is FedSA-LoRA's own B of the one LoRA: ungated, so
+            # scaled by ``scale`` itself (0 = the shared A with B = 0, as cold start).
+            out[key] = (tensor.double() * factors.get(module_of(key), scale)).float()
     return out
