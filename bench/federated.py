@@ -255,20 +255,32 @@ def _drawn_tokens(fed, job: F.ClientJob, phases: int) -> int:
 _PER_RUN = ("seed", "output_dir", "store_dir")
 
 
+def _run_config(config: dict) -> dict:
+    """What makes runs seeds of one configuration: the sections training reads, through
+    today's schema (a field added since a run was recorded takes its default), less the
+    run's own settings."""
+    cfg = AppConfig.model_validate(config)
+    out = {s: getattr(cfg, s).model_dump(mode="json") for s in ("data", "model", "prompts")}
+    fed = cfg.fed.model_dump(mode="json")
+    out["fed"] = {k: v for k, v in fed.items() if k not in _PER_RUN}
+    return out
+
+
 def _record_seed(
     path: Path, config: dict, users: list, seed: int, ranks: dict, run: Path
 ) -> dict[int, dict]:
     """Add this run's per-user 0-based target ranks (per method and split) to ``path`` and
     return every recorded seed's, as arrays. The run directories do not outlive a session;
     the ranks do, so seeds run in different sessions are still paired user by user."""
-    config = {**config, "fed": {k: v for k, v in config["fed"].items() if k not in _PER_RUN}}
+    config = _run_config(config)
     doc = {"users": users, "config": config, "runs": {}}
     if path.is_file():
         doc = json.loads(path.read_text())
         if doc["users"] != users:
             raise SystemExit(f"{path}: recorded for other users; pass another --seeds file")
-        for section in sorted(set(doc["config"]) | set(config)):
-            if doc["config"].get(section) != config.get(section):
+        recorded = _run_config(doc["config"])
+        for section in sorted(set(recorded) | set(config)):
+            if recorded.get(section) != config.get(section):
                 raise SystemExit(
                     f"{path}: recorded for another config (section {section!r} differs); "
                     "pass another --seeds file"
