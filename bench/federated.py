@@ -70,6 +70,8 @@ from llmrec.plots import plot_metric_bars
 from llmrec.quality import Task, per_user, summarize, target_ranks
 from llmrec.stats import paired_comparison
 
+QUALITY_REPORT = Path("bench/reports/quality.json")
+
 
 def matmul_rate(dtype: torch.dtype, size: int = 2048, reps: int = 10) -> float:
     """FLOP/s of a ``size``-square matmul in ``dtype`` on this machine (median of ``reps``)."""
@@ -115,7 +117,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="section.field=value config overrides")
     p = sub.add_parser("report", help="shared-only against ours on every user")
     p.add_argument("--run", type=Path, default=Path("outputs/federated"))
-    p.add_argument("--quality", type=Path, default=Path("bench/reports/quality.json"))
+    p.add_argument("--quality", type=Path, default=QUALITY_REPORT)
     p.add_argument(
         "--report",
         type=Path,
@@ -266,6 +268,14 @@ def _run_config(config: dict) -> dict:
     return out
 
 
+def _read_seeds(path: Path, users: list) -> dict:
+    """A seeds file (see :func:`_record_seed`), refused unless it was recorded for ``users``."""
+    doc = json.loads(path.read_text())
+    if doc["users"] != users:
+        raise SystemExit(f"{path}: recorded for other users; pass another --seeds file")
+    return doc
+
+
 def _record_seed(
     path: Path, config: dict, users: list, seed: int, ranks: dict, run: Path
 ) -> dict[int, dict]:
@@ -275,9 +285,7 @@ def _record_seed(
     config = _run_config(config)
     doc = {"users": users, "config": config, "runs": {}}
     if path.is_file():
-        doc = json.loads(path.read_text())
-        if doc["users"] != users:
-            raise SystemExit(f"{path}: recorded for other users; pass another --seeds file")
+        doc = _read_seeds(path, users)
         recorded = _run_config(doc["config"])
         for section in sorted(set(recorded) | set(config)):
             if recorded.get(section) != config.get(section):
@@ -317,14 +325,15 @@ def _over_seeds(seeds: dict[int, dict], k: int, path: Path) -> dict[str, object]
                 "mean": round(statistics.fmean(values), 4),
                 "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None,
             }
+    summary = {"file": str(path), "runs": order, **arms}
     if len(order) < 2:
-        return {"seeds": {"file": str(path), "runs": order, **arms}, "aa": None}
+        return {"seeds": summary, "aa": None}
     mean = {
         m: {name: np.mean([test[s][m][name] for s in order], axis=0) for name in test[order[0]][m]}
         for m in ("shared-only", "ours")
     }
     return {
-        "seeds": {"file": str(path), "runs": order, **arms},
+        "seeds": summary,
         "aa": {
             "arm": "shared-only",
             "seeds": order[:2],
@@ -344,10 +353,7 @@ def _named_path(text: str) -> tuple[str, Path]:
 def _ablation(path: Path, users: list, seed: int, k: int) -> tuple[int, dict[str, np.ndarray]]:
     """Another configuration's per-user test metrics (the "ours" arm of its seeds file, see
     :func:`_record_seed`): of ``seed`` if it was run, else of its lowest seed."""
-    doc = json.loads(path.read_text())
-    if doc["users"] != users:
-        raise SystemExit(f"{path}: recorded for other users")
-    runs = doc["runs"]
+    runs = _read_seeds(path, users)["runs"]
     chosen = str(seed) if str(seed) in runs else min(runs, key=int)
     return int(chosen), per_user(np.asarray(runs[chosen]["ranks"]["ours"]["test"]), k)
 
@@ -359,6 +365,15 @@ def report(args: argparse.Namespace) -> None:
     cfg = AppConfig.model_validate(record["config"])
     fed, k = cfg.fed, VAL_K
     exported = json.loads((run / F.EXPORT_JSON).read_text())
+    # the command as given, before defaults are filled in
+    command = f"bench/federated.py report --run {run}" + "".join(
+        f" --{flag} {value}"
+        for flag, value in (("report", args.report), ("seeds", args.seeds))
+        if value is not None
+    )
+    if args.quality != QUALITY_REPORT:
+        command += f" --quality {args.quality}"
+    command += "".join(f" --ablation {n}={path}" for n, path in args.ablation)
     if args.report is None:
         name = "federated-fedsa" if fed.share == "lora_a" else "federated"
         args.report = Path("bench/reports") / f"{name}.json"
@@ -384,13 +399,16 @@ def report(args: argparse.Namespace) -> None:
     ours = {name: r.copy() for name, r in shared_only.items()}
     # A user at scale 0 (or never trained) is served exactly the shared adapter
     # (scale_personal): their ranks are shared-only's, and only the others are scored.
-    personal_rows = [row for row, user in enumerate(users) if scales.get(user, 1.0) != 0.0]
-    for row in tqdm(personal_rows, desc="ours, user by user"):
-        user = users[row]
-        personal = F.load_personal(run, user, before=fed.rounds + 1)
+    personal_rows = [
+        (row, scales.get(user, 1.0))
+        for row, user in enumerate(users)
+        if scales.get(user, 1.0) != 0.0
+    ]
+    for row, scale in tqdm(personal_rows, desc="ours, user by user"):
+        personal = F.load_personal(run, users[row], before=fed.rounds + 1)
         if personal is None:  # never trained: served the shared part
             continue
-        dual.load(shared, F.scale_personal(personal, scales.get(user, 1.0)))
+        dual.load(shared, F.scale_personal(personal, scale))
         both = scores([tasks["valid"].histories[row], tasks["test"].histories[row]])
         for name, row_scores in zip(tasks, both, strict=True):
             one = Task([tasks[name].histories[row]], [tasks[name].targets[row]])
@@ -430,8 +448,7 @@ def report(args: argparse.Namespace) -> None:
     records = json.loads((run / F.METRICS_JSON).read_text())["rounds"]
     picked = list(scales.values())
     out = {
-        "command": f"bench/federated.py report --run {run}"
-        + "".join(f" --ablation {n}={path}" for n, path in args.ablation),
+        "command": command,
         "users": len(users),
         "rounds": fed.rounds,
         "clients_per_round": fed.clients_per_round,
