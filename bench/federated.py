@@ -30,8 +30,10 @@ sessions pair user by user: the report adds each arm's per-seed figures, the A/A
 against shared-only on each user's mean over the seeds. A run of another configuration is
 an ablation: its report is its own (a FedSA-LoRA run, ``fed.share=lora_a``, writes
 ``federated-fedsa.json`` and ``federated-fedsa-seeds.json``, where "ours" is FedSA-LoRA and
-"shared-only" its shared A with B = 0), and the main report takes it as a row, paired with
-ours on the same seed: ``--ablation FedSA-LoRA=bench/reports/federated-fedsa-seeds.json``.
+"shared-only" its shared A with B = 0; a personal-only run, ``fed.shared_rank=0``, writes
+``federated-personal.json``, where "shared-only" is the base itself), and the main report
+takes it as a row, paired with ours on the same seed:
+``--ablation FedSA-LoRA=bench/reports/federated-fedsa-seeds.json``.
 
 ``personal``: the personal fit's settings chosen on validation. For each (steps, decay) of
 the grid, every user of a finished run fits its personal part on the run's final shared
@@ -121,7 +123,8 @@ def main() -> None:
     p.add_argument(
         "--report",
         type=Path,
-        help="default bench/reports/federated.json (FedSA-LoRA: federated-fedsa.json)",
+        help="default bench/reports/federated.json (FedSA-LoRA: federated-fedsa.json, "
+        "personal-only: federated-personal.json)",
     )
     p.add_argument(
         "--seeds",
@@ -375,7 +378,11 @@ def report(args: argparse.Namespace) -> None:
         command += f" --quality {args.quality}"
     command += "".join(f" --ablation {n}={path}" for n, path in args.ablation)
     if args.report is None:
-        name = "federated-fedsa" if fed.share == "lora_a" else "federated"
+        name = "federated"
+        if fed.share == "lora_a":
+            name = "federated-fedsa"
+        elif not fed.shared_rank:
+            name = "federated-personal"
         args.report = Path("bench/reports") / f"{name}.json"
     if args.seeds is None:
         args.seeds = args.report.with_name(f"{args.report.stem}-seeds.json")
@@ -446,6 +453,8 @@ def report(args: argparse.Namespace) -> None:
             }
     ndcg = f"NDCG@{k}"
     records = json.loads((run / F.METRICS_JSON).read_text())["rounds"]
+    # personal-only (schedule "after") has no rounds: nothing crosses the network
+    last = records[-1] if records else {"comm_ratio": 0.0, "bytes_up_per_client": 0}
     picked = list(scales.values())
     out = {
         "command": command,
@@ -456,10 +465,10 @@ def report(args: argparse.Namespace) -> None:
         "schedule": fed.decoupling.schedule,
         "wall_s": round((run / F.EXPORT_JSON).stat().st_mtime - (run / F.RUN_JSON).stat().st_mtime),
         "rounds_s": round(sum(r["seconds"] for r in records)),
-        "comm_ratio": records[-1]["comm_ratio"],
-        "bytes_up_per_client": records[-1]["bytes_up_per_client"],
-        "full_model_bytes": records[-1]["full_model_bytes"],
-        "epsilon": records[-1]["epsilon"],
+        "comm_ratio": last["comm_ratio"],
+        "bytes_up_per_client": last["bytes_up_per_client"],
+        "full_model_bytes": loaded.base_bytes,
+        "epsilon": last.get("epsilon"),
         "personal_scale_counts": {str(s): picked.count(s) for s in sorted(set(picked))},
         "methods": methods,
         "seed": fed.seed,

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from llmrec import federated as F
 from llmrec.adapters import AdapterStore
 from llmrec.config import ConfigError, load_config
-from llmrec.data import leave_last_out
+from llmrec.data import dataset_from_config, leave_last_out
 from llmrec.finetune import IGNORE_INDEX, collate
 from llmrec.model import attach_adapter, fingerprint_model_dir, load_model
 from llmrec.model.item_vocab import ItemVocab, history_reading, prepare_item_base
@@ -254,6 +254,28 @@ def test_schedule_after_fits_every_personal_part_once_on_the_final_shared_part(
         versions = F.personal_versions(after, user)
         assert versions == [cfg.fed.rounds]  # the fit alone wrote one
     exported = json.loads((after / F.EXPORT_JSON).read_text())
+    assert sorted(exported["users"]) == sorted(run["cohort"])
+
+
+def test_personal_only_under_schedule_after_is_the_fit_alone(tiny_model_dir, tmp_path):
+    """fed.shared_rank=0 with schedule "after": the rounds would train the shared part alone
+    and there is none, so there are no rounds (nothing crosses the network); every cohort
+    client fits its personal part once, on the base, and is published with it."""
+    out = tmp_path / "personal"
+    extra = ("fed.shared_rank=0", "fed.decoupling.schedule=after", "fed.client_batch=4")
+    cfg = _cfg(tiny_model_dir, out, *extra)
+    _runner().run(cfg)
+    assert F.completed_rounds(out) == []
+    assert json.loads((out / F.METRICS_JSON).read_text()) == {"rounds": []}
+    run = json.loads((out / F.RUN_JSON).read_text())
+    dual = F.load_federated_model(cfg, dataset_from_config(cfg).catalog).dual
+    for user in run["cohort"]:
+        assert F.personal_versions(out, user) == [cfg.fed.rounds]
+        fitted = F.load_personal(out, user, before=cfg.fed.rounds + 1)
+        start = F.init_personal_state(dual, cfg.fed.seed, user)
+        assert any(not torch.equal(fitted[k], start[k]) for k in start)
+    exported = json.loads((out / F.EXPORT_JSON).read_text())
+    assert "shared" not in exported
     assert sorted(exported["users"]) == sorted(run["cohort"])
 
 

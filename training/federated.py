@@ -112,7 +112,7 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
     metrics written to ``metrics.json``.
     """
     recipe = Recipe(cfg, resume, client_fn)
-    rounds = range(recipe.start, cfg.fed.rounds + 1)
+    rounds = range(recipe.start, cfg.fed.rounds + 1) if recipe.has_rounds else range(0)
     bar = dict(initial=recipe.start - 1, total=cfg.fed.rounds, disable=not recipe.main)
     for server_round in tqdm(rounds, desc="rounds", **bar):
         selected = recipe.select(server_round)
@@ -120,6 +120,8 @@ def run(cfg: AppConfig, resume: bool = False, client_fn: ClientFn = client_updat
         outcome = recipe.server_update(uploads, server_round)
         val = recipe.validate(server_round)
         recipe.save_round(server_round, selected, uploads, failed, outcome, val)
+    if not recipe.has_rounds and recipe.main:
+        write_metrics(recipe.out, [])
     recipe.fit_personal()
     recipe.export()
     return {"rounds": recipe.records}
@@ -171,6 +173,12 @@ class Recipe:
     @property
     def out(self) -> Path:
         return Path(self.fed.output_dir)
+
+    @property
+    def has_rounds(self) -> bool:
+        """False for personal-only under schedule "after": its rounds would train the shared
+        part alone, and there is none, so the run is the personal fit (local training)."""
+        return bool(self.fed.shared_rank) or self.fed.decoupling.schedule != "after"
 
     @property
     def main(self) -> bool:
