@@ -252,15 +252,19 @@ class PromptBuilder:
         )
 
     def explain_messages(
-        self, history_titles: Sequence[str], item_title: str
+        self, history_titles: Sequence[str], item_title: str, facts: str | None = None
     ) -> list[dict[str, str]]:
-        """Chat messages asking for a one-line reason why ``item_title`` fits the history."""
+        """Chat messages asking for a one-line reason why ``item_title`` fits the history,
+        stated from ``facts`` (lines of what is known of the item) when given."""
         return [
             {"role": "system", "content": self._render(RECOMMEND_SYSTEM)},
             {
                 "role": "user",
                 "content": self._render(
-                    EXPLAIN, history=self._recent(history_titles), item=self._clean(item_title)
+                    EXPLAIN,
+                    history=self._recent(history_titles),
+                    item=self._clean(item_title),
+                    facts=facts,
                 ),
             },
         ]

@@ -96,9 +96,17 @@ class ServeConfig(BaseModel):
     keys_file: Path = Path("outputs/serving/keys.json")
     """Hashed API keys (``llmrec keys add USER``); read again when it changes."""
     explain: bool = True
-    """Add a one-line reason from the user's adapter to each recommended item by default."""
+    """Add a one-line reason to each recommended item by default."""
+    reasons: Literal["facts", "model"] = "facts"
+    """How reasons are written: ``facts``, a fixed sentence of the item's catalog facts and
+    the history items nearest it in the model's item space; ``model``, the user's adapter
+    phrasing the same facts, kept only when the claim checker finds nothing unsupported
+    (else the ``facts`` sentence). See ``llmrec.recommend.reasons``."""
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0)
+    """The penalty on repeated tokens of free generation (``llmrec-raw`` chat, reasons under
+    ``reasons: model``) unless a request sets its own; 1 is none."""
     explain_max_tokens: int = Field(40, ge=1, le=256)
-    """Token budget of one reason."""
+    """Token budget of one reason the adapter phrases (``reasons: model``)."""
     limits: LimitsConfig = LimitsConfig()
     """Request limits, queue and time budget."""
 

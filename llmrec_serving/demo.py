@@ -37,7 +37,6 @@ CONTEXT = "something light for tonight"
 QUESTION = "I have a free evening. What should I watch, and why?"
 """The demo's one chat message."""
 K = 5
-CHAT_MAX_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -121,12 +120,7 @@ def run_demo(cfg: ServingConfig) -> DemoResult:
                 chat = _post(
                     client,
                     "/v1/chat/completions",
-                    {
-                        "model": "llmrec",
-                        "messages": [{"role": "user", "content": QUESTION}],
-                        "max_tokens": CHAT_MAX_TOKENS,
-                        "temperature": 0,
-                    },
+                    {"model": "llmrec", "messages": [{"role": "user", "content": QUESTION}]},
                 )
     finally:
         services.keys.revoke_key(key)
@@ -151,5 +145,5 @@ def show(result: DemoResult, console: Console) -> None:
             item.get("reason") or "",
         )
     console.print(table)
-    title = f"POST /v1/chat/completions: user {result.user}, adapter {result.chat['model']}"
+    title = f"POST /v1/chat/completions: user {result.user}, model {result.chat['model']}"
     console.print(Panel(f"[bold]> {QUESTION}[/bold]\n\n{result.answer}", title=title))

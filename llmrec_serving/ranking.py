@@ -6,20 +6,23 @@ only allowed next tokens, the top k back with their log-probabilities over those
 ranking ``llmrec.recommend.ItemScorer`` computes. On a plain base the search is
 ``llmrec.recommend.trie_beam_search`` (the exact code the library runs), driven here
 asynchronously, one engine request per beam step. Either way every result is a catalog
-item, never an excluded one. Reasons come from the same adapter through the explain prompt.
+item, never an excluded one. Reasons state facts only (``llmrec.recommend.reasons``): the
+item's catalog metadata and the history items nearest it in the model's item space, in a
+fixed sentence, or phrased by the same adapter and kept only if the claim checker passes.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmrec.data import Catalog
 from llmrec.model.item_vocab import ItemVocab
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend import catalog_trie, trie_beam_search
 from llmrec.recommend.item_scorer import history_prompt
+from llmrec.recommend.reasons import Reasoner, ReasonMode, phrase_reason, write_reason
 from llmrec_serving.engines import Backend, GenerationParams, ServedAdapter
 
 
@@ -52,12 +55,16 @@ class Ranker:
         prompts: PromptBuilder,
         beam_width: int,
         items: ItemReading | None = None,
+        reasoner: Reasoner | None = None,
+        reasons: ReasonMode = "facts",
     ):
         self.backend = backend
         self.catalog = catalog
         self.prompts = prompts
         self.beam_width = beam_width
         self.items = items
+        self.reasoner = reasoner or Reasoner(catalog)
+        self.reasons = reasons
         if items is not None:
             items.vocab.check_catalog(catalog)
         self.trie = catalog_trie(catalog, prompts)
@@ -110,16 +117,25 @@ class Ranker:
         adapter: ServedAdapter | None,
         history: Sequence[str],
         items: list[Ranked],
-        max_tokens: int,
+        params: GenerationParams,
     ) -> list[Ranked]:
-        """The same items, each with a one-line reason written by ``adapter``."""
+        """The same items, each with a one-line reason from its facts (phrased by
+        ``adapter`` with ``params`` under ``reasons="model"``, when the claim checker passes
+        it)."""
+        reasoner = self.reasoner
+        if self.reasons == "facts":
+            return [
+                replace(item, reason=write_reason(reasoner.facts(item.item_id, history)))
+                for item in items
+            ]
         titles = self.catalog.displays(history)
-        params = GenerationParams(max_tokens=max_tokens, temperature=0.0, stop=("\n",))
+
+        async def write(messages: list[dict[str, str]]) -> str:
+            return "".join([d.text async for d in self.backend.chat(adapter, messages, params)])
 
         async def reason(item: Ranked) -> Ranked:
-            messages = self.prompts.explain_messages(titles, item.title)
-            text = "".join([d.text async for d in self.backend.chat(adapter, messages, params)])
-            line = " ".join(text.split())  # one line, whatever the model wrote
-            return Ranked(item.item_id, item.title, item.score, line)
+            facts = reasoner.facts(item.item_id, history)
+            line, _ = await phrase_reason(facts, titles, self.prompts, write, reasoner.checker)
+            return replace(item, reason=line)
 
         return list(await asyncio.gather(*(reason(item) for item in items)))

@@ -170,7 +170,8 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    """Accepted and ignored: the adapter is the caller's own, chosen by their key."""
+    """``llmrec-raw``: the adapter's free generation; any other name: the personal agent.
+    Either way the adapter is the caller's own, chosen by their key."""
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -181,6 +182,9 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    repetition_penalty: float | None = Field(None, ge=1.0, le=2.0)
+    """vLLM's extension: > 1 makes tokens already in the text less likely (default:
+    ``serve.repetition_penalty``)."""
     user: str | None = None
     """With the admin key: the user whose adapter answers. With a user key: omitted or
     that user."""

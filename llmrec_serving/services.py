@@ -28,14 +28,17 @@ from llmrec.model import (
     prepare_base_model,
     resolve_model_path,
 )
+from llmrec.model.item_space import ItemSpace
 from llmrec.model.item_vocab import ItemVocab, has_item_vocab, history_reading
 from llmrec.prompts import PromptBuilder
+from llmrec.recommend.reasons import Reasoner
 from llmrec_serving.adapters import AdapterRouter
 from llmrec_serving.admission import Admission
 from llmrec_serving.config import ServingConfig, engine_rank
 from llmrec_serving.engines import (
     Backend,
     EngineSpec,
+    GenerationParams,
     InProcessBackend,
     ManagedServer,
     ResetListeners,
@@ -72,6 +75,17 @@ class Services:
     keys: KeyStore
     admission: Admission
     metrics: Metrics
+
+    def reason_params(self, max_tokens: int | None = None) -> GenerationParams:
+        """How an adapter writes a one-line reason: greedy, one line, the repetition
+        penalty of free generation, ``serve.explain_max_tokens`` unless told."""
+        serve = self.cfg.serve
+        return GenerationParams(
+            max_tokens=max_tokens or serve.explain_max_tokens,
+            temperature=0.0,
+            stop=("\n",),
+            repetition_penalty=serve.repetition_penalty,
+        )
 
     @asynccontextmanager
     async def admit(self, user_id: str) -> AsyncIterator[ServedAdapter | None]:
@@ -184,12 +198,19 @@ def build_services(cfg: ServingConfig) -> Services:
     metrics = Metrics()
     backend = build_backend(cfg, base_dir, store, tokenizer)
     limits = cfg.serve.limits
+    reading = item_reading(cfg, base_dir)
     return Services(
         cfg=cfg,
         backend=backend,
         router=AdapterRouter(store, backend, cfg.serve.max_cpu_loras, metrics),
         ranker=Ranker(
-            backend, dataset.catalog, prompts, cfg.recommend.beam_width, item_reading(cfg, base_dir)
+            backend,
+            dataset.catalog,
+            prompts,
+            cfg.recommend.beam_width,
+            reading,
+            Reasoner(dataset.catalog, ItemSpace.from_model_dir(base_dir) if reading else None),
+            cfg.serve.reasons,
         ),
         prompts=prompts,
         tokenizer=tokenizer,

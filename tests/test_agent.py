@@ -14,6 +14,7 @@ from llmrec.agent import Agent, AgentEvent, LocalTools, ProfileStore, UnknownCon
 from llmrec.model import load_model
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend import Grounder, Recommender
+from llmrec.recommend.reasons import Asked
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +115,22 @@ def test_conversations_persist_and_stay_private(agent):
     assert roles == ["user", "assistant"]
     with pytest.raises(UnknownConversationError):
         say(agent, "9", "why that one?", conversation)
+
+
+@pytest.mark.parametrize("mode", ["facts", "model"])
+def test_reasons_state_only_facts(agent, tiny_dataset, mode):
+    """Whoever writes the line (the fixed sentence, or the tiny model phrasing the facts),
+    what reaches the user passes the claim checker against the item's own facts."""
+    agent.reasons = mode
+    try:
+        _, text, cards = say(agent, "10", "something funny, no sci-fi")
+    finally:
+        agent.reasons = "facts"
+    history = agent.profiles.history("10")
+    asked = Asked(genres_in=frozenset({"Comedy"}), genres_out=frozenset({"Sci-Fi"}))
+    assert cards
+    for card in cards:
+        facts = agent.reasoner.facts(card.item_id, history, asked)
+        assert agent.reasoner.checker.problems(card.reason, facts) == [], card.reason
+        assert card.because == list(facts.evidence) and card.reason in text
+        assert {tiny_dataset.catalog.display(i) for i in history} >= set(card.because)

@@ -69,6 +69,20 @@ def test_conversations_belong_to_their_user(profiles, tiny_dataset):
         profiles.add_message("4", cid, "user", "hijack")
 
 
+def test_a_conversation_is_found_by_what_was_said(profiles):
+    said = [("user", "something funny"), ("assistant", "1. Try this\n")]
+    older, newer = profiles.new_conversation("3"), profiles.new_conversation("3")
+    for cid in (older, newer):
+        for role, content in said:
+            profiles.add_message("3", cid, role, content.strip())
+    assert profiles.find_conversation("3", said) == newer  # the newest of equals
+    assert profiles.find_conversation("3", said[:1]) is None
+    assert (
+        profiles.find_conversation("3", [("user", "something funny"), ("assistant", "x")]) is None
+    )
+    assert profiles.find_conversation("4", said) is None  # never another user's
+
+
 def test_old_conversations_are_dropped_past_the_limit(tmp_path, tiny_dataset):
     store = ProfileStore("sqlite://", tiny_dataset.catalog, max_conversations=2)
     ids = [store.new_conversation("5") for _ in range(3)]

@@ -27,6 +27,7 @@ SAMPLE_VARIABLES = {
     "context": "something funny",
     "excluded": ["Heat (1995)"],
     "item": "Fargo (1996)",
+    "facts": "Genres: Crime, Drama, Thriller\nYear: 1996",
 }
 TITLES = [
     "Toy Story (1995)",
@@ -70,7 +71,9 @@ def test_every_template_renders(path: Path):
     rendered = render_template(path.name, **SAMPLE_VARIABLES)
     assert rendered and "{{" not in rendered and "{%" not in rendered
     # Empty optional inputs render too (cold-start user, no request).
-    assert render_template(path.name, history=[], context=None, excluded=[], item="Fargo (1996)")
+    assert render_template(
+        path.name, history=[], context=None, excluded=[], item="Fargo (1996)", facts=None
+    )
 
 
 def test_the_four_templates_exist():
@@ -140,6 +143,9 @@ def test_chat_system_and_explain(builder):
     messages = builder.explain_messages(TITLES[:2], "Fargo (1996)")
     assert [m["role"] for m in messages] == ["system", "user"]
     assert "Fargo (1996)" in messages[1]["content"] and TITLES[0] in messages[1]["content"]
+    facts = "Genres: Crime, Drama, Thriller\nYear: 1996"
+    asked = builder.explain_messages(TITLES[:2], "Fargo (1996)", facts)[1]["content"]
+    assert facts in asked and "using only these facts" in asked
 
 
 # ----- token ids ------------------------------------------------------------------------

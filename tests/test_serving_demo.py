@@ -43,7 +43,8 @@ def check(result, keys_file) -> None:
     assert result.exit_code == 0, result.output
     out = result.output
     assert "POST /v1/recommendations: user 1, adapter 1@v1" in out  # a user with their own
-    assert "POST /v1/chat/completions: user 1, adapter 1@v1" in out
+    assert "POST /v1/chat/completions: user 1, model llmrec" in out  # the personal agent
+    assert "1. " in out and "2. " in out and "3. " in out  # its three picks
     assert out.count("│ m") >= 5  # five ranked catalog items (ids m1..m30), one row each
     assert KeyStore(keys_file).list() == []  # the temporary key is revoked
 

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from llmrec.recommend.reasons import write_reason
 from llmrec_serving.app import create_app, serve_in_thread
 from llmrec_serving.config import load_serving_config
 from llmrec_serving.services import build_services
@@ -63,29 +64,39 @@ def test_each_user_is_ranked_by_vllm_with_their_own_adapter(
     assert all(i["item_id"] in services.catalog and i["item_id"] not in seen for i in mine["items"])
 
 
-def test_reasons_come_from_the_users_adapter(gateway, serving_world):
-    url, _ = gateway
-    body = recommend(url, serving_world, "1", k=2, explain=True)
-    assert all(i["reason"] and "\n" not in i["reason"] for i in body["items"])
+def test_reasons_state_the_items_facts(gateway, serving_world):
+    url, services = gateway
+    history = list(services.profiles.base_histories["1"])
+    body = recommend(url, serving_world, "1", k=2, explain=True, history=history)
+    reasoner = services.ranker.reasoner
+    for item in body["items"]:
+        facts = reasoner.facts(item["item_id"], history)
+        assert item["reason"] == write_reason(facts)
+        assert reasoner.checker.problems(item["reason"], facts) == []
 
 
 def test_chat_with_the_openai_client(gateway, serving_world):
-    url, _ = gateway
+    url, services = gateway
     messages = [{"role": "user", "content": "Recommend me a movie for tonight."}]
     answers = {}
     for who in ("1", "2"):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=serving_world.keys[who])
         full = client.chat.completions.create(
-            model="llmrec", messages=messages, max_tokens=16, temperature=0
+            model="llmrec-raw", messages=messages, max_tokens=16, temperature=0
         )
         assert full.model == f"{who}@v1"
         stream = client.chat.completions.create(
-            model="llmrec", messages=messages, max_tokens=16, temperature=0, stream=True
+            model="llmrec-raw", messages=messages, max_tokens=16, temperature=0, stream=True
         )
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == full.choices[0].message.content
         answers[who] = streamed
     assert answers["1"] != answers["2"]
+    # the default model is the agent: its answer names catalog items, ranked by vLLM
+    agent = client.chat.completions.create(model="llmrec", messages=messages)
+    picks = [line[3:].split(" — ")[0] for line in agent.choices[0].message.content.splitlines()]
+    picks = [p for p in picks if services.catalog.by_display(p)]
+    assert agent.model == "llmrec" and len(picks) == 3
 
 
 def test_cold_start_user_is_served_the_shared_adapter(gateway, serving_world):

@@ -1,8 +1,6 @@
 """The personal agent: reading a turn, the user's profile, answers, erasure."""
 
 from .agent import (
-    BECAUSE_ITEMS,
-    MAX_REASON_CHARS,
     Action,
     Agent,
     AgentEvent,
@@ -15,9 +13,7 @@ from .erasure import (
     erase_user,
 )
 from .intent import (
-    GENRE_WORDS,
     Act,
-    GenreLexicon,
     IntentParser,
     Parsed,
     Ref,
@@ -43,18 +39,14 @@ __all__ = [
     "Agent",
     "AgentEvent",
     "AgentTools",
-    "BECAUSE_ITEMS",
     "Card",
     "ConversationRecord",
     "ErasureReport",
     "FeedbackRecord",
     "FeedbackSource",
-    "GENRE_WORDS",
-    "GenreLexicon",
     "HistoryEntry",
     "IntentParser",
     "LocalTools",
-    "MAX_REASON_CHARS",
     "MessageRecord",
     "Parsed",
     "ProfileStore",

@@ -13,10 +13,11 @@ A turn is read by ``llmrec.agent.intent`` (rules: see why there), then:
   so the very next request sees it, and queues a personal-adapter refresh.
 
 Every item a turn names is grounded to the catalog (``Grounder``); an item that cannot be
-is answered with "not in the catalog", never guessed. The adapter writes each one-line
-reason (the explain prompt); a reason that names a title outside the catalog is replaced
-by one built from the history, and each card also lists the history items it shares
-genres with, so every answer explains itself from what the user watched.
+is answered with "not in the catalog", never guessed. Each card's one-line reason states
+only facts (``llmrec.recommend.reasons``): the item's catalog genres and year, the history
+items nearest it in the model's own item space, and the constraints the user stated. The
+adapter phrases them only when asked to (``reasons="model"``), and its line is kept only
+if the claim checker finds nothing unsupported in it.
 
 The agent is async and model-agnostic: it ranks and writes through :class:`AgentTools`,
 for one user at a time (:class:`LocalTools` here run a local
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -40,19 +40,16 @@ from llmrec.agent.profile import ProfileStore
 from llmrec.data import Catalog
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend import Grounder, Recommender
+from llmrec.recommend.reasons import (
+    Asked,
+    Facts,
+    Reasoner,
+    ReasonMode,
+    phrase_reason,
+    write_reason,
+)
 
 log = logging.getLogger(__name__)
-
-MAX_REASON_CHARS = 160
-"""Longest reason shown; the adapter's text is cut at a word boundary past it."""
-BECAUSE_ITEMS = 2
-"""History items a card cites as the reason's evidence."""
-
-# Titles the adapter might name in a reason: "Title (1995)" or a quoted/emphasized span.
-_NAMED_TITLE_RE = re.compile(
-    r"(?:[A-Z0-9][\w'’:&.,!-]*(?:\s+[\w'’:&.,!-]+){0,8}?)\s*\((?:18|19|20)\d\d\)"
-    r"|[\"“*_]([^\"”*_\n]{2,80})[\"”*_]"
-)
 
 
 class AgentTools(Protocol):
@@ -81,9 +78,9 @@ class Card(BaseModel):
     year: int | None
     genres: list[str]
     reason: str
-    """One line: why it fits (written by the user's adapter, or from the history)."""
+    """One line: why it fits, from facts only (see ``llmrec.recommend.reasons``)."""
     because: list[str]
-    """Display titles of history items it shares genres with, most recent first."""
+    """Display titles of the history items that drove it, strongest first."""
     score: float | None = None
     """Log-probability of the title under the user's adapter (recommendations only)."""
 
@@ -131,6 +128,8 @@ class Agent:
         k: int = 3,
         max_k: int = 10,
         reason_tokens: int = 40,
+        reasoner: Reasoner | None = None,
+        reasons: ReasonMode = "facts",
     ):
         self.catalog = catalog
         self.profiles = profiles
@@ -140,6 +139,8 @@ class Agent:
         self.k = k
         self.max_k = max_k
         self.reason_tokens = reason_tokens
+        self.reasoner = reasoner or Reasoner(catalog)
+        self.reasons = reasons
         self.parser = IntentParser(sorted({g for item in catalog for g in item.genres}))
 
     # ----------------------------------------------------------------- the turn
@@ -267,9 +268,15 @@ class Agent:
             f"pick{'s' if len(ranked) != 1 else ''} {what}:"
         )
         yield AgentEvent(type="text", text=" ".join([*notes, intro]) + "\n")
+        asked = Asked(
+            genres_in=parsed.genres_in,
+            genres_out=parsed.genres_out,
+            years=parsed.years.describe() if parsed.years is not None else None,
+            anchor=self.catalog.display(anchor) if anchor is not None else None,
+        )
         cards = []
         for n, (item_id, score) in enumerate(ranked, 1):
-            card = await self._card(user_id, history, item_id, score)
+            card = await self._card(user_id, seen, item_id, score, asked)
             cards.append(card)
             yield AgentEvent(type="text", text=f"{n}. {card.title} — {card.reason}\n")
         yield AgentEvent(type="cards", cards=cards)
@@ -295,9 +302,8 @@ class Agent:
             yield AgentEvent(type="text", text=why_not)
             return
         history = await asyncio.to_thread(self.profiles.history, user_id)
-        card = await self._card(user_id, history, item_id, None, self.reason_tokens * 2)
-        evidence = f" From your history: {', '.join(card.because)}." if card.because else ""
-        yield AgentEvent(type="text", text=f"{card.title}: {card.reason}{evidence}")
+        card = await self._card(user_id, history, item_id, None)
+        yield AgentEvent(type="text", text=f"{card.title}: {card.reason}")
         yield AgentEvent(type="cards", cards=[card])
 
     # ----------------------------------------------------------------- feedback
@@ -343,27 +349,18 @@ class Agent:
 
     # ----------------------------------------------------------------- cards and reasons
 
-    def because(self, history: Sequence[str], item_id: str) -> list[str]:
-        """History items sharing the most genres with ``item_id``, most recent first."""
-        genres = set(self.catalog[item_id].genres)
-        scored = [
-            (len(genres & set(self.catalog[h].genres)), pos, h)
-            for pos, h in enumerate(history)
-            if h != item_id and h in self.catalog
-        ]
-        scored = [s for s in scored if s[0] > 0]
-        scored.sort(key=lambda s: (s[0], s[1]), reverse=True)
-        return [self.catalog.display(h) for _, _, h in scored[:BECAUSE_ITEMS]]
-
     def _plain_card(self, history: Sequence[str], item_id: str, reason: str) -> Card:
-        item = self.catalog[item_id]
+        return self._facts_card(self.reasoner.facts(item_id, history), reason)
+
+    def _facts_card(self, facts: Facts, reason: str) -> Card:
+        item = self.catalog[facts.item_id]
         return Card(
-            item_id=item_id,
+            item_id=item.item_id,
             title=item.display,
             year=item.year,
             genres=list(item.genres),
             reason=reason,
-            because=self.because(history, item_id),
+            because=list(facts.evidence),
         )
 
     async def _card(
@@ -372,37 +369,23 @@ class Agent:
         history: Sequence[str],
         item_id: str,
         score: float | None,
-        max_tokens: int | None = None,
+        asked: Asked | None = None,
     ) -> Card:
-        card = self._plain_card(history, item_id, "")
-        titles = [self.catalog.display(i) for i in history if i in self.catalog]
-        messages = self.prompts.explain_messages(titles, card.title)
-        text = "".join(
-            [t async for t in self.tools.write(user_id, messages, max_tokens or self.reason_tokens)]
-        )
-        reason = self._checked_reason(text) or self._fallback_reason(card)
-        return card.model_copy(update={"reason": reason, "score": score})
+        facts = self.reasoner.facts(item_id, history, asked)
+        reason = write_reason(facts)
+        if self.reasons == "model":
+            titles = [self.catalog.display(i) for i in history if i in self.catalog]
 
-    def _checked_reason(self, text: str) -> str | None:
-        """The adapter's reason as one short line, or None when it is empty or names a
-        title the catalog does not have (nothing ungrounded reaches the user)."""
-        line = " ".join(text.strip().split("\n", 1)[0].split())
-        if len(line) < 8 or not any(c.isalpha() for c in line):
-            return None
-        for m in _NAMED_TITLE_RE.finditer(line):
-            named = m.group(1) or m.group(0)
-            if self.grounder.ground_one(named) is None:
-                log.info("reason dropped, it names %r which is not in the catalog", named)
-                return None
-        if len(line) > MAX_REASON_CHARS:
-            line = line[:MAX_REASON_CHARS].rsplit(" ", 1)[0].rstrip(",;:") + "…"
-        return line
+            async def write(messages: list[dict[str, str]]) -> str:
+                tokens = self.tools.write(user_id, messages, self.reason_tokens)
+                return "".join([t async for t in tokens])
 
-    def _fallback_reason(self, card: Card) -> str:
-        genres = "/".join(card.genres) if card.genres else "a"
-        if card.because:
-            return f"A {genres} pick, close to {' and '.join(card.because)} in your history."
-        return f"A {genres} pick the model ranks high for you."
+            reason, problems = await phrase_reason(
+                facts, titles, self.prompts, write, self.reasoner.checker
+            )
+            if problems:
+                log.info("the adapter's reason for %s was dropped: %s", item_id, problems)
+        return self._facts_card(facts, reason).model_copy(update={"score": score})
 
 
 class LocalTools:

@@ -390,6 +390,20 @@ class ProfileStore:
             )
             return [MessageRecord.model_validate(r) for r in rows]
 
+    def find_conversation(self, user_id: str, transcript: Sequence[tuple[str, str]]) -> str | None:
+        """The user's newest conversation whose messages are ``transcript`` exactly, as
+        ``(role, content)`` pairs oldest first (whitespace at the ends aside), or None.
+        This is how a client that keeps the conversation itself (OpenAI-style chat)
+        continues one: it sends back what was said."""
+        wanted = [(role, content.strip()) for role, content in transcript]
+        for record in self.conversations(user_id):
+            if record.messages != len(wanted):
+                continue
+            said = [(m.role, m.content.strip()) for m in self.messages(user_id, record.id)]
+            if said == wanted:
+                return record.id
+        return None
+
     def conversations(self, user_id: str) -> list[ConversationRecord]:
         """The user's conversations, newest first."""
         with self._session() as s, s.begin():

@@ -11,6 +11,10 @@ from .generic import (
     load_generic,
     read_catalog,
 )
+from .genres import (
+    GENRE_WORDS,
+    GenreLexicon,
+)
 from .load import (
     DATASET_NAMES,
     dataset_from_config,
@@ -43,6 +47,8 @@ from .types import (
 )
 
 __all__ = [
+    "GENRE_WORDS",
+    "GenreLexicon",
     "ARTICLES",
     "CATALOG_FIELDS",
     "Catalog",

@@ -33,7 +33,7 @@ from llmrec.agent import Agent, UnknownConversationError, UserErasure, erase_use
 from llmrec.recommend import Grounder
 from llmrec_serving.admission import Rejected
 from llmrec_serving.api.deps import ActingUser, ServicesDep, known_items
-from llmrec_serving.engines import BackendError, GenerationParams
+from llmrec_serving.engines import BackendError
 from llmrec_serving.middleware import ClientError
 from llmrec_serving.schemas import (
     ChatRequest,
@@ -80,7 +80,7 @@ class GatewayTools:
     ) -> AsyncIterator[str]:
         """One greedy line from the user's adapter."""
         s = self.services
-        params = GenerationParams(max_tokens=max_tokens, temperature=0.0, stop=("\n",))
+        params = s.reason_params(max_tokens)
         async with s.admit(user_id) as adapter:
             async for delta in s.backend.chat(adapter, messages, params):
                 if delta.text:
@@ -99,6 +99,8 @@ def build_agent(services: Services) -> Agent:
         k=AGENT_K,
         max_k=cfg.serve.limits.max_k,
         reason_tokens=cfg.serve.explain_max_tokens,
+        reasoner=services.ranker.reasoner,
+        reasons=cfg.serve.reasons,
     )
 
 
@@ -188,6 +190,9 @@ async def chat(
             message = getattr(err, "reason", None) or getattr(err, "message", None) or str(err)
             log.warning("agent chat of %s stopped: %s", user, message)
             yield f"data: {json.dumps({'type': 'error', 'text': message})}\n\n"
+        except Exception:  # the stream has started: say so in it rather than cut it off
+            log.exception("agent chat of %s failed", user)
+            yield f"data: {json.dumps({'type': 'error', 'text': 'internal error'})}\n\n"
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}

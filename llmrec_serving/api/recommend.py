@@ -64,8 +64,7 @@ async def _recommend(
     async with services.admit(user) as adapter:
         items = await ranker.rank(adapter, history, k, context, excluded)
         if explain and items:
-            max_tokens = services.cfg.serve.explain_max_tokens
-            items = await ranker.explain(adapter, history, items, max_tokens)
+            items = await ranker.explain(adapter, history, items, services.reason_params())
     services.metrics.items.inc(len(items))
     return RecommendationResponse(
         user=user,

@@ -42,6 +42,9 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    """> 1 divides the logits of tokens already in the prompt or the text (CTRL's penalty,
+    as vLLM and transformers apply it)."""
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,7 @@ class InProcessBackend:
                         pad_token_id=self.tokenizer.pad_token_id,
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+                        repetition_penalty=params.repetition_penalty,
                         **sampling,
                     )
             except BaseException:

@@ -236,6 +236,8 @@ class VLLMBackend:
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.repetition_penalty != 1.0:
+            body["repetition_penalty"] = params.repetition_penalty
         finish: str | None = None
         try:
             async with self._client.stream("POST", "/v1/chat/completions", json=body) as response:
