@@ -160,7 +160,7 @@ def test_auth_isolation(gateway, serving_world):
         ("/v1/recommendations", {"k": 0}),
         ("/v1/recommendations", {"history": ["nope"]}),
         ("/v1/chat/completions", {"model": "m", "messages": []}),
-        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "w " * 3000}]}),  # noqa: E501
+        ("/v1/chat/completions", {"model": "llmrec-raw", "messages": [{"role": "user", "content": "w " * 3000}]}),  # noqa: E501
         ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}),  # noqa: E501
     ],
 )  # fmt: skip
