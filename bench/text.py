@@ -27,9 +27,11 @@ not against what the agent says it used:
 
 With ``--raw N``, the first N users also ask the raw model (``llmrec-raw``, free
 generation) the chat question with their own adapter and with the shared one (the same
-messages), at each repetition penalty of ``--penalties``: whether the personal adapter
-degrades free text, and what the penalty does to repeats. All rates are
-over all answers; the report (bench/reports/text.json) keeps the counts beside them.
+messages), at each repetition penalty of ``--penalties``; with the in-process backend the
+bare base (no adapter) answers the same messages too, once the stack has stopped. That is
+whether the adapters degrade the base's free text, and what the penalty does to repeats.
+All rates are over all answers; the report (bench/reports/text.json) keeps the counts beside
+them.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/text.py --run outputs/fed-seed0 --users 200 \\
         --seed 0 --raw 40
@@ -244,16 +246,37 @@ def converse(client: httpx.Client, user: str, tally: Tally, latencies: dict) -> 
     tally.picks(picks, history, None)
 
 
+def base_answer(services, user: str, penalty: float) -> str:
+    """The bare base's raw answer to the chat question over ``raw_answers``'s messages (the
+    in-process engine, called directly: no adapter is what the gateway never serves)."""
+    import asyncio
+
+    from llmrec_serving.engines import GenerationParams
+
+    params = GenerationParams(RAW_MAX_TOKENS, 0.0, repetition_penalty=penalty)
+
+    async def run() -> str:
+        chat = services.backend.chat(None, chat_messages(services, user), params)
+        return "".join([d.text async for d in chat])
+
+    return asyncio.run(run())
+
+
+def chat_messages(services, user: str) -> list[dict[str, str]]:
+    """The raw chat question with the agent's system prompt over ``user``'s history."""
+    titles = services.catalog.displays(services.profiles.history(user))
+    return [
+        {"role": "system", "content": services.prompts.chat_system(titles)},
+        {"role": "user", "content": CHAT},
+    ]
+
+
 def raw_answers(
     client: httpx.Client, user: str, services, cold: str, penalty: float
 ) -> dict[str, str]:
     """The raw model's answer to the chat question with ``user``'s adapter and with the
     shared one (``cold`` has no adapter of its own), over the same messages."""
-    titles = services.catalog.displays(services.profiles.history(user))
-    messages = [
-        {"role": "system", "content": services.prompts.chat_system(titles)},
-        {"role": "user", "content": CHAT},
-    ]
+    messages = chat_messages(services, user)
     extra = {"max_tokens": RAW_MAX_TOKENS, "temperature": 0, "repetition_penalty": penalty}
     return {
         who: chat(client, name, messages, "llmrec-raw", **extra)[0]
@@ -294,9 +317,8 @@ def main() -> None:
     ])  # fmt: skip
     services = build_services(cfg)
     tally = Tally(services.catalog)
-    raw_tallies = {
-        (p, who): Tally(services.catalog) for p in args.penalties for who in ("personal", "shared")
-    }
+    arms = ("personal", "shared") + (("base",) if services.backend.kind == "inprocess" else ())
+    raw_tallies = {(p, who): Tally(services.catalog) for p in args.penalties for who in arms}
     latencies: dict[str, list[float]] = {"agent": [], "chat": []}
     headers = {"Authorization": f"Bearer {admin}"}
     with serve_in_thread(
@@ -310,6 +332,11 @@ def main() -> None:
                     for who, text in raw.items():
                         raw_tallies[penalty, who].text(text)
                         raw_tallies[penalty, who].example("answers", f"user {user}: {text}")
+    for user in users[: args.raw] if "base" in arms else ():
+        for penalty in args.penalties:
+            text = base_answer(services, user, penalty)
+            raw_tallies[penalty, "base"].text(text)
+            raw_tallies[penalty, "base"].example("answers", f"user {user}: {text}")
     report = {
         "command": " ".join(["bench/text.py", *sys.argv[1:]]),
         "run": str(args.run),
