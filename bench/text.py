@@ -63,6 +63,7 @@ from llmrec.adapters import AdapterStore  # noqa: E402
 from llmrec.data import Catalog  # noqa: E402
 from llmrec.federated.layout import RUN_JSON, exported_base  # noqa: E402
 from llmrec.launch import free_port  # noqa: E402
+from llmrec.recommend import Grounder, extract_title_mentions  # noqa: E402
 from llmrec.recommend.reasons import (  # noqa: E402
     Asked,
     ClaimChecker,
@@ -143,6 +144,14 @@ class Tally:
         for hit in named_titles(text, self.catalog):
             self.counts["named"] += 1
             self.counts["named_in_catalog"] += hit is not None
+
+    def free_text(self, text: str, grounder: Grounder) -> None:
+        """One free-generated answer: its repeats, and how many of the titles it names
+        (with or without a year) ground to catalog items."""
+        self.text(text)
+        mentions = extract_title_mentions(text)
+        self.counts["mentions"] += len(mentions)
+        self.counts["grounded"] += sum(grounder.ground_one(m) is not None for m in mentions)
 
     def picks(self, picks: list[str], history: list[str], asked: Asked | None) -> None:
         """Picks of one request: seen items, and (under ``asked``) genre constraints."""
@@ -317,6 +326,7 @@ def main() -> None:
     ])  # fmt: skip
     services = build_services(cfg)
     tally = Tally(services.catalog)
+    grounder = Grounder(services.catalog, threshold=cfg.recommend.grounding_threshold)
     arms = ("personal", "shared") + (("base",) if services.backend.kind == "inprocess" else ())
     raw_tallies = {(p, who): Tally(services.catalog) for p in args.penalties for who in arms}
     latencies: dict[str, list[float]] = {"agent": [], "chat": []}
@@ -330,12 +340,12 @@ def main() -> None:
                 for penalty in args.penalties if i < args.raw else ():
                     raw = raw_answers(client, user, services, "bench-cold", penalty)
                     for who, text in raw.items():
-                        raw_tallies[penalty, who].text(text)
+                        raw_tallies[penalty, who].free_text(text, grounder)
                         raw_tallies[penalty, who].example("answers", f"user {user}: {text}")
     for user in users[: args.raw] if "base" in arms else ():
         for penalty in args.penalties:
             text = base_answer(services, user, penalty)
-            raw_tallies[penalty, "base"].text(text)
+            raw_tallies[penalty, "base"].free_text(text, grounder)
             raw_tallies[penalty, "base"].example("answers", f"user {user}: {text}")
     report = {
         "command": " ".join(["bench/text.py", *sys.argv[1:]]),
@@ -358,6 +368,10 @@ def main() -> None:
             f"{who}@{penalty}": {
                 **{k: t.rates()[k] for k in ("named_items_in_catalog", "repeated_4gram")},
                 "named": t.counts["named"],
+                "mentions": t.counts["mentions"],
+                "mentions_grounded": round(t.counts["grounded"] / t.counts["mentions"], 4)
+                if t.counts["mentions"]
+                else None,
                 "texts": t.counts["texts"],
                 "examples": t.examples,
             }
