@@ -109,7 +109,7 @@ class Tally:
 
     def __init__(self, catalog: Catalog):
         self.catalog = catalog
-        self.checker = ClaimChecker(sorted({g for item in catalog for g in item.genres}))
+        self.checker = ClaimChecker(catalog.genres)
         self.counts: Counter = Counter()
         self.examples: dict[str, list[str]] = {}
 

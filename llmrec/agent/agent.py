@@ -141,7 +141,7 @@ class Agent:
         self.reason_tokens = reason_tokens
         self.reasoner = reasoner or Reasoner(catalog)
         self.reasons = reasons
-        self.parser = IntentParser(sorted({g for item in catalog for g in item.genres}))
+        self.parser = IntentParser(catalog.genres)
 
     # ----------------------------------------------------------------- the turn
 

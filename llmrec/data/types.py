@@ -111,6 +111,11 @@ class Catalog:
         """Stable position of ``item_id`` (KeyError if it is not in the catalog)."""
         return self._pos[item_id]
 
+    @property
+    def genres(self) -> list[str]:
+        """Every genre some item has, sorted."""
+        return sorted({g for item in self._items for g in item.genres})
+
     def display(self, item_id: str) -> str:
         """Display string of ``item_id``, e.g. ``"The Shawshank Redemption (1994)"``."""
         return self[item_id].display

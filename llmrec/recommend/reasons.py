@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from llmrec.data.genres import GenreLexicon
-from llmrec.recommend.grounding import normalize_title
+from llmrec.recommend.grounding import normalize_title, split_year
 
 if TYPE_CHECKING:
     from llmrec.data import Catalog
@@ -119,7 +119,7 @@ class Reasoner:
         self.catalog = catalog
         self.space = space
         self.evidence = evidence
-        self.checker = ClaimChecker(sorted({g for item in catalog for g in item.genres}))
+        self.checker = ClaimChecker(catalog.genres)
 
     def facts(self, item_id: str, history: Sequence[str], asked: Asked | None = None) -> Facts:
         """The facts of ``item_id`` after ``history`` (oldest first) under ``asked``."""
@@ -272,14 +272,13 @@ class ClaimChecker:
         if facts.asked.years:  # "up to 1980" is the user's constraint, not the item's year
             text = re.sub(re.escape(facts.asked.years), " ", text, flags=re.IGNORECASE)
         for title in sorted(known, key=len, reverse=True):
-            bare = re.sub(r"\s*\((?:18|19|20)\d\d\)$", "", title)
-            for form in (title, bare):
+            for form in (title, split_year(title)[0]):
                 text = re.sub(re.escape(form), " ", text, flags=re.IGNORECASE)
-        keys = {normalize_title(re.sub(r"\s*\(\d{4}\)$", "", t)) for t in known}
+        keys = {normalize_title(split_year(t)[0]) for t in known}
         named = []
         for m in NAMED_TITLE_RE.finditer(text):
             mention = m.group(1) or m.group(0)
-            if normalize_title(re.sub(r"\s*\(\d{4}\)$", "", mention)) not in keys:
+            if normalize_title(split_year(mention)[0]) not in keys:
                 named.append(f"title {mention.strip()!r} is not the item or its evidence")
         return NAMED_TITLE_RE.sub(" ", text), named
 

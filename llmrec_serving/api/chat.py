@@ -124,11 +124,16 @@ async def _complete(
     """The whole answer at once."""
     async with services.admit(user) as adapter:
         deltas = [d async for d in services.backend.chat(adapter, messages, params)]
+    return _whole(completion, adapter.name if adapter is not None else "base", deltas)
+
+
+def _whole(completion: _Completion, model: str, deltas: list[Delta]) -> ChatCompletion:
+    """The answer ``deltas`` make, as one chat completion (the last holds finish and usage)."""
     last = deltas[-1] if deltas else Delta("", "stop")
     return ChatCompletion(
         id=completion.id,
         created=completion.created,
-        model=adapter.name if adapter is not None else "base",
+        model=model,
         choices=[
             Choice(
                 message=AssistantMessage(content="".join(d.text for d in deltas)),
@@ -235,19 +240,7 @@ async def _agent_answer(
     if not body.stream:
 
         async def work() -> ChatCompletion:
-            pieces = [d async for d in deltas()]
-            return ChatCompletion(
-                id=completion.id,
-                created=completion.created,
-                model=MODEL_ID,
-                choices=[
-                    Choice(
-                        message=AssistantMessage(content="".join(d.text for d in pieces)),
-                        finish_reason=pieces[-1].finish_reason or "stop",
-                    )
-                ],
-                usage=_usage(pieces[-1].usage),
-            )
+            return _whole(completion, MODEL_ID, [d async for d in deltas()])
 
         return await guarded(services, request, "chat", work)
     answer = deltas()
