@@ -143,9 +143,10 @@ def main() -> None:
     p = sub.add_parser("personal", help="the personal fit's settings, chosen on validation")
     p.add_argument("--run", type=Path, default=Path("outputs/federated"))
     p.add_argument("--steps", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--lr", type=float, nargs="+", help="personal rates (default: the run's)")
     p.add_argument("--decay", type=float, nargs="+", default=[0.0])
     p.add_argument("--out", type=Path, default=Path("outputs/personal-screen"))
-    p.add_argument("--report", type=Path, default=Path("bench/reports/personal.json"))
+    p.add_argument("--report", type=Path, default=Path("bench/reports/personal-fit.json"))
     args = parser.parse_args()
     {"speed": speed, "report": report, "personal": personal}[args.command](args)
 
@@ -527,11 +528,14 @@ def personal(args: argparse.Namespace) -> None:
 
     off = F.scale_personal(F.init_personal_state(dual, fed.seed, users[0]), 0.0)
     grid, picked_states = {}, {}
-    for steps, decay in product(args.steps, args.decay):
-        name = f"steps {steps}, decay {decay:g}"
-        dec = fed.decoupling.model_copy(update={"personal_steps": steps, "personal_decay": decay})
+    rates = args.lr or [fed.personal_learning_rate]
+    for steps, lr, decay in product(args.steps, rates, args.decay):
+        name = f"steps {steps}, lr {lr:g}, decay {decay:g}"
+        dec = fed.decoupling.model_copy(
+            update={"personal_steps": steps, "personal_learning_rate": lr, "personal_decay": decay}
+        )
         dual.cfg = fed.model_copy(update={"decoupling": dec})
-        folder = args.out / f"steps{steps}-decay{decay:g}"
+        folder = args.out / f"steps{steps}-lr{lr:g}-decay{decay:g}"
         start = time.perf_counter()
         todo = [u for u in order if F.load_personal(folder, u, before=fed.rounds + 1) is None]
         for i in tqdm(range(0, len(todo), size), desc=f"fit {name}"):
@@ -552,6 +556,7 @@ def personal(args: argparse.Namespace) -> None:
         picked_states[name] = states
         grid[name] = {
             "personal_steps": steps,
+            "personal_learning_rate": lr,
             "personal_decay": decay,
             "valid": summarize(valid, fed.seed),
             "personal_scale_counts": {str(v): scales.count(v) for v in sorted(set(scales))},
@@ -564,8 +569,8 @@ def personal(args: argparse.Namespace) -> None:
     shared_test = metrics("test", lambda _r, _u: off)
     best_test = metrics("test", lambda row, _u: picked_states[best][row])
     out = {
-        "command": "bench/federated.py personal --run {} --steps {} --decay {}".format(
-            run, " ".join(map(str, args.steps)), " ".join(f"{d:g}" for d in args.decay)
+        "command": "bench/federated.py personal --run {} --steps {} --lr {} --decay {}".format(
+            run, *(" ".join(f"{v:g}" for v in vs) for vs in (args.steps, rates, args.decay))
         ),
         "users": len(users),
         "selected_on": "validation (the scale pick reads each user's validation item too)",

@@ -106,7 +106,12 @@ def test_sign_in_chat_thumbs_down_export_delete(gateway, page, serving_world, tm
     assert all(i in services.catalog and i not in seen for i in first)
     card = page.locator(f"[data-testid=card][data-item='{first[0]}']")
     assert card.locator("h3").inner_text() == services.catalog.display(first[0])
-    assert card.locator(".reason").inner_text().strip()
+    reason = card.locator(".reason").inner_text().strip()
+    assert reason
+    # the history items a reason names are not listed a second time beside it
+    for because in card.locator(".because").all_inner_texts():
+        listed = because.removeprefix("From your history: ").split(", ")
+        assert not any(title in reason for title in listed), (reason, because)
     page.screenshot(path=SHOTS / "02-recommendation.png")
 
     card.locator("[data-action=down]").click()

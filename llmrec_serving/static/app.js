@@ -105,8 +105,10 @@ function renderCards(cards) {
       el("h3", {}, card.title),
       el("div", { class: "meta" }, meta),
       el("p", { class: "reason" }, card.reason));
-    if (card.because.length) {
-      node.append(el("p", { class: "because" }, `From your history: ${card.because.join(", ")}`));
+    // A reason from facts already names its history items: list only the ones it does not.
+    const unnamed = card.because.filter((title) => !card.reason.includes(title));
+    if (unnamed.length) {
+      node.append(el("p", { class: "because" }, `From your history: ${unnamed.join(", ")}`));
     }
     const act = (action) => async () => {
       const body = JSON.stringify({ item_id: card.item_id, action });
