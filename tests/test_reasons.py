@@ -19,6 +19,7 @@ from llmrec.model.item_space import ItemSpace
 from llmrec.recommend.reasons import (
     Asked,
     ClaimChecker,
+    Facts,
     Reasoner,
     phrase_reason,
     repeated_ngram_rate,
@@ -88,6 +89,21 @@ def test_an_excluded_genre_may_be_said_as_excluded(checker):
     assert checker.problems("A Comedy with horror, as you asked.", nightmare(asked))
     # not asked: the checker does not take the negation on trust
     assert checker.problems("A Comedy with no horror.", nightmare())
+
+
+def test_titles_that_are_words_or_remade_are_cut_whole(checker):
+    """Found by bench/text.py on the real catalog: a history with two films of one title, or
+    a one-letter title, made the checker see titles that were not there."""
+    facts = Facts(
+        "70", "When Harry Met Sally... (1989)", 1989, ("Comedy", "Romance"),
+        ("Sabrina (1995)", "Contact (1997)", "Sabrina (1954)", "M (1931)"), "model",
+    )  # fmt: skip
+    text = (
+        "When Harry Met Sally... (1989): Comedy and Romance from 1989. Your model puts it "
+        "closest to Contact (1997) and Sabrina (1954) of what you watched."
+    )
+    assert checker.problems(text, facts) == []
+    assert checker.problems(text.replace("Contact (1997)", "Fargo (1996)"), facts)
 
 
 def test_the_users_years_are_theirs_not_the_items(checker):

@@ -271,9 +271,12 @@ class ClaimChecker:
         )
         if facts.asked.years:  # "up to 1980" is the user's constraint, not the item's year
             text = re.sub(re.escape(facts.asked.years), " ", text, flags=re.IGNORECASE)
-        for title in sorted(known, key=len, reverse=True):
-            for form in (title, split_year(title)[0]):
-                text = re.sub(re.escape(form), " ", text, flags=re.IGNORECASE)
+        # Every full "Title (Year)" before any bare title, each as whole words: a bare
+        # "Sabrina" cut first would strand the "(1954)" of "Sabrina (1954)", and "M (1931)"
+        # must not take the m out of "model".
+        bare = {split_year(t)[0] for t in known}
+        for form in sorted(known, key=len, reverse=True) + sorted(bare, key=len, reverse=True):
+            text = re.sub(rf"(?<!\w){re.escape(form)}(?!\w)", " ", text, flags=re.IGNORECASE)
         keys = {normalize_title(split_year(t)[0]) for t in known}
         named = []
         for m in NAMED_TITLE_RE.finditer(text):
