@@ -362,6 +362,36 @@ def _ablation(path: Path, users: list, seed: int, k: int) -> tuple[int, dict[str
     return int(chosen), per_user(np.asarray(runs[chosen]["ranks"]["ours"]["test"]), k)
 
 
+def shared_only_ranks(dual, shared, scorer, tasks: dict[str, Task], catalog) -> dict:
+    """Every user's target rank per task with the shared part alone: one batched pass."""
+    dual.load(shared, F.scale_personal(F.init_personal_state(dual, 0, "0"), 0.0))
+    return {
+        name: target_ranks(scorer.log_probs(task.histories).numpy(), task, catalog)
+        for name, task in tasks.items()
+    }
+
+
+def personal_ranks(
+    dual, shared, scorer, tasks: dict[str, Task], catalog, base: dict, personal_of, desc: str
+) -> dict:
+    """Each user's target rank per task with ``personal_of(row)`` loaded (the personal state
+    at its picked scale), every task of a user in one forward. A row whose state is None is
+    served exactly the shared adapter (scale 0, or never trained: ``scale_personal``), so it
+    keeps its rank in ``base`` (:func:`shared_only_ranks`) and is not scored again."""
+    ranks = {name: r.copy() for name, r in base.items()}
+    n = len(next(iter(tasks.values())).histories)
+    for row in tqdm(range(n), desc=desc, leave=False):
+        state = personal_of(row)
+        if state is None:
+            continue
+        dual.load(shared, state)
+        scores = scorer.log_probs([task.histories[row] for task in tasks.values()]).numpy()
+        for (name, task), row_scores in zip(tasks.items(), scores, strict=True):
+            one = Task([task.histories[row]], [task.targets[row]])
+            ranks[name][row] = target_ranks(row_scores[None], one, catalog)[0]
+    return ranks
+
+
 def report(args: argparse.Namespace) -> None:
     """bench/reports/federated.json: every user, shared-only against ours, paired."""
     run = args.run
@@ -397,30 +427,15 @@ def report(args: argparse.Namespace) -> None:
     scales = exported.get("personal_scale", {})
     start = time.perf_counter()
 
-    def scores(histories) -> np.ndarray:
-        return scorer.log_probs(histories).numpy()
+    def personal_of(row: int) -> dict | None:
+        scale = scales.get(users[row], 1.0)
+        personal = F.load_personal(run, users[row], before=fed.rounds + 1) if scale else None
+        return None if personal is None else F.scale_personal(personal, scale)
 
-    shared_only = {}
-    dual.load(shared, F.scale_personal(F.init_personal_state(dual, fed.seed, users[0]), 0.0))
-    for name, task in tasks.items():
-        shared_only[name] = target_ranks(scores(task.histories), task, dataset.catalog)
-    ours = {name: r.copy() for name, r in shared_only.items()}
-    # A user at scale 0 (or never trained) is served exactly the shared adapter
-    # (scale_personal): their ranks are shared-only's, and only the others are scored.
-    personal_rows = [
-        (row, scales.get(user, 1.0))
-        for row, user in enumerate(users)
-        if scales.get(user, 1.0) != 0.0
-    ]
-    for row, scale in tqdm(personal_rows, desc="ours, user by user"):
-        personal = F.load_personal(run, users[row], before=fed.rounds + 1)
-        if personal is None:  # never trained: served the shared part
-            continue
-        dual.load(shared, F.scale_personal(personal, scale))
-        both = scores([tasks["valid"].histories[row], tasks["test"].histories[row]])
-        for name, row_scores in zip(tasks, both, strict=True):
-            one = Task([tasks[name].histories[row]], [tasks[name].targets[row]])
-            ours[name][row] = target_ranks(row_scores[None], one, dataset.catalog)[0]
+    shared_only = shared_only_ranks(dual, shared, scorer, tasks, dataset.catalog)
+    ours = personal_ranks(
+        dual, shared, scorer, tasks, dataset.catalog, shared_only, personal_of, "ours"
+    )
     ranks = {"shared-only": shared_only, "ours": ours}
     seconds = time.perf_counter() - start
     seeds = _record_seed(args.seeds, record["config"], users, fed.seed, ranks, run)
@@ -498,7 +513,7 @@ def report(args: argparse.Namespace) -> None:
 
 
 def personal(args: argparse.Namespace) -> None:
-    """bench/reports/personal.json: the personal fit's grid on validation, the best tested."""
+    """bench/reports/personal-fit.json: the personal fit's grid on validation, the best tested."""
     run = args.run
     cfg = AppConfig.model_validate(json.loads((run / F.RUN_JSON).read_text())["config"])
     fed, k, ndcg = cfg.fed, VAL_K, f"NDCG@{VAL_K}"
@@ -518,24 +533,22 @@ def personal(args: argparse.Namespace) -> None:
     order = sorted(users, key=lambda u: max(len(e.input_ids) for e in examples[u]))
     size = max(fed.client_batch, 1)
 
-    def metrics(task: str, state_of) -> dict[str, np.ndarray]:
-        """Per-user metrics of ``task`` with ``state_of(row, user)`` loaded for each user."""
-        rows = np.empty((len(users), len(dataset.catalog)))
-        for row, user in enumerate(tqdm(users, desc=task, leave=False)):
-            dual.load(shared, state_of(row, user))
-            rows[row] = scorer.log_probs([tasks[task].histories[row]]).numpy()[0]
-        return per_user(target_ranks(rows, tasks[task], dataset.catalog), k)
-
-    off = F.scale_personal(F.init_personal_state(dual, fed.seed, users[0]), 0.0)
+    base = shared_only_ranks(dual, shared, scorer, tasks, dataset.catalog)
+    valid_task = {"valid": tasks["valid"]}
     grid, picked_states = {}, {}
     rates = args.lr or [fed.personal_learning_rate]
+    own_dec = fed.decoupling
+    run_setting = (own_dec.personal_steps, fed.personal_learning_rate, own_dec.personal_decay)
+    exported = json.loads((run / F.EXPORT_JSON).read_text()).get("personal_scale") or {}
     for steps, lr, decay in product(args.steps, rates, args.decay):
         name = f"steps {steps}, lr {lr:g}, decay {decay:g}"
         dec = fed.decoupling.model_copy(
             update={"personal_steps": steps, "personal_learning_rate": lr, "personal_decay": decay}
         )
         dual.cfg = fed.model_copy(update={"decoupling": dec})
-        folder = args.out / f"steps{steps}-lr{lr:g}-decay{decay:g}"
+        # The run's own setting is the run's fit and its export's picks, not redone.
+        own = (steps, lr, decay) == run_setting and bool(exported)
+        folder = run if own else args.out / f"steps{steps}-lr{lr:g}-decay{decay:g}"
         start = time.perf_counter()
         todo = [u for u in order if F.load_personal(folder, u, before=fed.rounds + 1) is None]
         for i in tqdm(range(0, len(todo), size), desc=f"fit {name}"):
@@ -547,17 +560,24 @@ def personal(args: argparse.Namespace) -> None:
             fitted = {
                 u: F.load_personal(folder, u, before=fed.rounds + 1) for u in users[i : i + size]
             }
-            for user, (scale, _) in F.pick_personal_scales(
-                dual, scorer, split, shared, fitted
-            ).items():
-                states.append(F.scale_personal(fitted[user], scale))
+            if own:
+                picks = {u: exported[u] for u in fitted}
+            else:
+                picked = F.pick_personal_scales(dual, scorer, split, shared, fitted)
+                picks = {u: scale for u, (scale, _) in picked.items()}
+            for user, scale in picks.items():  # scale 0 is exactly the shared adapter
+                states.append(F.scale_personal(fitted[user], scale) if scale else None)
                 scales.append(scale)
-        valid = metrics("valid", lambda row, _u, states=states: states[row])
+        ranks = personal_ranks(
+            dual, shared, scorer, valid_task, dataset.catalog, base, states.__getitem__, name
+        )
+        valid = per_user(ranks["valid"], k)
         picked_states[name] = states
         grid[name] = {
             "personal_steps": steps,
             "personal_learning_rate": lr,
             "personal_decay": decay,
+            "from_run": own,
             "valid": summarize(valid, fed.seed),
             "personal_scale_counts": {str(v): scales.count(v) for v in sorted(set(scales))},
             "fit_s": round(fit_s, 1),
@@ -565,9 +585,12 @@ def personal(args: argparse.Namespace) -> None:
         print(name, grid[name]["valid"], grid[name]["personal_scale_counts"], flush=True)
     dual.cfg = fed
     best = max(grid, key=lambda n: grid[n]["valid"][ndcg])
-    shared_valid = metrics("valid", lambda _r, _u: off)
-    shared_test = metrics("test", lambda _r, _u: off)
-    best_test = metrics("test", lambda row, _u: picked_states[best][row])
+    shared_valid, shared_test = (per_user(base[task], k) for task in ("valid", "test"))
+    best_ranks = personal_ranks(
+        dual, shared, scorer, {"test": tasks["test"]}, dataset.catalog, base,
+        picked_states[best].__getitem__, f"test {best}",
+    )  # fmt: skip
+    best_test = per_user(best_ranks["test"], k)
     out = {
         "command": "bench/federated.py personal --run {} --steps {} --lr {} --decay {}".format(
             run, *(" ".join(f"{v:g}" for v in vs) for vs in (args.steps, rates, args.decay))
