@@ -560,8 +560,8 @@ def personal(args: argparse.Namespace) -> None:
             fitted = {
                 u: F.load_personal(folder, u, before=fed.rounds + 1) for u in users[i : i + size]
             }
-            if own:
-                picks = {u: exported[u] for u in fitted}
+            if own:  # a user outside the run's cohort is served the shared part
+                picks = {u: exported.get(u, 0.0) for u in fitted}
             else:
                 picked = F.pick_personal_scales(dual, scorer, split, shared, fitted)
                 picks = {u: scale for u, (scale, _) in picked.items()}
