@@ -557,12 +557,12 @@ def personal(args: argparse.Namespace) -> None:
         fit_s = time.perf_counter() - start
         states, scales = [], []
         for i in tqdm(range(0, len(users), size), desc=f"pick {name}", leave=False):
-            fitted = {
-                u: F.load_personal(folder, u, before=fed.rounds + 1) for u in users[i : i + size]
-            }
+            group = users[i : i + size]
             if own:  # a user outside the run's cohort is served the shared part
-                picks = {u: exported.get(u, 0.0) for u in fitted}
-            else:
+                picks = {u: exported.get(u, 0.0) for u in group}
+                group = [u for u in group if picks[u]]  # scale 0 never reads its state
+            fitted = {u: F.load_personal(folder, u, before=fed.rounds + 1) for u in group}
+            if not own:
                 picked = F.pick_personal_scales(dual, scorer, split, shared, fitted)
                 picks = {u: scale for u, (scale, _) in picked.items()}
             for user, scale in picks.items():  # scale 0 is exactly the shared adapter
