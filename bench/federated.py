@@ -31,7 +31,8 @@ against shared-only on each user's mean over the seeds. A run of another configu
 an ablation: its report is its own (a FedSA-LoRA run, ``fed.share=lora_a``, writes
 ``federated-fedsa.json`` and ``federated-fedsa-seeds.json``, where "ours" is FedSA-LoRA and
 "shared-only" its shared A with B = 0; a personal-only run, ``fed.shared_rank=0``, writes
-``federated-personal.json``, where "shared-only" is the base itself), and the main report
+``federated-personal.json``, where "shared-only" is the base itself; a DP-FedAvg run,
+``fed.dp.enabled=true``, writes ``federated-dp.json``, its epsilon beside), and the main report
 takes it as a row, paired with ours on the same seed:
 ``--ablation FedSA-LoRA=bench/reports/federated-fedsa-seeds.json``.
 
@@ -124,7 +125,7 @@ def main() -> None:
         "--report",
         type=Path,
         help="default bench/reports/federated.json (FedSA-LoRA: federated-fedsa.json, "
-        "personal-only: federated-personal.json)",
+        "personal-only: federated-personal.json, DP: federated-dp.json)",
     )
     p.add_argument(
         "--seeds",
@@ -414,6 +415,8 @@ def report(args: argparse.Namespace) -> None:
             name = "federated-fedsa"
         elif not fed.shared_rank:
             name = "federated-personal"
+        elif fed.dp.enabled:
+            name = "federated-dp"
         args.report = Path("bench/reports") / f"{name}.json"
     if args.seeds is None:
         args.seeds = args.report.with_name(f"{args.report.stem}-seeds.json")

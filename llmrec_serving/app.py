@@ -17,10 +17,12 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from llmrec.launch import free_port
+from llmrec_serving import openapi
 from llmrec_serving.api import ROUTERS, build_agent
+from llmrec_serving.api.deps import declared_query_only
 from llmrec_serving.middleware import ERROR_HANDLERS, Guard
 from llmrec_serving.services import Services
 
@@ -53,7 +55,8 @@ def create_app(services: Services) -> FastAPI:
     limits = services.cfg.serve.limits
     app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, metrics=services.metrics)
     for router in ROUTERS:
-        app.include_router(router)
+        app.include_router(router, dependencies=[Depends(declared_query_only)])
+    openapi.install(app, limits)
     return app
 
 

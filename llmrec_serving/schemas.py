@@ -2,40 +2,65 @@
 
 Our own API forbids unknown fields (a typo is a 422, not silently ignored); the OpenAI
 models ignore them, as vLLM does, so clients that send extra OpenAI options still work.
+Every request model is strict: a value of another JSON type than its schema says ("5" for
+an integer, 1 for a boolean) is a 422, never coerced, so the published schema is exactly
+what is accepted. The limits an operator sets (``serve.limits``) are written into the
+published schema by ``llmrec_serving.openapi``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llmrec.agent import FeedbackRecord
+from llmrec.adapters import USER_ID_RE
+from llmrec.agent import AgentEvent, FeedbackRecord
+
+USER_ID_PATTERN = USER_ID_RE.pattern
+"""A user id, in the published schema and checked by it (the store's folder-name rule)."""
+
+UserId = Annotated[str, Field(pattern=USER_ID_PATTERN)]
+
+
+def _json_integer(value: Any) -> Any:
+    """An integer field's check before validation: JSON Schema's integer is any number
+    without a fraction (2.0 included), never a string or a boolean. The fields that call it
+    are non-strict, so 2.0 becomes 2; this keeps "2" and true out."""
+    if isinstance(value, str | bool):
+        raise ValueError("must be a JSON integer")
+    return value
+
 
 # ----------------------------------------------------------------------------- ours
 
 
-class RecommendationRequest(BaseModel):
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+
+class RecommendationRequest(_Body):
     """Ask for the next items for one user."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-    user: str | None = None
+    user: UserId | None = None
     """The user; optional with a user key (it must be the key's user), required with the
     admin key."""
-    k: int | None = Field(None, ge=1)
+    k: int | None = Field(None, ge=1, strict=False)
     """How many items (default: the recommend section's k; at most the server's limit)."""
     context: str | None = None
     """Optional free-text request, e.g. "something light tonight"."""
     history: list[str] | None = None
     """Item ids watched, oldest first; default: the user's current history (their profile,
-    with every edit and thumbs-up applied)."""
+    with every edit and thumbs-up applied). An id not in the catalog is a 404."""
     exclude: list[str] = []
-    """Item ids never to return, on top of the user's own exclusions (always applied)."""
+    """Item ids never to return, on top of the user's own exclusions (always applied). An
+    id not in the catalog is a 404."""
     exclude_seen: bool = True
     """Never return items of the history ranked from (this request's, else the profile's)."""
     explain: bool | None = None
     """Add a one-line reason per item (default: the server's setting)."""
+
+    _integers = field_validator("k", mode="before")(_json_integer)
 
 
 class RecommendedItem(BaseModel):
@@ -76,11 +101,51 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+ERROR_DESCRIPTIONS = {
+    400: "The request is well formed but cannot be served as asked (the admin key without "
+    "the user it acts for, a conversation longer than the model's context).",
+    401: "Missing or invalid API key.",
+    403: "The key may not act for the user named.",
+    404: "What the request names does not exist (an item id not in the catalog, a "
+    "conversation or adapter of the caller's that is not there).",
+    413: "The request body is over ``serve.limits.max_body_bytes``.",
+    422: "The request does not match its schema (the reason says which field).",
+    429: "The user has too many requests in flight; retry after ``Retry-After`` seconds.",
+    503: "The queue is full or the engine is unavailable; retry after ``Retry-After`` seconds.",
+    504: "The request ran past ``serve.limits.request_timeout_s``.",
+}
+
+
+def component_ref(model: type[BaseModel]) -> dict[str, str]:
+    """A reference to ``model`` in the published schema (one of :data:`PUBLISHED`)."""
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """A route's documented refusals: each status with the one error body, always JSON (also
+    on routes whose answer is an event stream or a zip, hence no ``model``: FastAPI would
+    publish it under the route's own media type)."""
+    content = {"application/json": {"schema": component_ref(ErrorResponse)}}
+    return {c: {"description": ERROR_DESCRIPTIONS[c], "content": content} for c in codes}
+
+
+def event_stream(data: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    """A 200 of server-sent events, each event's ``data`` field as ``data`` describes (the
+    Open API 3.1 way: the media type's schema is one event)."""
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {200: {"content": {"text/event-stream": {"schema": event}}}}
+
+
+def json_text(model: type[BaseModel]) -> dict[str, Any]:
+    """A string holding ``model`` as JSON."""
+    return {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": component_ref(model),
+    }
+
+
 # ----------------------------------------------------------------------------- the agent's
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class ChatRequest(_Body):
@@ -96,13 +161,14 @@ class FeedbackRequest(_Body):
     """Feedback on one item (a card's buttons)."""
 
     item_id: str = Field(min_length=1, max_length=128)
+    """A catalog item id (one that is not is a 404)."""
     action: Literal["up", "down", "forget"]
     """up: liked (joins the history); down: disliked (excluded); forget: never show it
     again, without saying it was disliked."""
 
 
 class ItemEdit(_Body):
-    """Items to add and remove."""
+    """Items to add and remove (catalog item ids: one that is not is a 404)."""
 
     add: list[str] = []
     remove: list[str] = []
@@ -132,62 +198,81 @@ class HistoryView(BaseModel):
 # ----------------------------------------------------------------------------- OpenAI chat
 
 
-class TextPart(BaseModel):
-    """A text part of a multi-part message (the only kind served)."""
+class _OpenAIBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, use_attribute_docstrings=True)
 
-    model_config = ConfigDict(extra="ignore")
+
+class TextPart(_OpenAIBody):
+    """A text part of a multi-part message (the only kind served)."""
 
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_OpenAIBody):
     """One chat message."""
-
-    model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
+    def texts(self) -> list[str]:
+        """The content's strings: the content itself, or each part's text."""
+        if self.content is None:
+            return []
+        if isinstance(self.content, str):
+            return [self.content]
+        return [part.text for part in self.content]
+
     def text(self) -> str:
         """The content as one string."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(self.texts())
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class StreamOptions(_OpenAIBody):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """OpenAI ``POST /v1/chat/completions`` (the subset a text chat uses)."""
+StopString = Annotated[str, Field(min_length=1, max_length=64)]
 
-    model_config = ConfigDict(extra="ignore")
+USER_MESSAGE = {"contains": {"properties": {"role": {"const": "user"}}}}
+"""JSON Schema of "at least one message is the user's" (the model validator below)."""
+
+
+class ChatCompletionRequest(_OpenAIBody):
+    """OpenAI ``POST /v1/chat/completions`` (the subset a text chat uses)."""
 
     model: str
     """``llmrec-raw``: the adapter's free generation; any other name: the personal agent.
     Either way the adapter is the caller's own, chosen by their key."""
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, json_schema_extra=USER_MESSAGE)
+    """At least one is the user's. The agent answers the last user message; the messages
+    before it are the conversation so far."""
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, strict=False)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=False)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1, le=1)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    """Up to 4 strings of 1-64 characters."""
+    n: int | None = Field(None, ge=1, le=1, strict=False)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=False)
     repetition_penalty: float | None = Field(None, ge=1.0, le=2.0)
     """vLLM's extension: > 1 makes tokens already in the text less likely (default:
     ``serve.repetition_penalty``)."""
-    user: str | None = None
+    user: UserId | None = None
     """With the admin key: the user whose adapter answers. With a user key: omitted or
     that user."""
+
+    _integers = field_validator("max_tokens", "max_completion_tokens", "n", "seed", mode="before")(
+        _json_integer
+    )
+
+    @model_validator(mode="after")
+    def _has_user_message(self) -> ChatCompletionRequest:
+        if not any(m.role == "user" for m in self.messages):
+            raise ValueError("messages: at least one must be the user's")
+        return self
 
 
 class AssistantMessage(BaseModel):
@@ -248,3 +333,8 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+PUBLISHED = (ErrorResponse, AgentEvent, ChatCompletionChunk)
+"""Models the routes refer to by :func:`component_ref` (not as a route's own model), which
+``llmrec_serving.openapi`` therefore adds to the schema's components."""

@@ -43,72 +43,19 @@ def serving_world(tmp_path_factory, tiny_model_dir):
     users 1, 2, 3 (3 has no adapter: cold start) and an admin, and the config overrides
     that serve them on the tiny model and the tiny data set. ``publish(user, seed)`` adds a
     version. One per test module: tests that publish use users of their own."""
-    return make_serving_world(tmp_path_factory.mktemp("serving"), tiny_model_dir)
+    from llmrec_serving.testing import make_serving_world
+
+    return make_serving_world(tmp_path_factory.mktemp("serving"), tiny_model_dir, FIXTURES / "tiny")
 
 
 @pytest.fixture(scope="module")
 def item_serving_world(tmp_path_factory, tiny_model_dir, tiny_dataset):
     """The serving world on the tiny model extended with one token per tiny-catalog item."""
     from llmrec.model.item_vocab import prepare_item_base
+    from llmrec_serving.testing import make_serving_world
 
     base = prepare_item_base(tiny_model_dir, tiny_dataset.catalog)
-    return make_serving_world(tmp_path_factory.mktemp("item-serving"), base)
-
-
-def make_serving_world(tmp_path: Path, tiny_model_dir: Path):
-    """The serving world (see ``serving_world``) in ``tmp_path``, over ``tiny_model_dir``."""
-    from types import SimpleNamespace
-
-    from llmrec.adapters import AdapterStore, LoraWeights, module_shapes_for
-    from llmrec.model import fingerprint_model_dir
-    from llmrec_serving.keys import KeyStore
-
-    targets = ("q_proj", "v_proj")
-    shapes = module_shapes_for(tiny_model_dir)
-    fingerprint = fingerprint_model_dir(tiny_model_dir)
-    store = AdapterStore(
-        tmp_path / "adapters", max_rank=16, module_shapes=shapes, base_fingerprint=fingerprint
-    )
-
-    def publish(user_id: str, seed: int, rank: int = 8):
-        weights = LoraWeights.random(shapes, targets, rank, seed, str(tiny_model_dir))
-        if user_id == "_shared":
-            return store.publish_shared(weights, base_fingerprint=fingerprint)
-        return store.publish(user_id, weights, base_fingerprint=fingerprint)
-
-    publish("_shared", seed=100)
-    publish("1", seed=1)
-    publish("2", seed=2)
-    keys = KeyStore(tmp_path / "keys.json")
-    tiny = FIXTURES / "tiny"
-    overrides = [
-        f"model.name_or_path={tiny_model_dir}",
-        "model.dtype=float32",
-        "data.name=generic",
-        f"data.interactions={tiny / 'interactions.csv'}",
-        f"data.catalog={tiny / 'catalog.csv'}",
-        "lora.target_modules=[q_proj, v_proj]",
-        "prompts.max_history_items=5",
-        "prompts.max_prompt_tokens=256",
-        "recommend.k=5",
-        "recommend.beam_width=8",
-        f"serve.store_dir={store.root}",
-        f"serve.keys_file={keys.path}",
-        "serve.max_model_len=512",
-        "serve.explain=false",
-        "serve.explain_max_tokens=8",
-        # Profiles and personal state of this module's own: never the repository's outputs/.
-        f"profile.url=sqlite:///{tmp_path / 'profiles.db'}",
-        f"fed.output_dir={tmp_path / 'fed'}",
-    ]
-    return SimpleNamespace(
-        store=store,
-        publish=publish,
-        keys={u: keys.add(u) for u in ("1", "2", "3")} | {"admin": keys.add(None, admin=True)},
-        overrides=overrides,
-        model_dir=tiny_model_dir,
-        tmp=tmp_path,
-    )
+    return make_serving_world(tmp_path_factory.mktemp("item-serving"), base, FIXTURES / "tiny")
 
 
 @pytest.fixture(scope="module")

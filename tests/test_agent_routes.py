@@ -94,17 +94,19 @@ def test_history_edits(client, services, serving_world):
 @pytest.mark.parametrize(
     ("method", "path", "body", "status"),
     [
-        ("POST", "/v1/me/history", {"add": ["no-such-item"]}, 422),
+        ("POST", "/v1/me/history", {"add": ["no-such-item"]}, 404),
         ("POST", "/v1/me/history", {"add": "m1"}, 422),
         ("POST", "/v1/me/history", {"surprise": 1}, 422),
         ("POST", "/v1/me/feedback", {"item_id": "m1", "action": "love"}, 422),
-        ("POST", "/v1/me/feedback", {"item_id": "nope", "action": "up"}, 422),
+        ("POST", "/v1/me/feedback", {"item_id": "nope", "action": "up"}, 404),
         ("POST", "/v1/agent/chat", {"message": ""}, 422),
         ("POST", "/v1/agent/chat", {"message": "x" * 9000}, 422),
         ("POST", "/v1/agent/chat", {"message": "hi", "conversation_id": "not-mine"}, 404),
         ("GET", "/v1/agent/conversations/not-mine", None, 404),
         ("GET", "/v1/me/history?user=2", None, 403),
         ("GET", "/v1/me/history?user=../x", None, 422),
+        ("GET", "/v1/me/history?usr=1", None, 422),  # a typo is not ignored
+        ("GET", "/v1/me/history?user=1&user=2", None, 422),
         ("GET", "/static/index.py", None, 404),
         ("GET", "/static/..%2Fapp.py", None, 404),
     ],
@@ -121,7 +123,7 @@ def test_auth(client, serving_world):
     bad = {"Authorization": "Bearer lrk_nope"}
     assert client.post("/v1/agent/chat", json={"message": "hi"}, headers=bad).status_code == 401
     admin = auth(serving_world, "admin")
-    assert client.get("/v1/me/history", headers=admin).status_code == 422
+    assert client.get("/v1/me/history", headers=admin).status_code == 400  # names nobody
     assert client.get("/v1/me/history?user=2", headers=admin).json()["user"] == "2"
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from llmrec import federated as F
 from llmrec.config import load_config
 from llmrec.data import leave_last_out
+from llmrec.federated.poisoning import alie
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_YAML = ROOT / "training" / "configs" / "tiny.yaml"
@@ -42,15 +42,6 @@ def _cfg(model_dir: Path, *extra: str):
             *extra,
         ],
     )
-
-
-def alie(honest: list[F.State], z: float) -> F.State:
-    """Mean + ``z`` std of the honest deltas, per coordinate (an omniscient attacker)."""
-    out = {}
-    for key in honest[0]:
-        stacked = torch.stack([u[key].double() for u in honest])
-        out[key] = (stacked.mean(0) + z * stacked.std(0)).float()
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -200,7 +200,7 @@ def test_keys_reach_only_their_own_user(client, serving_world):
     bad = client.post(url, json={}, headers={"Authorization": "Bearer lrk_nope"})
     assert bad.status_code == 401 and "Bearer" in bad.headers["www-authenticate"]
     assert client.post(url, json={"user": "2"}, headers=auth(serving_world, "1")).status_code == 403
-    assert client.post(url, json={}, headers=auth(serving_world, "admin")).status_code == 422
+    assert client.post(url, json={}, headers=auth(serving_world, "admin")).status_code == 400
     as_admin = client.post(url, json={"user": "2"}, headers=auth(serving_world, "admin"))
     assert as_admin.status_code == 200 and as_admin.json()["adapter"] == "2@v1"
     chat = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "user": "2"}

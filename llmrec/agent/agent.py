@@ -95,10 +95,11 @@ class Action(BaseModel):
 class AgentEvent(BaseModel):
     """One event of an answer stream (the gateway sends each as a server-sent event)."""
 
-    type: Literal["conversation", "text", "cards", "action", "done"]
+    type: Literal["conversation", "text", "cards", "action", "done", "error"]
     conversation_id: str | None = None
     text: str | None = None
-    """A piece of the answer (``text``), or the whole answer (``done``)."""
+    """A piece of the answer (``text``), the whole answer (``done``), or why the answer
+    stopped (``error``: the gateway's, when the stream has already started)."""
     cards: list[Card] | None = None
     action: Action | None = None
 

@@ -18,7 +18,6 @@ and adapter router as every other request.
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures' types.
 import asyncio
-import json
 import logging
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -29,7 +28,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
-from llmrec.agent import Agent, UnknownConversationError, UserErasure, erase_user
+from llmrec.agent import Agent, AgentEvent, UnknownConversationError, UserErasure, erase_user
 from llmrec.recommend import Grounder
 from llmrec_serving.admission import Rejected
 from llmrec_serving.api.deps import ActingUser, ServicesDep, known_items
@@ -41,6 +40,9 @@ from llmrec_serving.schemas import (
     HistoryView,
     ItemEdit,
     ItemView,
+    error_responses,
+    event_stream,
+    json_text,
 )
 from llmrec_serving.services import Services
 
@@ -53,6 +55,18 @@ AGENT_K = 3
 """Picks per answer unless the user asks for more: answers stay short."""
 
 router = APIRouter()
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events (the media type the schema publishes for the agent's chat)."""
+
+    media_type = "text/event-stream"
+
+
+class ZipFile(Response):
+    """A zip archive (the media type the schema publishes for the adapter export)."""
+
+    media_type = "application/zip"
 
 
 # --------------------------------------------------------------------------- the agent
@@ -168,10 +182,18 @@ async def static(name: str) -> FileResponse:
 # --------------------------------------------------------------------------- chat
 
 
-@router.post("/v1/agent/chat", tags=["agent"])
+@router.post(
+    "/v1/agent/chat",
+    tags=["agent"],
+    response_class=EventStream,
+    responses={
+        **event_stream(json_text(AgentEvent)),
+        **error_responses(400, 401, 403, 404, 413, 422),
+    },
+)
 async def chat(
     body: ChatRequest, user: ActingUser, services: ServicesDep, agent: AgentDep
-) -> StreamingResponse:
+) -> EventStream:
     """Talk to your personal agent; the answer streams as server-sent events
     (``data: {"type": conversation|text|cards|action|done|error, ...}``)."""
     limits = services.cfg.serve.limits
@@ -185,27 +207,35 @@ async def chat(
     async def events() -> AsyncIterator[str]:
         try:
             async for event in agent.respond(user, body.message, body.conversation_id):
-                yield f"data: {event.model_dump_json(exclude_none=True)}\n\n"
+                yield _sse(event)
         except (Rejected, BackendError, UnknownConversationError, TimeoutError) as err:
             message = getattr(err, "reason", None) or getattr(err, "message", None) or str(err)
             log.warning("agent chat of %s stopped: %s", user, message)
-            yield f"data: {json.dumps({'type': 'error', 'text': message})}\n\n"
+            yield _sse(AgentEvent(type="error", text=message))
         except Exception:  # the stream has started: say so in it rather than cut it off
             log.exception("agent chat of %s failed", user)
-            yield f"data: {json.dumps({'type': 'error', 'text': 'internal error'})}\n\n"
+            yield _sse(AgentEvent(type="error", text="internal error"))
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
-    )
+    return EventStream(events(), headers={"Cache-Control": "no-store"})
 
 
-@router.get("/v1/agent/conversations", tags=["agent"])
+def _sse(event: AgentEvent) -> str:
+    return f"data: {event.model_dump_json(exclude_none=True)}\n\n"
+
+
+@router.get(
+    "/v1/agent/conversations", tags=["agent"], responses=error_responses(400, 401, 403, 422)
+)
 async def conversations(user: ActingUser, services: ServicesDep) -> Any:
     """Your conversations, newest first."""
     return await asyncio.to_thread(services.profiles.conversations, user)
 
 
-@router.get("/v1/agent/conversations/{conversation_id}", tags=["agent"])
+@router.get(
+    "/v1/agent/conversations/{conversation_id}",
+    tags=["agent"],
+    responses=error_responses(400, 401, 403, 404, 422),
+)
 async def conversation(conversation_id: str, user: ActingUser, services: ServicesDep) -> Any:
     """The messages of one of your conversations."""
     try:
@@ -217,7 +247,12 @@ async def conversation(conversation_id: str, user: ActingUser, services: Service
 # --------------------------------------------------------------------------- feedback, history
 
 
-@router.post("/v1/me/feedback", tags=["me"], response_model=HistoryView)
+@router.post(
+    "/v1/me/feedback",
+    tags=["me"],
+    response_model=HistoryView,
+    responses=error_responses(400, 401, 403, 404, 413, 422),
+)
 async def feedback(body: FeedbackRequest, user: ActingUser, services: ServicesDep) -> Any:
     """Thumbs up (the item joins your history), thumbs down (excluded), or forget."""
     (item_id,) = known_items(services, [body.item_id], "item_id")
@@ -234,13 +269,23 @@ async def feedback(body: FeedbackRequest, user: ActingUser, services: ServicesDe
     return await asyncio.to_thread(apply)
 
 
-@router.get("/v1/me/history", tags=["me"], response_model=HistoryView)
+@router.get(
+    "/v1/me/history",
+    tags=["me"],
+    response_model=HistoryView,
+    responses=error_responses(400, 401, 403, 422),
+)
 async def history(user: ActingUser, services: ServicesDep) -> Any:
     """Your history (oldest first), exclusions and feedback."""
     return await asyncio.to_thread(_history_view, services, user)
 
 
-@router.post("/v1/me/history", tags=["me"], response_model=HistoryView)
+@router.post(
+    "/v1/me/history",
+    tags=["me"],
+    response_model=HistoryView,
+    responses=error_responses(400, 401, 403, 404, 413, 422),
+)
 async def edit_history(body: ItemEdit, user: ActingUser, services: ServicesDep) -> Any:
     """Add items to or remove them from your history."""
     profiles = services.profiles
@@ -248,7 +293,12 @@ async def edit_history(body: ItemEdit, user: ActingUser, services: ServicesDep) 
     return await _edit(services, user, body, profiles.remove_history, add)
 
 
-@router.post("/v1/me/exclusions", tags=["me"], response_model=HistoryView)
+@router.post(
+    "/v1/me/exclusions",
+    tags=["me"],
+    response_model=HistoryView,
+    responses=error_responses(400, 401, 403, 404, 413, 422),
+)
 async def edit_exclusions(body: ItemEdit, user: ActingUser, services: ServicesDep) -> Any:
     """Exclude items from your recommendations, or allow them again."""
     profiles = services.profiles
@@ -258,8 +308,16 @@ async def edit_exclusions(body: ItemEdit, user: ActingUser, services: ServicesDe
 # --------------------------------------------------------------------------- export, delete
 
 
-@router.get("/v1/me/adapter", tags=["me"], response_class=Response)
-async def export_adapter(user: ActingUser, services: ServicesDep) -> Response:
+@router.get(
+    "/v1/me/adapter",
+    tags=["me"],
+    response_class=ZipFile,
+    responses={
+        200: {"content": {ZipFile.media_type: {"schema": {"type": "string", "format": "binary"}}}},
+        **error_responses(400, 401, 403, 404, 422),
+    },
+)
+async def export_adapter(user: ActingUser, services: ServicesDep) -> ZipFile:
     """Your current personal adapter: a zip of the PEFT folder and its manifest
     (``llmrec user import`` takes it back, validated)."""
     store = services.router.store
@@ -274,14 +332,15 @@ async def export_adapter(user: ActingUser, services: ServicesDep) -> Response:
     if data is None:
         raise ClientError(404, "you have no personal adapter yet (the shared one serves you)")
     name = f"llmrec-adapter-{user}.zip"
-    return Response(
-        data,
-        media_type="application/zip",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
-    )
+    return ZipFile(data, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
-@router.delete("/v1/me", tags=["me"], response_model=UserErasure)
+@router.delete(
+    "/v1/me",
+    tags=["me"],
+    response_model=UserErasure,
+    responses=error_responses(400, 401, 403, 422),
+)
 async def delete_me(user: ActingUser, services: ServicesDep) -> Any:
     """Delete yourself: history, feedback, conversations, personal adapters (unloaded
     from the engine too) and keys. What your past training contributed to the shared

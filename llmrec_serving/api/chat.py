@@ -28,10 +28,9 @@ from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from llmrec.agent import Agent
-from llmrec_serving.api.agent import AgentDep
+from llmrec_serving.api.agent import AgentDep, EventStream
 from llmrec_serving.api.deps import Caller, ServicesDep, acting_user, guarded
 from llmrec_serving.engines import BackendError, Delta, GenerationParams, Messages, Usage
 from llmrec_serving.middleware import ClientError
@@ -46,6 +45,9 @@ from llmrec_serving.schemas import (
     ModelCard,
     ModelList,
     UsageBody,
+    error_responses,
+    event_stream,
+    json_text,
 )
 from llmrec_serving.services import Services
 
@@ -69,7 +71,7 @@ class _Completion:
         return cls(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
 async def models(who: Caller) -> ModelList:
     """The caller's personal agent, and their adapter's free generation."""
     return ModelList(
@@ -77,7 +79,15 @@ async def models(who: Caller) -> ModelList:
     )
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion)
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses={
+        # with "stream": true, each event's data is a chunk, and the last "[DONE]"
+        **event_stream({"anyOf": [{"const": "[DONE]"}, json_text(ChatCompletionChunk)]}),
+        **error_responses(400, 401, 403, 413, 422, 429, 503, 504),
+    },
+)
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
@@ -151,7 +161,7 @@ async def _stream(
     stack: AsyncExitStack,
     completion: _Completion,
     include_usage: bool,
-) -> StreamingResponse:
+) -> EventStream:
     """``deltas`` as server-sent chunks; the first piece comes before the 200, so that a
     refusal (admission, say) is a real status code and not an error in a started stream.
     ``stack`` holds what the answer needs and is closed when it ends."""
@@ -197,7 +207,7 @@ async def _stream(
             await stack.aclose()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return EventStream(events())
 
 
 # --------------------------------------------------------------------------- the agent
@@ -209,11 +219,11 @@ async def _agent_answer(
     """The agent's answer to the last message, as a chat completion (or its chunks)."""
     _check_messages(services, body)
     _, budget = _checked_params(services, body)  # the answer is deterministic: no sampling
-    last = body.messages[-1]
-    if last.role != "user":
-        raise ClientError(422, "messages: the last message must be the user's")
-    message = _strip_specials(last.text(), services.specials)
-    earlier = [(m.role, m.text()) for m in body.messages[:-1] if m.role in ("user", "assistant")]
+    # The turn is the last user message (the schema requires one); what follows it, say an
+    # assistant prefill, is not something an agent that answers from facts can continue.
+    turn = max(i for i, m in enumerate(body.messages) if m.role == "user")
+    message = _strip_specials(body.messages[turn].text(), services.specials)
+    earlier = [(m.role, m.text()) for m in body.messages[:turn] if m.role in ("user", "assistant")]
     conversation = (
         await asyncio.to_thread(services.profiles.find_conversation, user, earlier)
         if earlier
@@ -279,8 +289,8 @@ def _check_messages(services: Services, body: ChatCompletionRequest) -> None:
     limits = services.cfg.serve.limits
     if len(body.messages) > limits.max_messages:
         raise ClientError(422, f"messages: at most {limits.max_messages}")
-    if any(len(m.text()) > limits.max_message_chars for m in body.messages):
-        raise ClientError(422, f"messages: each at most {limits.max_message_chars} characters")
+    if any(len(text) > limits.max_message_chars for m in body.messages for text in m.texts()):
+        raise ClientError(422, f"messages: each text at most {limits.max_message_chars} characters")
 
 
 def _messages(services: Services, body: ChatCompletionRequest, history: Sequence[str]) -> Messages:

@@ -2,7 +2,7 @@
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures' types.
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmrec_serving.api.deps import ServicesDep
@@ -16,7 +16,10 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={503: {"description": "The engine does not answer: the same body, unavailable."}},
+)
 async def readyz(services: ServicesDep) -> JSONResponse:
     """Readiness: the engine answers and can take requests."""
     ok = await services.backend.ready()
@@ -29,7 +32,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def prometheus(services: ServicesDep) -> Response:
     """Prometheus metrics of the gateway."""
     metrics = services.metrics

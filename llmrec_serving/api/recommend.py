@@ -9,7 +9,12 @@ from fastapi import APIRouter, Request
 
 from llmrec_serving.api.deps import Caller, ServicesDep, acting_user, guarded, known_items
 from llmrec_serving.middleware import ClientError
-from llmrec_serving.schemas import RecommendationRequest, RecommendationResponse, RecommendedItem
+from llmrec_serving.schemas import (
+    RecommendationRequest,
+    RecommendationResponse,
+    RecommendedItem,
+    error_responses,
+)
 from llmrec_serving.services import Services
 
 router = APIRouter(tags=["recommend"])
@@ -18,7 +23,7 @@ router = APIRouter(tags=["recommend"])
 @router.post(
     "/v1/recommendations",
     response_model=RecommendationResponse,
-    responses={code: {"model": Any} for code in (401, 403, 413, 422, 429, 503, 504)},
+    responses=error_responses(400, 401, 403, 404, 413, 422, 429, 503, 504),
 )
 async def recommendations(
     body: RecommendationRequest, request: Request, who: Caller, services: ServicesDep
