@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 import time
 import zipfile
@@ -529,6 +530,32 @@ def test_import_rejects_unsafe_zips(
         store.import_zip("mallory", bad)
     assert store.current("mallory") is None and store.versions("alice") == [1]
     assert not (tmp_path / "evil").exists() and not (store.root / "evil").exists()
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []
+
+
+def test_import_rejects_links_and_zip_bombs(
+    store: AdapterStore, exported: dict[str, bytes], tmp_path: Path
+) -> None:
+    link = zipfile.ZipInfo(ADAPTER_CONFIG)
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16  # a symlink to a file outside
+    path = tmp_path / "link.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in exported.items():
+            if name != ADAPTER_CONFIG:
+                zf.writestr(name, data)
+        zf.writestr(link, "/etc/passwd")
+    with pytest.raises(AdapterValidationError, match="links are not accepted"):
+        store.import_zip("mallory", path)
+
+    # 64 MiB of zeros deflate to about 64 KiB: the inflated bytes are counted, not the header
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in exported.items():
+            zf.writestr(name, b"\0" * (64 << 20) if name == ADAPTER_WEIGHTS else data)
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(AdapterValidationError, match="more than"):
+        store.import_zip("mallory", bomb, max_bytes=8 << 20)
+    assert store.current("mallory") is None and store.versions("alice") == [1]
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []
 
 
