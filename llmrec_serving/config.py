@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from llmrec.config import AppConfig, load_config
 
@@ -64,6 +64,9 @@ class ServeConfig(BaseModel):
     vllm_url: str | None = None
     """Attach to this already running vLLM server (e.g. http://10.0.0.5:8001) instead of
     starting one; it must have been started with --enable-lora and runtime LoRA updating."""
+    vllm_api_key: SecretStr | None = None
+    """The API key of the attached server (``vllm_url``), if it has one; a managed server
+    gets a new random key at every start."""
     vllm_port: int = Field(8001, ge=1, le=65535)
     """Port of the managed vLLM server (bound to 127.0.0.1: only the gateway talks to it)."""
     vllm_args: list[str] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -150,7 +151,8 @@ def build_backend(cfg: ServingConfig, base_dir: Path, store: AdapterStore, token
             model, tokenizer, store.max_rank, cfg.fed.target_modules or [], serve.max_model_len
         )
     if serve.vllm_url is not None:
-        return VLLMBackend(serve.vllm_url, BASE_NAME, serve.max_model_len)
+        key = serve.vllm_api_key.get_secret_value() if serve.vllm_api_key else None
+        return VLLMBackend(serve.vllm_url, BASE_NAME, serve.max_model_len, api_key=key)
     spec = EngineSpec(
         model=str(base_dir),
         served_name=BASE_NAME,
@@ -163,6 +165,7 @@ def build_backend(cfg: ServingConfig, base_dir: Path, store: AdapterStore, token
         dtype=vllm_dtype(cfg),
         kv_cache_gib=serve.kv_cache_gib,
         cpu_threads=serve.cpu_threads,
+        api_key=secrets.token_urlsafe(32),  # a new one per gateway: only it talks to vLLM
         extra_args=tuple(serve.vllm_args),
     )
     resets = ResetListeners()
@@ -173,7 +176,9 @@ def build_backend(cfg: ServingConfig, base_dir: Path, store: AdapterStore, token
         max_restarts=serve.vllm_max_restarts,
         on_restart=resets.fire,  # a restarted engine has no adapters loaded
     )
-    backend = VLLMBackend(server.url, BASE_NAME, serve.max_model_len, server=server)
+    backend = VLLMBackend(
+        server.url, BASE_NAME, serve.max_model_len, server=server, api_key=spec.api_key
+    )
     backend.resets = resets
     return backend
 

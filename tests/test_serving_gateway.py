@@ -7,6 +7,7 @@ differs (tests/test_serving_vllm.py runs the real vLLM server).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import openai
@@ -447,3 +448,30 @@ def test_the_repetition_penalty_reaches_the_engine(client, serving_world, servic
         client.post(url, json=body | {"repetition_penalty": 0.5}, headers=headers).status_code
         == 422
     )
+
+
+def test_no_request_field_names_an_adapter_or_a_path(client):
+    """The key decides the user and the user their adapter: nothing a client sends can
+    point the engine at another adapter or at a file."""
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+
+    def fields(node, seen=()):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if ref and ref not in seen:
+                yield from fields(components[ref.rsplit("/", 1)[1]], (*seen, ref))
+            yield from node.get("properties", {})
+            for value in node.values():
+                yield from fields(value, seen)
+        elif isinstance(node, list):
+            for value in node:
+                yield from fields(value, seen)
+
+    sent = set()
+    for ops in schema["paths"].values():
+        for op in ops.values():
+            sent |= {p["name"] for p in op.get("parameters", []) if p["in"] != "path"}
+            sent |= set(fields(op.get("requestBody", {})))
+    assert {"user", "messages", "history"} <= sent  # the walk reaches the bodies
+    assert not {f for f in sent if re.search(r"adapter|lora|path|file|dir", f, re.I)}, sent

@@ -7,6 +7,8 @@ to the gateway, with httpx and the official openai client, as a user would.
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import openai
 import pytest
@@ -176,3 +178,41 @@ def test_readiness_and_metrics(gateway):
     assert ready["status"] == "ready" and ready["backend"] == "vllm"
     text = httpx.get(f"{url}/metrics").text
     assert "llmrec_adapter_load_seconds_count" in text and "llmrec_adapter_cache_hits_total" in text
+
+
+# The routes vLLM's security guide names as unauthenticated (its --api-key covers /v1 only),
+# and the runtime LoRA routes: whatever this vLLM version lists, these are asked too.
+ENGINE_ONLY = (
+    "/pause", "/resume", "/is_paused", "/update_weights", "/invocations", "/collective_rpc",
+    "/reset_prefix_cache", "/sleep", "/wake_up", "/is_sleeping", "/server_info", "/version",
+    "/health", "/ping", "/tokenize", "/detokenize", "/start_profile", "/stop_profile",
+    "/scale_elastic_ep", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+    "/v1/completions", "/v1/embeddings", "/v1/responses",
+)  # fmt: skip
+
+
+def test_the_engine_stays_behind_the_gateway(gateway, serving_world):
+    url, services = gateway
+    engine = services.backend.url
+    assert engine.startswith("http://127.0.0.1:")
+    # The engine has its own key: neither none nor a gateway key opens its /v1.
+    assert httpx.get(f"{engine}/v1/models").status_code == 401
+    assert (
+        httpx.get(f"{engine}/v1/models", headers=headers(serving_world, "admin")).status_code == 401
+    )
+    listed = httpx.get(f"{engine}/openapi.json").json()["paths"]
+    assert "/v1/load_lora_adapter" in listed  # what this test is about is really there
+    gateway_paths = set(httpx.get(f"{url}/openapi.json").json()["paths"])
+    gateway_paths |= {"/", "/static/{name}", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    body = {"lora_name": "1@v1", "lora_path": str(serving_world.store.root), "model": "x"}
+    asked = 0
+    for template in sorted((set(listed) | set(ENGINE_ONLY)) - gateway_paths):
+        path = re.sub(r"\{[^}]+\}", "x", template)
+        for method in ("GET", "POST", "PUT", "DELETE"):
+            r = httpx.request(
+                method, f"{url}{path}", json=body, headers=headers(serving_world, "admin")
+            )
+            assert r.status_code in (404, 405), (method, path, r.status_code, r.text[:200])
+            assert r.json()["error"]["code"] == r.status_code  # the gateway's own refusal
+            asked += 1
+    assert asked >= 4 * len(ENGINE_ONLY)

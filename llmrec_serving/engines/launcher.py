@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -52,6 +52,11 @@ class EngineSpec:
     dtype: str
     kv_cache_gib: float
     cpu_threads: str
+    api_key: str = field(repr=False)
+    """The server's own key (``VLLM_API_KEY``: in its environment, never on its command
+    line, which any local user can read). vLLM checks it on ``/v1/*`` only; the rest of its
+    routes are unauthenticated, which is why the server binds to loopback and the gateway
+    forwards none of them."""
     extra_args: tuple[str, ...] = ()
 
     def command(self) -> list[str]:
@@ -81,6 +86,7 @@ class EngineSpec:
     def env(self) -> dict[str, str]:
         """The server's environment: ours plus the engine settings that only exist as env."""
         return os.environ | {
+            "VLLM_API_KEY": self.api_key,
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": f"{self.kv_cache_gib:g}",
             "VLLM_CPU_OMP_THREADS_BIND": self.cpu_threads,

@@ -58,7 +58,8 @@ def _error_message(response: httpx.Response) -> str:
 
 
 class VLLMBackend:
-    """Talks to one vLLM OpenAI server at ``url``; starts and stops it when ``server``."""
+    """Talks to one vLLM OpenAI server at ``url`` (with its ``api_key``, when it has one);
+    starts and stops it when ``server``."""
 
     kind = "vllm"
 
@@ -69,6 +70,7 @@ class VLLMBackend:
         max_model_len: int,
         server: ManagedServer | None = None,
         timeout_s: float = 600.0,
+        api_key: str | None = None,
     ):
         self.url = url.rstrip("/")
         self.base_name = base_name
@@ -77,6 +79,7 @@ class VLLMBackend:
         self.resets = ResetListeners()
         self._client = httpx.AsyncClient(
             base_url=self.url,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             timeout=httpx.Timeout(timeout_s, connect=5.0),
             # Idle connections expire before uvicorn's 5 s keep-alive closes them server-side.
             limits=httpx.Limits(
