@@ -118,9 +118,12 @@ def open_db(url: str) -> Engine:
             connection.isolation_level = None  # transactions are begun below, not by pysqlite
             cursor = connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
-            # WAL: the gateway and a CLI edit can open the file at the same time.
+            # WAL: the gateway and a CLI edit can open the file at the same time. FULL: a
+            # commit is on disk before it returns, so an acknowledged write survives a power
+            # loss too, not only a killed process (bench/crash.py checks the latter).
             if parsed.database not in (None, "", ":memory:"):
                 cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=FULL")
             cursor.close()
 
         @event.listens_for(db, "begin")
