@@ -38,6 +38,11 @@ def headers(world, who: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {world.keys[who]}"}
 
 
+def engine_key(services) -> dict[str, str]:
+    """The managed engine's own key (only the gateway has it)."""
+    return {"Authorization": f"Bearer {services.backend.server.spec.api_key}"}
+
+
 def recommend(url, world, who: str, **body) -> dict:
     if who not in world.keys:
         body, who = body | {"user": who}, "admin"
@@ -118,7 +123,8 @@ def test_hot_swap_without_restart(gateway, serving_world):
         [i["score"] for i in second["items"]], abs=1e-2
     )
     assert services.backend.server.pid == pid
-    listed = httpx.get(f"{services.backend.url}/v1/models").json()["data"]
+    listed = httpx.get(f"{services.backend.url}/v1/models", headers=engine_key(services))
+    listed = listed.json()["data"]
     loaded = {m["id"] for m in listed if m.get("parent")}
     assert "5@v2" in loaded and "5@v1" not in loaded
     assert len(loaded) <= services.router.capacity
@@ -197,6 +203,7 @@ def test_the_engine_stays_behind_the_gateway(gateway, serving_world):
     assert engine.startswith("http://127.0.0.1:")
     # The engine has its own key: neither none nor a gateway key opens its /v1.
     assert httpx.get(f"{engine}/v1/models").status_code == 401
+    assert httpx.get(f"{engine}/v1/models", headers=engine_key(services)).status_code == 200
     assert (
         httpx.get(f"{engine}/v1/models", headers=headers(serving_world, "admin")).status_code == 401
     )
