@@ -159,3 +159,20 @@ def test_export_then_delete(client, services, serving_world):
     assert gone["history"] == [] and gone["feedback"] == [] and gone["exclusions"] == []
     # Only user 9's data went: user 1's conversation is still there.
     assert client.get(f"/v1/agent/conversations/{chat_id}", headers=auth(serving_world, "1")).json()
+
+
+def test_a_refused_turn_is_a_status_code_not_a_started_stream(client, services, serving_world):
+    """Under load the agent's chat is refused before its 200 (503 + Retry-After), as every
+    other route is: never a 200 whose stream then says it could not run."""
+    admission = services.admission
+    saved = admission.running, admission.max_queue
+    admission.running, admission.max_queue = admission.max_concurrency, 0  # all busy, no queue
+    try:
+        r = client.post("/v1/agent/chat", json={"message": "recommend me 2"},
+                        headers=auth(serving_world, "1"))  # fmt: skip
+    finally:
+        admission.running, admission.max_queue = saved
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] and r.json()["error"]["message"]
+    _, _, cards = chat(client, serving_world, "1", "recommend me 2")  # once it has room: 200
+    assert cards

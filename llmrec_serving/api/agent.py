@@ -188,7 +188,7 @@ async def static(name: str) -> FileResponse:
     response_class=EventStream,
     responses={
         **event_stream(json_text(AgentEvent)),
-        **error_responses(400, 401, 403, 404, 413, 422),
+        **error_responses(400, 401, 403, 404, 413, 422, 429, 503, 504),
     },
 )
 async def chat(
@@ -204,9 +204,29 @@ async def chat(
     ):
         raise ClientError(404, "no such conversation")
 
+    stream = agent.respond(user, body.message, body.conversation_id)
+    # The events up to the first that needed the engine come before the 200, so a refusal
+    # (admission: 429/503 with Retry-After) is a real status code, not an error event in a
+    # stream that had already said yes; as the chat completions' stream does.
+    head: list[AgentEvent] = []
+    try:
+        async with asyncio.timeout(limits.request_timeout_s):
+            async for event in stream:
+                head.append(event)
+                if event.type != "conversation":
+                    break
+    except TimeoutError:
+        await stream.aclose()
+        raise ClientError(504, "time budget exceeded") from None
+    except BaseException:
+        await stream.aclose()
+        raise
+
     async def events() -> AsyncIterator[str]:
         try:
-            async for event in agent.respond(user, body.message, body.conversation_id):
+            for event in head:
+                yield _sse(event)
+            async for event in stream:
                 yield _sse(event)
         except (Rejected, BackendError, UnknownConversationError, TimeoutError) as err:
             message = getattr(err, "reason", None) or getattr(err, "message", None) or str(err)
@@ -215,6 +235,8 @@ async def chat(
         except Exception:  # the stream has started: say so in it rather than cut it off
             log.exception("agent chat of %s failed", user)
             yield _sse(AgentEvent(type="error", text="internal error"))
+        finally:
+            await stream.aclose()
 
     return EventStream(events(), headers={"Cache-Control": "no-store"})
 
