@@ -94,6 +94,17 @@ key without the user it acts for, a conversation longer than the model's context
 because another check, ``not_a_server_error``, fails every one of them."""
 
 
+REJECTED_STATUSES = [
+    "400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx",
+]  # fmt: skip
+"""What a schema-violating request may be answered (the negative-data check): its defaults,
+plus 413, the body-size guard's refusal of a request over ``serve.limits.max_body_bytes``
+before anything reads it."""
+
+CALL_TIMEOUT_S = 120.0
+"""Per request, in process: generous, since a busy 2-core machine is not a server fault."""
+
+
 @dataclass
 class FuzzReport:
     """One fuzzing run: what was sent, what came back, and every distinct failure."""
@@ -127,7 +138,10 @@ def fuzz_gateway(app: Any, keys: Mapping[str, str], examples: int, seed: int = 0
         config = SchemathesisConfig.from_dict(
             {
                 "auth": {"openapi": {"HTTPBearer": {"bearer": key}}},
-                "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED_STATUSES}},
+                "checks": {
+                    "positive_data_acceptance": {"expected-statuses": ACCEPTED_STATUSES},
+                    "negative_data_rejection": {"expected-statuses": REJECTED_STATUSES},
+                },
             }
         )
         schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
@@ -167,7 +181,7 @@ def _fuzz_operation(op: Any, examples: int, seed: int) -> tuple[int, Counter[int
         )
         def one(case: Any) -> None:
             try:
-                response = case.call()
+                response = case.call(timeout=CALL_TIMEOUT_S)
             except Exception as err:  # in process, an app that raises: a client's 500
                 counts[500] += 1
                 found.append(f"Server error: {type(err).__name__}: {err}\n{case.as_curl_command()}")
