@@ -182,9 +182,11 @@ def _fuzz_operation(op: Any, examples: int, seed: int) -> tuple[int, Counter[int
         def one(case: Any) -> None:
             try:
                 response = case.call(timeout=CALL_TIMEOUT_S)
-            except Exception as err:  # in process, an app that raises: a client's 500
-                counts[500] += 1
-                found.append(f"Server error: {type(err).__name__}: {err}\n{case.as_curl_command()}")
+            except Exception as err:  # in process, an app that raises: a client's 500;
+                timeout = "Timeout" in type(err).__name__  # or no answer in time (status 0)
+                counts[0 if timeout else 500] += 1
+                what = "No answer" if timeout else "Server error"
+                found.append(f"{what}: {type(err).__name__}: {err}\n{case.as_curl_command()}")
                 return
             counts[response.status_code] += 1
             try:
