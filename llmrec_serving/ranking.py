@@ -14,7 +14,7 @@ fixed sentence, or phrased by the same adapter and kept only if the claim checke
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
 from llmrec.data import Catalog
@@ -118,24 +118,31 @@ class Ranker:
         history: Sequence[str],
         items: list[Ranked],
         params: GenerationParams,
-    ) -> list[Ranked]:
-        """The same items, each with a one-line reason from its facts (phrased by
-        ``adapter`` with ``params`` under ``reasons="model"``, when the claim checker passes
-        it)."""
+    ) -> AsyncIterator[tuple[int, Ranked]]:
+        """Each item with a one-line reason from its facts (phrased by ``adapter`` with
+        ``params`` under ``reasons="model"``, when the claim checker passes it), as
+        ``(index in items, item)`` in the order the reasons are ready: the engine writes
+        them all at once, and a stream sends each as soon as it is done."""
         reasoner = self.reasoner
         if self.reasons == "facts":
-            return [
-                replace(item, reason=write_reason(reasoner.facts(item.item_id, history)))
-                for item in items
-            ]
+            for index, item in enumerate(items):
+                line = write_reason(reasoner.facts(item.item_id, history))
+                yield index, replace(item, reason=line)
+            return
         titles = self.catalog.displays(history)
 
         async def write(messages: list[dict[str, str]]) -> str:
             return "".join([d.text async for d in self.backend.chat(adapter, messages, params)])
 
-        async def reason(item: Ranked) -> Ranked:
+        async def reason(index: int, item: Ranked) -> tuple[int, Ranked]:
             facts = reasoner.facts(item.item_id, history)
             line, _ = await phrase_reason(facts, titles, self.prompts, write, reasoner.checker)
-            return replace(item, reason=line)
+            return index, replace(item, reason=line)
 
-        return list(await asyncio.gather(*(reason(item) for item in items)))
+        tasks = [asyncio.ensure_future(reason(i, item)) for i, item in enumerate(items)]
+        try:
+            for done in asyncio.as_completed(tasks):
+                yield await done
+        finally:
+            for task in tasks:
+                task.cancel()

@@ -59,6 +59,9 @@ class RecommendationRequest(_Body):
     """Never return items of the history ranked from (this request's, else the profile's)."""
     explain: bool | None = None
     """Add a one-line reason per item (default: the server's setting)."""
+    stream: bool = False
+    """Answer as server-sent events (``RecommendationEvent``): the ranked items as soon as
+    they are known, then each reason as it is written, then ``done``."""
 
     _integers = field_validator("k", mode="before")(_json_integer)
 
@@ -85,6 +88,26 @@ class RecommendationResponse(BaseModel):
     """The served adapter, ``<user>@v<version>``, ``_shared@v<version>`` (cold start) or
     ``base`` (nothing published yet)."""
     items: list[RecommendedItem]
+
+
+class RecommendationEvent(BaseModel):
+    """One event of a streamed recommendation: ``items`` (the ranked list, no reasons yet),
+    then one ``reason`` per item in the order they are written, then ``done``; ``error``
+    ends a stream that could not finish."""
+
+    type: Literal["items", "reason", "done", "error"]
+    user: str | None = None
+    """``items``: the user."""
+    adapter: str | None = None
+    """``items``: the served adapter (as in ``RecommendationResponse``)."""
+    items: list[RecommendedItem] | None = None
+    """``items``: the ranked items."""
+    rank: int | None = None
+    """``reason``: the rank of the item it explains."""
+    item_id: str | None = None
+    """``reason``: the item it explains."""
+    reason: str | None = None
+    """``reason``: the one-line reason; ``error``: what went wrong."""
 
 
 class ErrorBody(BaseModel):
@@ -335,6 +358,6 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-PUBLISHED = (ErrorResponse, AgentEvent, ChatCompletionChunk)
+PUBLISHED = (ErrorResponse, AgentEvent, ChatCompletionChunk, RecommendationEvent)
 """Models the routes refer to by :func:`component_ref` (not as a route's own model), which
 ``llmrec_serving.openapi`` therefore adds to the schema's components."""

@@ -7,6 +7,7 @@ differs (tests/test_serving_vllm.py runs the real vLLM server).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -159,6 +160,55 @@ def test_context_exclusions_and_reasons(client, services, serving_world):
     )  # fmt: skip
     assert sorted(i["item_id"] for i in body["items"]) == sorted(everything[-2:])
     assert all(isinstance(i["reason"], str) and "\n" not in i["reason"] for i in body["items"])
+
+
+def events_of(response) -> list[dict]:
+    """The JSON events of a server-sent event answer."""
+    return [
+        json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")
+    ]
+
+
+@pytest.mark.parametrize("reasons", ["facts", "model"])
+def test_a_streamed_recommendation_is_the_same_answer_items_first(
+    client, services, serving_world, monkeypatch, reasons
+):
+    """``stream`` sends the ranked items before any reason, then one reason per item (in
+    the order they are written: the adapter writes them all at once under ``model``), then
+    ``done``; put together, the events are the plain answer."""
+    monkeypatch.setattr(services.ranker, "reasons", reasons)
+    body = {"user": "1", "k": 4, "explain": True}
+    plain = recommend(client, serving_world, "admin", **body)
+    r = client.post(
+        "/v1/recommendations", json=body | {"stream": True}, headers=auth(serving_world, "admin")
+    )
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = events_of(r)
+    assert [e["type"] for e in events] == ["items"] + ["reason"] * 4 + ["done"]
+    first = events[0]
+    assert all("reason" not in item for item in first["items"])
+    assert (first["user"], first["adapter"]) == (plain["user"], plain["adapter"])
+    reasons = {e["rank"]: e for e in events[1:-1]}
+    assert sorted(reasons) == [1, 2, 3, 4]
+    for item in first["items"]:
+        assert reasons[item["rank"]]["item_id"] == item["item_id"]
+        item["reason"] = reasons[item["rank"]]["reason"]
+        assert item["reason"] and "\n" not in item["reason"]
+    assert first["items"] == plain["items"]
+
+
+def test_a_refused_stream_is_a_status_code(client, services, serving_world):
+    """Under load a streamed recommendation is refused before its 200 (503 + Retry-After)."""
+    admission = services.admission
+    saved = admission.running, admission.max_queue
+    admission.running, admission.max_queue = admission.max_concurrency, 0  # all busy, no queue
+    try:
+        r = client.post("/v1/recommendations", json={"k": 2, "stream": True},
+                        headers=auth(serving_world, "1"))  # fmt: skip
+    finally:
+        admission.running, admission.max_queue = saved
+    assert r.status_code == 503 and r.headers["retry-after"], r.text
+    assert r.json()["error"]["message"]
 
 
 def test_profile_edits_change_the_next_answer(client, services, serving_world, monkeypatch):

@@ -18,7 +18,6 @@ and adapter router as every other request.
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures' types.
 import asyncio
-import logging
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
@@ -26,12 +25,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, Response
 
 from llmrec.agent import Agent, AgentEvent, UnknownConversationError, UserErasure, erase_user
 from llmrec.recommend import Grounder
 from llmrec_serving.admission import Rejected
 from llmrec_serving.api.deps import ActingUser, ServicesDep, known_items
+from llmrec_serving.api.streams import EventStream, event_answer, open_stream
 from llmrec_serving.engines import BackendError
 from llmrec_serving.middleware import ClientError
 from llmrec_serving.schemas import (
@@ -46,8 +46,6 @@ from llmrec_serving.schemas import (
 )
 from llmrec_serving.services import Services
 
-log = logging.getLogger(__name__)
-
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 """The page's files besides index.html: only these names are ever served."""
@@ -55,12 +53,6 @@ AGENT_K = 3
 """Picks per answer unless the user asks for more: answers stay short."""
 
 router = APIRouter()
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events (the media type the schema publishes for the agent's chat)."""
-
-    media_type = "text/event-stream"
 
 
 class ZipFile(Response):
@@ -205,44 +197,17 @@ async def chat(
         raise ClientError(404, "no such conversation")
 
     stream = agent.respond(user, body.message, body.conversation_id)
-    # The events up to the first that needed the engine come before the 200, so a refusal
-    # (admission: 429/503 with Retry-After) is a real status code, not an error event in a
-    # stream that had already said yes; as the chat completions' stream does.
-    head: list[AgentEvent] = []
-    try:
-        async with asyncio.timeout(limits.request_timeout_s):
-            async for event in stream:
-                head.append(event)
-                if event.type != "conversation":
-                    break
-    except TimeoutError:
-        await stream.aclose()
-        raise ClientError(504, "time budget exceeded") from None
-    except BaseException:
-        await stream.aclose()
-        raise
+    head = await open_stream(
+        stream, limits.request_timeout_s, lambda event: event.type != "conversation"
+    )
 
-    async def events() -> AsyncIterator[str]:
-        try:
-            for event in head:
-                yield _sse(event)
-            async for event in stream:
-                yield _sse(event)
-        except (Rejected, BackendError, UnknownConversationError, TimeoutError) as err:
-            message = getattr(err, "reason", None) or getattr(err, "message", None) or str(err)
-            log.warning("agent chat of %s stopped: %s", user, message)
-            yield _sse(AgentEvent(type="error", text=message))
-        except Exception:  # the stream has started: say so in it rather than cut it off
-            log.exception("agent chat of %s failed", user)
-            yield _sse(AgentEvent(type="error", text="internal error"))
-        finally:
-            await stream.aclose()
-
-    return EventStream(events(), headers={"Cache-Control": "no-store"})
-
-
-def _sse(event: AgentEvent) -> str:
-    return f"data: {event.model_dump_json(exclude_none=True)}\n\n"
+    return event_answer(
+        head,
+        stream,
+        lambda message: AgentEvent(type="error", text=message),
+        (Rejected, BackendError, UnknownConversationError, TimeoutError),
+        f"agent chat of {user}",
+    )
 
 
 @router.get(

@@ -30,8 +30,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from llmrec.agent import Agent
-from llmrec_serving.api.agent import AgentDep, EventStream
+from llmrec_serving.api.agent import AgentDep
 from llmrec_serving.api.deps import Caller, ServicesDep, acting_user, guarded
+from llmrec_serving.api.streams import EventStream
 from llmrec_serving.engines import BackendError, Delta, GenerationParams, Messages, Usage
 from llmrec_serving.middleware import ClientError
 from llmrec_serving.schemas import (

@@ -2,18 +2,26 @@
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures' types.
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
 
+from llmrec_serving.admission import Rejected
 from llmrec_serving.api.deps import Caller, ServicesDep, acting_user, guarded, known_items
+from llmrec_serving.api.streams import event_answer, open_stream
+from llmrec_serving.engines import BackendError
 from llmrec_serving.middleware import ClientError
 from llmrec_serving.schemas import (
+    RecommendationEvent,
     RecommendationRequest,
     RecommendationResponse,
     RecommendedItem,
     error_responses,
+    event_stream,
+    json_text,
 )
 from llmrec_serving.services import Services
 
@@ -23,12 +31,16 @@ router = APIRouter(tags=["recommend"])
 @router.post(
     "/v1/recommendations",
     response_model=RecommendationResponse,
-    responses=error_responses(400, 401, 403, 404, 413, 422, 429, 503, 504),
+    responses={
+        **event_stream(json_text(RecommendationEvent)),
+        **error_responses(400, 401, 403, 404, 413, 422, 429, 503, 504),
+    },
 )
 async def recommendations(
     body: RecommendationRequest, request: Request, who: Caller, services: ServicesDep
 ) -> Any:
-    """Top-k unseen catalog items for the caller, each with a one-line reason."""
+    """Top-k unseen catalog items for the caller, each with a one-line reason; with
+    ``stream``, as server-sent events (``RecommendationEvent``): the items first."""
     cfg, limits = services.cfg, services.cfg.serve.limits
     user = acting_user(who, body.user)
     k = body.k or cfg.recommend.k
@@ -46,8 +58,13 @@ async def recommendations(
     excluded = set(body.exclude) | set(never) | (set(history) if body.exclude_seen else set())
     explain = cfg.serve.explain if body.explain is None else body.explain
 
-    work = partial(_recommend, services, user, history, k, body.context, excluded, explain)
-    return await guarded(services, request, "recommendations", work)
+    events = _events(services, user, history, k, body.context, excluded, explain)
+    if body.stream:
+        head = await open_stream(events, limits.request_timeout_s, lambda e: e.type == "items")
+        error = partial(RecommendationEvent, type="error")
+        expected = (Rejected, BackendError, TimeoutError)
+        return event_answer(head, events, lambda m: error(reason=m), expected, f"stream of {user}")
+    return await guarded(services, request, "recommendations", partial(_collect, events))
 
 
 def _profile_of(services: Services, user: str) -> tuple[list[str], list[str]]:
@@ -55,7 +72,7 @@ def _profile_of(services: Services, user: str) -> tuple[list[str], list[str]]:
     return services.profiles.history(user), services.profiles.exclusions(user)
 
 
-async def _recommend(
+async def _events(
     services: Services,
     user: str,
     history: list[str],
@@ -63,21 +80,40 @@ async def _recommend(
     context: str | None,
     excluded: set[str],
     explain: bool,
-) -> RecommendationResponse:
-    """Rank (and explain) with the user's adapter, behind the admission queue."""
+) -> AsyncIterator[RecommendationEvent]:
+    """Rank with the user's adapter behind the admission queue, then explain: the ranked
+    items first, then each reason as it is written, then ``done``."""
     ranker = services.ranker
     async with services.admit(user) as adapter:
-        items = await ranker.rank(adapter, history, k, context, excluded)
-        if explain and items:
-            items = await ranker.explain(adapter, history, items, services.reason_params())
-    services.metrics.items.inc(len(items))
-    return RecommendationResponse(
-        user=user,
-        adapter=adapter.name if adapter is not None else "base",
-        items=[
-            RecommendedItem(
-                rank=r, item_id=i.item_id, title=i.title, score=i.score, reason=i.reason
-            )
-            for r, i in enumerate(items, 1)
-        ],
-    )
+        ranked = await ranker.rank(adapter, history, k, context, excluded)
+        services.metrics.items.inc(len(ranked))
+        yield RecommendationEvent(
+            type="items",
+            user=user,
+            adapter=adapter.name if adapter is not None else "base",
+            items=[
+                RecommendedItem(rank=r, item_id=i.item_id, title=i.title, score=i.score)
+                for r, i in enumerate(ranked, 1)
+            ],
+        )
+        if explain:
+            params = services.reason_params()
+            async for index, item in ranker.explain(adapter, history, ranked, params):
+                yield RecommendationEvent(
+                    type="reason", rank=index + 1, item_id=item.item_id, reason=item.reason
+                )
+    yield RecommendationEvent(type="done")
+
+
+async def _collect(events: AsyncIterator[RecommendationEvent]) -> RecommendationResponse:
+    """The whole answer of a stream of events, as one response."""
+    async with aclosing(events):
+        response = None
+        async for event in events:
+            if event.type == "items":
+                response = RecommendationResponse(
+                    user=event.user, adapter=event.adapter, items=event.items
+                )
+            elif event.type == "reason":
+                response.items[event.rank - 1].reason = event.reason
+    return response
