@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -551,6 +552,32 @@ def test_resume_after_a_midround_crash_equals_the_uninterrupted_run(
         runner.run(cfg)
     runner.run(cfg, resume=True, client_fn=_sabotage([]))
     _assert_same_run(reference, crashed, atol=0)
+    assert json.loads((crashed / "export.json").read_text())["round"] == 2
+
+
+def _tensor_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))}
+
+
+def test_a_run_cut_off_while_pruning_or_exporting_resumes_to_the_same_files(
+    sabotaged_run, runner, tiny_model_dir, tmp_path
+):
+    """What a kill -9 after the last round leaves (bench/crash.py found both): a personal
+    version the round had still to prune, and an export without its export.json. The resumed
+    run's tensor files are then the uninterrupted run's, byte for byte: no stale version
+    left, no adapter published twice."""
+    reference, _ = sabotaged_run
+    crashed = tmp_path / "out"
+    shutil.copytree(reference, crashed)
+    selected = json.loads((reference / "round-0002" / "round.json").read_text())["selected"]
+    user = next(
+        u for u in selected if (crashed / "clients" / u / "personal-r0002.safetensors").is_file()
+    )
+    save_file({"stale": torch.ones(2)}, crashed / "clients" / user / "personal-r0001.safetensors")
+    (crashed / "export.json").unlink()
+    runner.run(_cfg(tiny_model_dir, crashed), resume=True, client_fn=_sabotage([]))
+    assert _tensor_files(crashed) == _tensor_files(reference)
+    assert not list((crashed / "adapters").glob("*/v0002"))
     assert json.loads((crashed / "export.json").read_text())["round"] == 2
 
 

@@ -48,6 +48,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
+from llmrec.adapters import SHARED_ID
 from llmrec.atomic import write_json_atomic
 from llmrec.config import AppConfig, ConfigError, FedConfig, load_config
 from llmrec.data import Catalog, Split, dataset_from_config, leave_last_out, user_sort_key
@@ -77,6 +78,7 @@ from llmrec.federated import (
     open_store,
     personal_path,
     prune_personal,
+    publish_once,
     publish_user,
     read_records,
     read_round_state,
@@ -90,6 +92,7 @@ from llmrec.federated import (
     server_optimizer,
     server_optimizer_path,
     server_update,
+    settle_personal,
     shard,
     shared_weights,
     state_bytes,
@@ -446,7 +449,8 @@ def _prepare_run_folder(
 ) -> list[int]:
     """The rounds already complete; refuses to clobber them or to resume another cohort.
 
-    The main process deletes what a cut-off round write left and writes run.json (once).
+    The main process deletes what a cut-off round write left (the round's files, older
+    personal versions it had still to prune) and writes run.json (once).
     """
     out = Path(cfg.fed.output_dir)
     done = completed_rounds(out)
@@ -468,6 +472,8 @@ def _prepare_run_folder(
             )
     if accelerator.is_main_process:
         remove_partial_rounds(out)
+        for user_id in cohort if done else ():
+            settle_personal(out, user_id, done[-1])
         if not (resume and (out / RUN_JSON).is_file()):
             write_json_atomic(out / RUN_JSON, run_record, allow_nan=False)
     return done
@@ -542,12 +548,8 @@ def _export(recipe: Recipe) -> None:
         "users": {},
     }
     if fed.shared_rank:
-        ref = store.publish_shared(
-            shared_weights(dual, recipe.shared),
-            base_fingerprint=fingerprint,
-            server_round=final,
-            metrics=metrics,
-        )
+        weights = shared_weights(dual, recipe.shared)
+        ref = publish_once(store, SHARED_ID, weights, fingerprint, final, metrics)
         record["shared"] = ref.adapter_name
     gates: list[float] = []
     if fed.keeps_personal:

@@ -61,6 +61,7 @@ from .client_state import (
     personal_versions,
     prune_personal,
     save_personal,
+    settle_personal,
 )
 from .cohort import (
     eligible_users,
@@ -88,6 +89,7 @@ from .export import (
     adapter_for,
     finite_metrics,
     open_store,
+    publish_once,
     publish_user,
     scale_picks,
     served_base,
@@ -241,6 +243,7 @@ __all__ = [
     "pick_personal_scales",
     "private_mean",
     "prune_personal",
+    "publish_once",
     "publish_user",
     "scale_picks",
     "read_records",
@@ -248,6 +251,7 @@ __all__ = [
     "round_dir",
     "run_client",
     "save_personal",
+    "settle_personal",
     "saved_key",
     "scale_personal",
     "secure_generator",

@@ -53,3 +53,12 @@ def prune_personal(client_dir: Path, user_id: str, before: int) -> None:
     for v in personal_versions(client_dir, user_id):
         if v < before:
             personal_path(client_dir, user_id, v).unlink(missing_ok=True)
+
+
+def settle_personal(client_dir: Path, user_id: str, done_round: int) -> None:
+    """Leave the user's versions up to ``done_round`` as an uninterrupted run leaves them
+    after that round: the latest one alone (a run cut off while pruning the older ones
+    leaves them behind; later versions belong to a round being redone, which replaces them)."""
+    kept = [v for v in personal_versions(client_dir, user_id) if v <= done_round]
+    if kept:
+        prune_personal(client_dir, user_id, before=kept[-1])

@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llmrec.adapters import DEFAULT_MAX_RANK, AdapterStore, LoraWeights, module_shapes_for, stack
+from llmrec.adapters import (
+    DEFAULT_MAX_RANK,
+    SHARED_ID,
+    AdapterStore,
+    LoraWeights,
+    module_shapes_for,
+    stack,
+    state_equal,
+)
 from llmrec.config import FedConfig
 from llmrec.data import Split
 from llmrec.federated.dual_lora import ITEM_ROWS_KEY, DualLora, State, module_of
@@ -120,6 +128,31 @@ def served_base(
     return str(write_item_version(Path(base_path), shared_state[ITEM_ROWS_KEY], dst, fields))
 
 
+def publish_once(
+    store: AdapterStore,
+    user_id: str,
+    weights: LoraWeights,
+    base_fingerprint: str,
+    server_round: int,
+    metrics: Mapping[str, float],
+) -> AdapterRef:
+    """Publish ``weights`` as the next version of ``user_id`` (or of the shared adapter),
+    unless the current version already holds exactly them for this round and base: an
+    export redone by ``--resume`` after a kill then leaves the store as one export would."""
+    ref = store.shared() if user_id == SHARED_ID else store.current(user_id)
+    if (
+        ref is not None
+        and ref.manifest.server_round == server_round
+        and ref.manifest.base_fingerprint == base_fingerprint
+        and state_equal(store.load(ref).state, weights.state)
+    ):
+        return ref
+    args = dict(base_fingerprint=base_fingerprint, server_round=server_round, metrics=metrics)
+    if user_id == SHARED_ID:
+        return store.publish_shared(weights, **args)
+    return store.publish(user_id, weights, **args)
+
+
 def adapter_for(store: AdapterStore, user_id: str) -> AdapterRef | None:
     """The adapter to serve ``user_id``: their own current version, else the shared one.
 
@@ -192,7 +225,7 @@ def publish_user(
     metrics: Mapping[str, float],
     pick: tuple[float, Mapping[float, float]] | None = None,
 ) -> Published:
-    """Publish the user's stacked adapter after ``server_round``.
+    """Publish the user's stacked adapter after ``server_round`` (:func:`publish_once`).
 
     With ``pick`` (a :func:`scale_picks` entry: the scale and every scale's loss) the personal
     part is first scaled by it. Users never trained are not published: they are cold start,
@@ -205,11 +238,5 @@ def publish_user(
         personal = scale_personal(personal_state, scale)
         metrics.update(personal_scale=scale, val_loss_picked=losses[scale])
     weights = user_weights(shared_state, personal, dual.cfg, dual.base_model)
-    ref = store.publish(
-        user_id,
-        weights,
-        base_fingerprint=base_fingerprint,
-        server_round=server_round,
-        metrics=metrics,
-    )
+    ref = publish_once(store, user_id, weights, base_fingerprint, server_round, metrics)
     return Published(ref, personal_weight_mean(personal), scale)
