@@ -279,7 +279,9 @@ class ChatCompletionRequest(_OpenAIBody):
     stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
     """Up to 4 strings of 1-64 characters."""
     n: int | None = Field(None, ge=1, le=1, strict=False)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=False)
+    seed: int | None = Field(None, ge=0, le=2**53 - 1, strict=False)
+    """At most 2^53 - 1, the largest integer every JSON reader keeps exact: a larger one
+    may arrive as a float rounded past the engine's int64 (found by ``bench/fuzz.py``)."""
     repetition_penalty: float | None = Field(None, ge=1.0, le=2.0)
     """vLLM's extension: > 1 makes tokens already in the text less likely (default:
     ``serve.repetition_penalty``)."""

@@ -287,6 +287,8 @@ BAD_CHATS = [
     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}',
     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}',
     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["", "a"]}',
+    # past 2^53 - 1 a JSON reader may round it (to 2^63: past the engine's int64)
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": 9007199254740992}',
     # too long for the model: only the raw model reads it (the agent parses it by rule)
     b'{"model": "llmrec-raw", "messages": [{"role": "user", "content": "'
     + b"word " * 1500
