@@ -84,6 +84,12 @@ class ServeConfig(BaseModel):
     max_lora_rank: int | None = None
     """vLLM --max-lora-rank; None = the smallest vLLM rank that holds every stored adapter
     (padding to a larger rank costs speed). Also the store's rank limit."""
+    quantization: Literal["none", "w4a16"] = "none"
+    """The served foundation model's weights: ``none``, as trained; ``w4a16``, its 4-bit
+    version (``llmrec.model.quantized``: 4-bit weights per group of 32 input columns,
+    computed in the engine's dtype), built once beside it, with every adapter trained on
+    the model served on top. vLLM backend only; computes in bfloat16 (``model.dtype`` auto)
+    or float16."""
     max_model_len: int = Field(1024, ge=64)
     """Context length of the engine: prompt + generated tokens."""
     block_size: int = Field(32, ge=16)
@@ -117,6 +123,8 @@ class ServeConfig(BaseModel):
     def _consistent(self) -> ServeConfig:
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras (vLLM refuses it otherwise)")
+        if self.quantization != "none" and self.backend != "vllm":
+            raise ValueError(f"quantization={self.quantization} needs backend=vllm")
         if self.max_lora_rank is not None and self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}")
         return self
@@ -127,6 +135,15 @@ class ServingConfig(AppConfig):
 
     serve: ServeConfig = ServeConfig()
     """The gateway, its engine and its limits."""
+
+    @model_validator(mode="after")
+    def _quantized_in_16_bits(self) -> ServingConfig:
+        if self.serve.quantization != "none" and self.model.dtype == "float32":
+            raise ValueError(
+                f"model.dtype=float32 with serve.quantization={self.serve.quantization}: "
+                "vLLM's 4-bit CPU kernel computes in bfloat16 or float16"
+            )
+        return self
 
     @property
     def store_dir(self) -> Path:

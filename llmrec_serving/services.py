@@ -23,7 +23,6 @@ from llmrec.data import Catalog, dataset_from_config
 from llmrec.model import (
     BASE_MODEL_ALIAS,
     auto_dtype,
-    fingerprint_model_dir,
     load_model,
     load_tokenizer,
     prepare_base_model,
@@ -31,6 +30,7 @@ from llmrec.model import (
 )
 from llmrec.model.item_space import ItemSpace
 from llmrec.model.item_vocab import ItemVocab, has_item_vocab, history_reading
+from llmrec.model.quantized import adapter_fingerprint, prepare_quantized_version
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend.reasons import Reasoner
 from llmrec_serving.adapters import AdapterRouter
@@ -107,10 +107,13 @@ def specials_pattern(tokenizer: Any) -> re.Pattern | None:
 
 
 def base_model_dir(cfg: ServingConfig) -> Path:
-    """The local folder of the base model (the packaged SmolLM2 is prepared once)."""
+    """The local folder of the served base model (the packaged SmolLM2 is prepared once;
+    under ``serve.quantization=w4a16`` its 4-bit version, built once beside it)."""
     if cfg.model.name_or_path == BASE_MODEL_ALIAS:
-        return Path(prepare_base_model(cfg.model.cache_dir))
-    return Path(resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir))
+        base = Path(prepare_base_model(cfg.model.cache_dir))
+    else:
+        base = Path(resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir))
+    return prepare_quantized_version(base) if cfg.serve.quantization == "w4a16" else base
 
 
 def stored_ranks(store: AdapterStore) -> list[int]:
@@ -131,13 +134,17 @@ def open_store(cfg: ServingConfig, base_dir: Path) -> AdapterStore:
         cfg.store_dir,
         max_rank=rank,
         module_shapes=module_shapes_for(base_dir),
-        base_fingerprint=fingerprint_model_dir(base_dir),
+        base_fingerprint=adapter_fingerprint(base_dir),
     )
 
 
 def vllm_dtype(cfg: ServingConfig) -> str:
-    """The engine dtype: the model section's, with auto resolved as llmrec does."""
-    return auto_dtype("cpu") if cfg.model.dtype == "auto" else cfg.model.dtype
+    """The engine dtype: the model section's, with auto resolved as llmrec does (always a
+    16-bit one for a 4-bit base: vLLM's 4-bit CPU kernel computes in nothing else)."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    dtype = auto_dtype("cpu")
+    return "bfloat16" if cfg.serve.quantization != "none" and dtype == "float32" else dtype
 
 
 def build_backend(cfg: ServingConfig, base_dir: Path, store: AdapterStore, tokenizer) -> Backend:

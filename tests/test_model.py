@@ -354,6 +354,51 @@ def test_load_model_bad_values_name_the_field(tiny_dir: Path, kwargs: dict, fiel
 # --------------------------------------------------------------------------- real 135M (slow)
 
 
+# --------------------------------------------------------------------------- 4-bit version
+
+
+def test_quantized_version_rounds_each_linear_weight_to_its_group_grid(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """Every linear weight is within half a step of its group's 4-bit grid; the rest of the
+    folder is the source's; adapters of the source fit the version (its fingerprint)."""
+    from safetensors.torch import load_file
+
+    from llmrec.model.quantized import (
+        GROUP_SIZE,
+        adapter_fingerprint,
+        dequantize_linear,
+        prepare_quantized_version,
+        quantized_version_dir,
+    )
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_dir, src)
+    version = prepare_quantized_version(src)
+    assert version == quantized_version_dir(src) and (version / MARKER_FILE).is_file()
+    assert adapter_fingerprint(version) == fingerprint_model_dir(src) == adapter_fingerprint(src)
+    before = load_file(src / "model.safetensors")
+    after = load_file(version / "model.safetensors")
+    linear = [k for k in before if k.endswith("_proj.weight")]
+    assert linear and all(f"{k}_packed" in after and k not in after for k in linear)
+    for key in linear:
+        prefix = key.removesuffix("weight")
+        stored = {n: after[prefix + n] for n in ("weight_packed", "weight_scale", "weight_shape")}
+        error = (dequantize_linear(stored).float() - before[key].float()).abs()
+        step = stored["weight_scale"].float().repeat_interleave(GROUP_SIZE, dim=1)
+        assert (error <= step / 2 + 1e-6).all(), key
+    others = [k for k in before if k not in linear]
+    assert all(torch.equal(before[k], after[k]) for k in others)
+    assert load_tokenizer(str(version)).vocab_size == load_tokenizer(str(src)).vocab_size
+
+    stamp = (version / "model.safetensors").stat().st_mtime_ns
+    assert prepare_quantized_version(src) == version  # the same source: reused
+    assert (version / "model.safetensors").stat().st_mtime_ns == stamp
+    G.write_marker(src, {"kind": "changed"})  # a changed source is rebuilt
+    (src / "config.json").write_text((src / "config.json").read_text() + " ")
+    assert adapter_fingerprint(prepare_quantized_version(src)) == fingerprint_model_dir(src)
+
+
 @pytest.fixture(scope="module")
 def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real SmolLM2-135M GGUF converted once into a throwaway cache dir."""

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
+from llmrec.config import ConfigError
 from llmrec.model import attach_adapter, load_model
 from llmrec.model.item_vocab import ItemVocab
+from llmrec.model.quantized import dequantize_linear, quantize_linear
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend.item_scorer import ItemScorer
 from llmrec_serving.app import create_app, serve_in_thread
@@ -19,9 +22,16 @@ from llmrec_serving.config import load_serving_config
 from llmrec_serving.services import build_services
 
 
-def library_items(world, catalog, user, history, k=5):
-    """The library's one-pass ranking on the world's base with ``user``'s current adapter."""
+def library_items(world, catalog, user, history, k=5, quantized=False):
+    """The library's one-pass ranking on the world's base with ``user``'s current adapter
+    (``quantized``: every linear weight as its 4-bit version stands for it)."""
     model, tokenizer = load_model(str(world.model_dir))
+    if quantized:
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                    stored = quantize_linear(module.weight)
+                    module.weight.copy_(dequantize_linear(stored).to(module.weight.dtype))
     model = attach_adapter(model, world.store.current(user).path).eval()
     scorer = ItemScorer(model, ItemVocab.read(world.model_dir), catalog, PromptBuilder(tokenizer))
     return [(r.item_id, r.score) for r in scorer.recommend(history, k=k)]
@@ -53,8 +63,8 @@ def post(client_or_url, world, body):
     return r.json()
 
 
-def check_ranking(reply, world, services, history):
-    expected = library_items(world, services.catalog, "1", history)
+def check_ranking(reply, world, services, history, quantized=False):
+    expected = library_items(world, services.catalog, "1", history, quantized=quantized)
     assert reply["adapter"] == "1@v1"
     assert [i["item_id"] for i in reply["items"]] == [i for i, _ in expected]
     assert [i["score"] for i in reply["items"]] == pytest.approx([s for _, s in expected], abs=2e-3)
@@ -93,3 +103,34 @@ def test_one_vllm_request_ranks_with_the_users_adapter(item_serving_world, vllm_
         reply = post(url, world, {"history": history})
         assert counting.calls == 1
         check_ranking(reply, world, services, history)
+
+
+@pytest.mark.slow
+def test_the_4bit_version_serves_the_adapters_trained_on_the_model(
+    item_serving_world, vllm_overrides
+):
+    """``serve.quantization=w4a16``: vLLM runs the 4-bit version with the user's adapter
+    (trained on the unquantized model) on top, and ranks as the library does on the weights
+    the 4-bit version stands for (the item rows and head are not quantized)."""
+    world = item_serving_world
+    overrides = [*world.overrides, *vllm_overrides, "serve.quantization=w4a16"]
+    services = build_services(load_serving_config(None, [*overrides, "model.dtype=bfloat16"]))
+    assert services.backend.server.spec.model.endswith("+w4a16")
+    with serve_in_thread(create_app(services), "127.0.0.1", startup_timeout_s=600) as url:
+        history = list(services.profiles.base_histories["1"])
+        reply = post(url, world, {"history": history})
+    expected = library_items(world, services.catalog, "1", history, quantized=True)
+    assert reply["adapter"] == "1@v1"
+    assert [i["item_id"] for i in reply["items"]] == [i for i, _ in expected]
+    # The engine computes in bfloat16, the library in float32.
+    assert [i["score"] for i in reply["items"]] == pytest.approx([s for _, s in expected], abs=1e-2)
+
+
+def test_quantized_serving_computes_in_16_bits():
+    with pytest.raises(ConfigError, match="model.dtype=float32 with serve.quantization=w4a16"):
+        load_serving_config(None, ["serve.quantization=w4a16", "model.dtype=float32"])
+
+
+def test_quantized_serving_needs_the_vllm_backend():
+    with pytest.raises(ConfigError, match="serve: .*quantization=w4a16 needs backend=vllm"):
+        load_serving_config(None, ["serve.quantization=w4a16", "serve.backend=inprocess"])
