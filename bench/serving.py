@@ -1,19 +1,30 @@
-"""Serving benchmark: recommendation throughput and latency through the gateway and vLLM.
+"""Serving benchmark: one engine request per recommendation, through the gateway and vLLM.
 
-Starts the real stack on loopback (a managed vLLM OpenAI server with LoRA + the FastAPI
-gateway), publishes one random rank-r LoRA per benchmark user into a temporary adapter
-store, and measures, side by side on the same requests: recommendations on the base model
-(no LoRA) and with 1, 16 and 100 distinct user adapters, under concurrency. With more
-distinct adapters than ``--max-cpu-loras`` the gateway's LRU evicts and reloads during the
-run: that cost is part of the figure. Also measures adapter load time: cold (validated and
-loaded from disk into vLLM) and warm (already loaded: a cache hit), as the latency of a
-user's first request against their next one. Prints a table, writes JSON and a PNG.
+Starts the real stack on loopback (the managed vLLM OpenAI server with LoRA, and the FastAPI
+gateway) over an item-token base, and measures, side by side in one run, recommendations of
+``--k`` items without reasons (one engine request each):
 
-CPU command (tiny 2-layer Llama, the ML-100K catalog):
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/serving.py --model tiny
-The real SmolLM2-135M (much slower on a CPU):
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/serving.py --model smollm2 \
-        --requests 32 --adapters 0 1 16
+- ``base-c1``, ``adapter-c1``: the base with no LoRA and one user's adapter, one request at
+  a time;
+- ``base-c8``, ``adapters1-c8``, ``adapters16-c8``, ``adapters100-c8``: the base, then 1, 16
+  and 100 distinct users' adapters, ``--concurrency`` at a time; every adapter of a scenario
+  is loaded before it is timed (cold loads are measured on their own);
+- ``cold_load_ms``: validating a stored adapter and loading it into vLLM (the gateway's own
+  timer, ``llmrec_adapter_load_seconds``), for users never served before;
+- ``warm_swap_ms``: what switching between loaded adapters adds to a request: the median
+  latency of one request at a time cycling through 16 loaded adapters (more than the
+  engine's ``--max-loras`` slots, so every request swaps one in) minus that of the same
+  adapter again and again;
+- ``first_byte_s``: a streamed recommendation with reasons (``stream=true``): the first
+  byte (the ranked items), the first reason and the whole answer.
+
+The adapters are a federated run's own (``--run``: its ``base/`` and ``adapters/``, hard-
+linked into a private store without the shared adapter, so users outside it are served by
+the bare base); without ``--run``, random rank-``--rank`` LoRAs over the untrained item-
+token base of the packaged model. Writes a JSON report and a PNG beside it.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/serving.py \\
+        --run outputs/fed-seed0 --out bench/reports/serving.json
 """
 
 from __future__ import annotations
@@ -22,15 +33,21 @@ import argparse
 import asyncio
 import json
 import platform
+import random
 import re
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import matplotlib
+import numpy as np
+import psutil
 import torch
 
 matplotlib.use("Agg")
@@ -39,25 +56,38 @@ matplotlib.use("Agg")
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 import matplotlib.pyplot as plt  # noqa: E402
 
-from llmrec.adapters import (  # noqa: E402
-    AdapterStore,
-    LoraWeights,  # noqa: E402
-    module_shapes_for,
-)
-from llmrec.data import load_dataset  # noqa: E402
+from llmrec.adapters import AdapterStore, LoraWeights, module_shapes_for  # noqa: E402
+from llmrec.atomic import write_json_atomic  # noqa: E402
+from llmrec.data import Dataset, Split, leave_last_out, load_dataset, user_sort_key  # noqa: E402
 from llmrec.launch import free_port  # noqa: E402
-from llmrec.model import (  # noqa: E402
-    BASE_MODEL_ALIAS,
-    build_tiny_model,
-    fingerprint_model_dir,
-    prepare_base_model,
-)
+from llmrec.model import build_tiny_model, fingerprint_model_dir, prepare_base_model  # noqa: E402
+from llmrec.model.item_vocab import prepare_item_base  # noqa: E402
+from llmrec.quality import per_user, summarize  # noqa: E402
+from llmrec.stats import paired_comparison  # noqa: E402
 from llmrec_serving.app import create_app, serve_in_thread  # noqa: E402
 from llmrec_serving.config import load_serving_config  # noqa: E402
 from llmrec_serving.keys import KeyStore  # noqa: E402
-from llmrec_serving.services import build_services  # noqa: E402
+from llmrec_serving.services import build_services, vllm_dtype  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SWAP_ADAPTERS = 16
+WINDOW_CAP = 100
+"""Most history items a request carries (the run's window; the gateway's limit is 200)."""
+
+
+@dataclass
+class Timed:
+    """Latencies of one batch of requests, its wall time, its failures and its answers."""
+
+    latencies: list[float]
+    wall_s: float
+    errors: int
+    answers: list[list[str]]
+    """Each request's ranked item ids, in request order (empty when it failed)."""
+
+
+Job = tuple[str, list[str]]
+"""One recommendation: the acting user and the history it is ranked from."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -65,32 +95,55 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def run_load(
-    url: str, jobs: list[tuple[str, list[str]]], admin: str, concurrency: int, k: int
-):
-    """Send every (user, history) job, ``concurrency`` at a time; latencies and wall time."""
+async def send(url: str, admin: str, jobs: list[Job], concurrency: int, k: int) -> Timed:
+    """One items-only recommendation per job, ``concurrency`` at a time."""
     latencies: list[float] = []
+    answers: list[list[str]] = [[] for _ in jobs]
     errors = 0
     queue: asyncio.Queue = asyncio.Queue()
-    for job in jobs:
-        queue.put_nowait(job)
+    for index, job in enumerate(jobs):
+        queue.put_nowait((index, job))
     headers = {"Authorization": f"Bearer {admin}"}
     async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers) as client:
 
         async def worker() -> None:
             nonlocal errors
             while not queue.empty():
-                user, history = queue.get_nowait()
+                index, (user, history) = queue.get_nowait()
                 body = {"user": user, "history": history, "k": k, "explain": False}
                 start = time.perf_counter()
                 r = await client.post("/v1/recommendations", json=body)
                 latencies.append(time.perf_counter() - start)
-                errors += r.status_code != 200
+                if r.status_code != 200:
+                    errors += 1
+                    print(f"  {r.status_code}: {r.text[:200]}")
+                else:
+                    answers[index] = [item["item_id"] for item in r.json()["items"]]
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return latencies, wall, errors
+    return Timed(latencies, wall, errors, answers)
+
+
+def streamed(url: str, admin: str, job: Job, k: int) -> dict[str, float]:
+    """A streamed recommendation with reasons: seconds to the first byte, the first reason
+    and the end."""
+    user, history = job
+    body = {"user": user, "history": history, "k": k, "explain": True, "stream": True}
+    headers = {"Authorization": f"Bearer {admin}"}
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    with httpx.stream("POST", f"{url}/v1/recommendations", json=body, headers=headers,
+                      timeout=600) as r:  # fmt: skip
+        r.raise_for_status()
+        for chunk in r.iter_text():
+            now = time.perf_counter() - start
+            out.setdefault("first_byte_s", now)
+            if '"type":"reason"' in chunk:
+                out.setdefault("first_reason_s", now)
+    out["done_s"] = time.perf_counter() - start
+    return out
 
 
 def metric(text: str, name: str) -> float:
@@ -98,154 +151,312 @@ def metric(text: str, name: str) -> float:
     return float(m[1]) if m else 0.0
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    p.add_argument("--data", choices=["ml-100k"], default="ml-100k")
-    p.add_argument("--adapters", type=int, nargs="+", default=[0, 1, 16, 100], help="0 = base")
-    p.add_argument("--requests", type=int, default=96, help="requests per scenario")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--beam-width", type=int, default=10)
-    p.add_argument("--rank", type=int, default=12, help="adapter rank (8 shared + 4 personal)")
-    p.add_argument("--max-cpu-loras", type=int, default=32)
-    p.add_argument("--max-loras", type=int, default=8)
-    p.add_argument("--out", type=Path, default=Path("results/bench_serving"))
-    args = p.parse_args()
+def summary(timed: Timed) -> dict[str, float]:
+    lat = timed.latencies
+    return {
+        "requests": len(lat),
+        "errors": timed.errors,
+        "req_s": len(lat) / timed.wall_s,
+        "p50_s": statistics.median(lat),
+        "p99_s": percentile(lat, 99),
+    }
 
-    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    model_dir = build_tiny_model(work / "tiny") if args.model == "tiny" else prepare_base_model()
-    model_name = str(model_dir) if args.model == "tiny" else BASE_MODEL_ALIAS
-    dataset = load_dataset(args.data)
-    users = sorted(dataset.histories, key=lambda u: -len(dataset.histories[u]))[
-        : max(args.adapters) + 8
-    ]
-    shapes, fp = module_shapes_for(model_dir), fingerprint_model_dir(model_dir)
-    store = AdapterStore(work / "adapters", max_rank=64, module_shapes=shapes, base_fingerprint=fp)
-    n_adapters = max(args.adapters)
-    for i, user in enumerate(users[:n_adapters]):
-        store.publish(
-            user,
-            LoraWeights.random(
-                shapes, TARGETS, args.rank, i, str(model_dir), std=0.02, alpha=args.rank
-            ),
-            base_fingerprint=fp,
-        )
+
+def engine_rss_mb(pid: int | None) -> float | None:
+    """Resident memory of the engine's process tree, in MiB."""
+    if pid is None:
+        return None
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
+def link_run_store(run: Path, users: list[str], dest: Path) -> None:
+    """``users``' adapters of the run's store, hard-linked (no copy) into ``dest``."""
+    for user in users:
+        shutil.copytree(run / "adapters" / user, dest / user, copy_function=_link)
+
+
+def _link(src: str, dst: str) -> None:
+    Path(dst).hardlink_to(src)
+
+
+class Histories:
+    """Real histories, each handed out once (a repeated prompt would be answered from the
+    engine's prefix cache and flatter the figures)."""
+
+    def __init__(self, dataset: Dataset, window: int, seed: int):
+        users = sorted(dataset.histories, key=user_sort_key)
+        random.Random(seed).shuffle(users)
+        self._histories = [list(dataset.histories[u][-window:]) for u in users]
+        self._next = 0
+
+    def take(self) -> list[str]:
+        history = self._histories[self._next % len(self._histories)]
+        self._next += 1
+        return history
+
+
+def served_quality(run: Callable[[list[Job], int], Timed], split: Split, k: int) -> dict:
+    """Each user ranked by the gateway with their own adapter from the history before their
+    validation and test items: per-user HR@k and NDCG@k of each."""
+    out = {}
+    for name, targets in (("valid", split.valid), ("test", split.test)):
+        users = sorted(targets, key=user_sort_key)
+        before = split.history_for_valid if name == "valid" else split.history_for_test
+        answers = run([(u, before(u)[-WINDOW_CAP:]) for u in users], k).answers
+        ranks = np.array([a.index(targets[u]) if targets[u] in a else k for u, a in
+                          zip(users, answers, strict=True)])  # fmt: skip
+        out[name] = {"users": users, "values": per_user(ranks, k)}
+    return out
+
+
+def measure(args, model_dir: Path, store_dir: Path, dataset, split, layout: str) -> dict:
+    """Everything measured on one served layout (``serve.quantization``)."""
+    work = Path(tempfile.mkdtemp(prefix=f"bench-serving-{layout}-"))
     keys = KeyStore(work / "keys.json")
     admin = keys.add(None, admin=True)
     cfg = load_serving_config(None, [
-        f"model.name_or_path={model_name}", "model.dtype=float32", f"data.name={args.data}",
-        "prompts.max_history_items=10", f"recommend.beam_width={args.beam_width}",
-        f"serve.store_dir={store.root}", f"serve.keys_file={keys.path}",
-        f"profile.url=sqlite:///{work / 'profiles.db'}",
-        f"serve.vllm_port={free_port()}", "serve.cpu_threads=nobind",
+        f"model.name_or_path={model_dir}", f"data.name={args.data}",
+        f"serve.quantization={layout}",
+        f"serve.store_dir={store_dir}", f"serve.keys_file={keys.path}",
+        f"profile.url=sqlite:///{work / 'profiles.db'}", f"serve.vllm_port={free_port()}",
         f"serve.max_cpu_loras={args.max_cpu_loras}", f"serve.max_loras={args.max_loras}",
-        "serve.limits.max_queue=1024", "serve.limits.per_user_concurrency=64",
+        "serve.limits.max_queue=2048", "serve.limits.per_user_concurrency=64",
         f"serve.limits.max_concurrency={args.concurrency}", "serve.limits.request_timeout_s=600",
         "serve.limits.queue_timeout_s=600",
     ])  # fmt: skip
     services = build_services(cfg)
-    startup_timeout_s = cfg.serve.vllm_startup_timeout_s + 60
+    histories = Histories(dataset, WINDOW_CAP, args.seed)
+    adapter_users = sorted(services.router.store.users(), key=user_sort_key)
+    base_users = [f"bench-base-{i}" for i in range(16)]  # no adapter: the bare base serves them
     t0 = time.perf_counter()
-    with serve_in_thread(create_app(services), "127.0.0.1", startup_timeout_s) as url:
+    with serve_in_thread(
+        create_app(services), "127.0.0.1", cfg.serve.vllm_startup_timeout_s + 60
+    ) as url:
         startup_s = time.perf_counter() - t0
+        rss_mb = engine_rss_mb(getattr(services.backend.server, "pid", None))
         served_rank = services.router.store.max_rank
-        print(f"stack up in {startup_s:.1f} s ({args.model} model, vLLM rank {served_rank})")
-        # Adapter load, cold vs warm: a fresh user's first request, then the same again.
-        cold, warm = [], []
-        for user in users[n_adapters - 4 : n_adapters] if n_adapters >= 4 else []:
-            history = list(dataset.histories[user][-10:])
-            for bucket in (cold, warm):
-                lat, _, _ = asyncio.run(run_load(url, [(user, history)], admin, 1, args.k))
-                bucket.append(lat[0])
-        text = httpx.get(f"{url}/metrics").text
-        load_s = metric(text, "llmrec_adapter_load_seconds_sum") / max(
-            1.0, metric(text, "llmrec_adapter_load_seconds_count")
-        )
+        print(f"[{layout}] stack up in {startup_s:.1f} s, engine {rss_mb:.0f} MiB, "
+              f"vLLM max rank {served_rank}")  # fmt: skip
+
+        def run(jobs: list[Job], concurrency: int) -> Timed:
+            return asyncio.run(send(url, admin, jobs, concurrency, args.k))
+
+        def fresh(users: list[str], n: int) -> list[Job]:
+            return [(users[i % len(users)], histories.take()) for i in range(n)]
+
+        def loads() -> tuple[float, float]:
+            text = httpx.get(f"{url}/metrics").text
+            return (
+                metric(text, "llmrec_adapter_load_seconds_sum"),
+                metric(text, "llmrec_adapter_load_seconds_count"),
+            )
+
+        run(fresh(base_users, 2), 1)  # the gateway's own first-request costs, untimed
+        # Cold loads: users never served, one at a time.
+        cold_users = adapter_users[-args.cold :]
+        before = loads()
+        cold = run(fresh(cold_users, len(cold_users)), 1)
+        after = loads()
+        cold_load_ms = 1000 * (after[0] - before[0]) / max(1.0, after[1] - before[1])
+
+        pools = {
+            "base-c1": (base_users, 1),
+            "adapter-c1": (adapter_users[:1], 1),
+            "base-c8": (base_users, args.concurrency),
+            "adapters1-c8": (adapter_users[:1], args.concurrency),
+            "adapters16-c8": (adapter_users[:16], args.concurrency),
+            "adapters100-c8": (adapter_users[:100], args.concurrency),
+        }
         scenarios = {}
-        for n in args.adapters:
-            # n = 0: users with no adapter and no shared one are served by the bare base.
-            pool = users[n_adapters : n_adapters + 8] if n == 0 else users[:n]
-            jobs = [(u, list(dataset.histories[u][-10:])) for u in pool]
-            jobs = [jobs[i % len(jobs)] for i in range(args.requests)]
-            before = httpx.get(f"{url}/metrics").text
-            lat, wall, errors = asyncio.run(run_load(url, jobs, admin, args.concurrency, args.k))
-            after = httpx.get(f"{url}/metrics").text
-            name = "base (no LoRA)" if n == 0 else f"{n} adapter{'s' * (n > 1)}"
-            scenarios[name] = {
-                "distinct_adapters": n,
-                "requests": len(lat),
-                "errors": errors,
-                "throughput_rps": len(lat) / wall,
-                "p50_s": statistics.median(lat),
-                "p99_s": percentile(lat, 99),
-                "adapter_loads": metric(after, "llmrec_adapter_loads_total")
-                - metric(before, "llmrec_adapter_loads_total"),
+        for name, (pool, concurrency) in pools.items():
+            # Every adapter of the scenario loaded (untimed), on a one-item history.
+            run([(u, histories.take()[-1:]) for u in pool], args.concurrency)
+            before = loads()
+            timed = run(fresh(pool, max(args.requests, len(pool))), concurrency)
+            scenarios[name] = summary(timed) | {
+                "distinct_adapters": 0 if name.startswith("base") else len(pool),
+                "concurrency": concurrency,
+                "adapter_loads": loads()[1] - before[1],
             }
             row = scenarios[name]
-            print(
-                f"{name:>16}: {row['throughput_rps']:6.2f} req/s  p50 {row['p50_s']:.3f} s  "
-                f"p99 {row['p99_s']:.3f} s  loads {row['adapter_loads']:.0f}  errors {errors}"
+            print(f"[{layout}] {name:>15}: {row['req_s']:6.2f} req/s  p50 {row['p50_s']:.3f} s"
+                  f"  p99 {row['p99_s']:.3f} s  loads {row['adapter_loads']:.0f}  "
+                  f"errors {row['errors']}")  # fmt: skip
+
+        # Warm swaps: 16 loaded adapters in turn against one adapter again, one at a time.
+        n = max(args.requests, 2 * SWAP_ADAPTERS)
+        cycle = run(fresh(adapter_users[:SWAP_ADAPTERS], n), 1)
+        same = run(fresh(adapter_users[:1], n), 1)
+        swap_s = statistics.median(cycle.latencies) - statistics.median(same.latencies)
+
+        streams = [streamed(url, admin, job, args.k) for job in fresh(adapter_users, args.streams)]
+        quality = (
+            served_quality(lambda jobs, k: run(jobs, args.concurrency), split, args.k)
+            if args.quality
+            else None
+        )
+    shutil.rmtree(work, ignore_errors=True)
+    stream = {key: statistics.median(s[key] for s in streams) for key in streams[0]}
+    return {
+        "engine": {
+            "kind": "vllm",
+            "quantization": layout,
+            "dtype": vllm_dtype(cfg),
+            "max_lora_rank": served_rank,
+            "max_loras": args.max_loras,
+            "max_cpu_loras": args.max_cpu_loras,
+            "startup_s": startup_s,
+            "rss_mb": rss_mb,
+        },
+        "scenarios": scenarios,
+        "ratios": {
+            "lora_vs_base": scenarios["adapters1-c8"]["req_s"] / scenarios["base-c8"]["req_s"],
+            "adapters_100_vs_1": scenarios["adapters100-c8"]["req_s"]
+            / scenarios["adapters1-c8"]["req_s"],
+        },
+        "cold_load_ms": cold_load_ms,
+        "cold_first_request_s": statistics.median(cold.latencies),
+        "warm_swap_ms": 1000 * swap_s,
+        "warm_swap": {
+            "cycle16_p50_s": statistics.median(cycle.latencies),
+            "same_p50_s": statistics.median(same.latencies),
+        },
+        "first_byte_s": stream["first_byte_s"],
+        "stream": stream | {"requests": len(streams), "reasons": cfg.serve.reasons},
+        "quality": quality,
+    }
+
+
+def quality_report(results: dict[str, dict], k: int, seed: int) -> dict:
+    """HR@k / NDCG@k with intervals per layout and split, and each quantized layout against
+    ``none`` on the same users (paired)."""
+    out: dict = {}
+    for layout, result in results.items():
+        out[layout] = {
+            split: {"users": len(q["users"])} | summarize(q["values"], seed)
+            for split, q in result["quality"].items()
+        }
+    for layout in [name for name in results if name != "none"]:
+        out[f"{layout}_vs_none"] = {
+            split: paired_comparison(
+                results[layout]["quality"][split]["values"],
+                results["none"]["quality"][split]["values"],
+                k,
+                seed,
             )
-    base = scenarios.get("base (no LoRA)")
+            for split in ("valid", "test")
+        }
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--run", type=Path, help="a federated run folder (base/ + adapters/)")
+    p.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2",
+                   help="without --run: the base whose item-token version is served")  # fmt: skip
+    p.add_argument("--data", choices=["ml-100k"], default="ml-100k")
+    p.add_argument("--requests", type=int, default=32, help="requests per timed scenario")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--rank", type=int, default=12, help="random adapters' rank (no --run)")
+    p.add_argument("--cold", type=int, default=8, help="users whose first load is timed")
+    p.add_argument("--streams", type=int, default=8, help="streamed requests with reasons")
+    p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument("--max-cpu-loras", type=int, default=128)
+    p.add_argument("--quantized", action="store_true",
+                   help="also serve the 4-bit (W4A16) version, side by side")  # fmt: skip
+    p.add_argument("--quality", action="store_true",
+                   help="rank each user's validation and test item via the gateway")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench/reports/serving.json"))
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    dataset = load_dataset(args.data)
+    split = leave_last_out(dataset.histories)
+    users = sorted(dataset.histories, key=user_sort_key)
+    store_dir = work / "adapters"
+    if args.run is not None:
+        model_dir = (args.run / "base").resolve()
+        run_users = [u for u in users if (args.run / "adapters" / u / "CURRENT").is_file()]
+        link_run_store(args.run, run_users, store_dir)
+        source = f"{args.run}: the run's base and its {len(run_users)} users' own adapters"
+    else:
+        plain = build_tiny_model(work / "tiny") if args.model == "tiny" else prepare_base_model()
+        model_dir = prepare_item_base(plain, dataset.catalog)
+        shapes, fp = module_shapes_for(model_dir), fingerprint_model_dir(model_dir)
+        store = AdapterStore(store_dir, max_rank=64, module_shapes=shapes, base_fingerprint=fp)
+        for i, user in enumerate(users[: 100 + args.cold]):
+            weights = LoraWeights.random(
+                shapes, TARGETS, args.rank, i, str(model_dir), std=0.02, alpha=args.rank
+            )
+            store.publish(user, weights, base_fingerprint=fp)
+        source = f"random rank-{args.rank} adapters over the untrained item-token {args.model}"
+    layouts = ["none", "w4a16"] if args.quantized else ["none"]
+    results = {
+        layout: measure(args, model_dir, store_dir, dataset, split, layout) for layout in layouts
+    }
     report = {
-        "model": args.model,
-        "model_dir": str(model_dir),
+        "model": str(model_dir),
+        "adapters": source,
         "data": args.data,
         "catalog_items": len(dataset.catalog),
         "k": args.k,
-        "beam_width": args.beam_width,
-        "adapter_rank": args.rank,
-        "vllm_max_lora_rank": served_rank,
-        "max_cpu_loras": args.max_cpu_loras,
-        "max_loras": args.max_loras,
-        "concurrency": args.concurrency,
+        "seed": args.seed,
         "host": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
-        "startup_s": startup_s,
-        "adapter_load": {
-            "validate_and_load_mean_s": load_s,
-            "first_request_cold_s": statistics.median(cold) if cold else None,
-            "next_request_warm_s": statistics.median(warm) if warm else None,
-        },
-        "scenarios": scenarios,
-        "vs_base": {
-            name: {
-                "throughput_ratio": row["throughput_rps"] / base["throughput_rps"],
-                "p50_ratio": row["p50_s"] / base["p50_s"],
-            }
-            for name, row in scenarios.items()
-        }
-        if base
-        else {},
+        **{key: value for key, value in results["none"].items() if key != "quality"},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        json.dumps({"adapter_load": report["adapter_load"], "vs_base": report["vs_base"]}, indent=2)
-    )
-    plot(report, args.out / "serving.png")
-    print(f"written: {args.out / 'serving.json'}, {args.out / 'serving.png'}")
+    if args.quality:
+        report["served_quality"] = quality_report(results, args.k, args.seed)
+    if args.quantized:
+        q = results["w4a16"]
+        report["quantized"] = {
+            "scheme": "W4A16 (llmrec.model.quantized), against the served dtype",
+            "rss_mb": {layout: r["engine"]["rss_mb"] for layout, r in results.items()},
+            "req_s": {
+                name: {layout: r["scenarios"][name]["req_s"] for layout, r in results.items()}
+                for name in q["scenarios"]
+            },
+            "p50_s": {
+                name: {layout: r["scenarios"][name]["p50_s"] for layout, r in results.items()}
+                for name in q["scenarios"]
+            },
+            "w4a16": {key: value for key, value in q.items() if key != "quality"},
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, report)
+    plot(report, args.out.with_suffix(".png"))
+    headline = ("ratios", "cold_load_ms", "warm_swap_ms", "first_byte_s", "stream")
+    print(json.dumps({key: report[key] for key in headline}, indent=2))
+    for key in ("served_quality", "quantized"):
+        if key in report:
+            print(json.dumps({key: report[key]}, indent=2))
+    print(f"written: {args.out} and {args.out.with_suffix('.png')}")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def plot(report: dict, path: Path) -> None:
     names = list(report["scenarios"])
     rows = [report["scenarios"][n] for n in names]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.bar(names, [r["throughput_rps"] for r in rows], color="tab:blue")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    left.bar(names, [r["req_s"] for r in rows], color="tab:blue")
     left.set_ylabel("recommendations / s")
-    left.set_title(f"throughput, concurrency {report['concurrency']}")
+    left.set_title("throughput")
+    left.tick_params(axis="x", rotation=30)
     x = range(len(names))
     right.bar([i - 0.2 for i in x], [r["p50_s"] for r in rows], width=0.4, label="p50")
     right.bar([i + 0.2 for i in x], [r["p99_s"] for r in rows], width=0.4, label="p99")
-    right.set_xticks(list(x), names)
+    right.set_xticks(list(x), names, rotation=30)
     right.set_ylabel("seconds")
     right.set_title("latency per request")
     right.legend()
     fig.suptitle(
-        f"llmrec serving: {report['model']} model, {report['catalog_items']} items, "
-        f"k={report['k']}, beam {report['beam_width']}, LoRA rank {report['adapter_rank']}"
+        f"llmrec on vLLM: {Path(report['model']).name}, {report['catalog_items']} items, "
+        f"k={report['k']}, items only; cold load {report['cold_load_ms']:.0f} ms, warm swap "
+        f"{report['warm_swap_ms']:.1f} ms, first byte {report['first_byte_s']:.2f} s"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
