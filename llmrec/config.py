@@ -337,6 +337,12 @@ class FedConfig(BaseModel):
     """Round checkpoints, client-side personal states, metrics and curves."""
     store_dir: Path = Path("adapters")
     """Adapter store the final shared and per-user adapters are published to."""
+    merge_shared: bool = False
+    """Export the shared adapter merged into the served foundation-model version
+    (``head="items"``): a user whose personal part is off is then served that version alone,
+    with no LoRA at all, and every other user an adapter of their difference from the shared
+    one. LoRA costs vLLM's CPU engine several times a plain forward (``bench/serving.py``);
+    the rankings are the stacked export's."""
 
     @model_validator(mode="after")
     def _consistent(self) -> FedConfig:
@@ -354,6 +360,13 @@ class FedConfig(BaseModel):
             raise ValueError(
                 "share='lora_a' (FedSA-LoRA) is one LoRA whose B stays local: it needs "
                 "shared_rank > 0, personal_rank=0 and decoupling.schedule='joint'"
+            )
+        if self.merge_shared and not (
+            self.head == "items" and self.share == "adapter" and self.shared_rank
+        ):
+            raise ValueError(
+                "merge_shared merges the shared adapter into the served item-token base: it "
+                "needs head='items', share='adapter' and shared_rank > 0"
             )
         if self.client_batch > 1 and self.head != "items":
             raise ValueError("client_batch > 1 needs head='items' (batched clients)")

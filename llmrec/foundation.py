@@ -26,6 +26,7 @@ import torch
 from peft import get_peft_model
 from tqdm.auto import tqdm
 
+from llmrec.adapters import LoraWeights, lora_delta
 from llmrec.atomic import write_dir_atomic, write_json_atomic
 from llmrec.config import AppConfig, LLMConfig
 from llmrec.data import Catalog, Dataset, Split, user_sort_key
@@ -268,9 +269,16 @@ def train_item_model(
     return peft_model, net.item_rows.detach().clone(), result
 
 
-def write_item_version(base_dir: Path, item_rows: torch.Tensor, dst: Path, fields: dict) -> Path:
+def write_item_version(
+    base_dir: Path,
+    item_rows: torch.Tensor,
+    dst: Path,
+    fields: dict,
+    merge: LoraWeights | None = None,
+) -> Path:
     """Write ``dst``: the extended base ``base_dir`` with ``item_rows`` as its item rows (an HF
-    folder every engine loads), atomically; returns ``dst``.
+    folder every engine loads), and ``merge``'s update added to its weights when given,
+    atomically; returns ``dst``.
 
     The base is rebuilt from ``base_dir`` in float32 rather than saved from a training model,
     which may run in bfloat16 and has LoRA layers wrapped around its linear layers.
@@ -286,6 +294,8 @@ def write_item_version(base_dir: Path, item_rows: torch.Tensor, dst: Path, field
     with torch.no_grad():
         first = vocab.first_token_id
         base.get_input_embeddings().weight[first : first + len(vocab)] = item_rows.float()
+        for module in merge.modules if merge is not None else ():
+            base.get_submodule(module).weight += lora_delta(merge, module)
     base.tie_weights()
     tokenizer = load_tokenizer(str(base_dir))
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -192,6 +192,51 @@ def test_run_checkpoints_the_rows_and_serves_what_was_trained(
     assert rounds[-1]["val_HR@10"] is not None and rounds[-1]["accepted"]
 
 
+def test_the_merged_export_ranks_as_the_stacked_one(
+    item_run, tiny_model_dir, tiny_dataset, tmp_path
+):
+    """fed.merge_shared: the same run exported with the shared adapter merged into the
+    served base ranks every user as the stacked export does; a user whose personal part is
+    off, and a cold-start user, are served the merged base alone (no adapter at all)."""
+    import shutil
+
+    cfg, out = item_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("adapters"))
+    shutil.copytree(out / "adapters", tmp_path / "stacked")
+    merged_cfg = _cfg(tiny_model_dir, run, "fed.merge_shared=true")
+    merged_cfg.fed.store_dir = tmp_path / "merged"
+    _runner().run(merged_cfg, resume=True)
+    record = json.loads((run / F.EXPORT_JSON).read_text())
+    assert record["merge_shared"] and record["base"] == str(run / F.MERGED_BASE_DIR)
+    assert "shared" not in record and not (tmp_path / "merged" / "_shared").exists()
+    zero = {u for u, name in record["users"].items() if name is None}
+    assert zero == {u for u, scale in record["personal_scale"].items() if scale == 0.0}
+    assert zero and len(zero) < len(record["users"])  # both kinds are checked below
+
+    split = leave_last_out(tiny_dataset.histories)
+    cold = next(u for u in split.valid if u not in record["users"])
+    stacked_store = AdapterStore(tmp_path / "stacked")
+    merged_store = AdapterStore(tmp_path / "merged")
+
+    def ranks(base: Path, store: AdapterStore, user: str) -> torch.Tensor:
+        model, tokenizer = load_model(str(base))
+        ref = F.adapter_for(store, user)
+        if ref is not None:
+            model = attach_adapter(model, ref.path)
+        prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
+        scorer = ItemScorer(
+            model.eval(), ItemVocab.read(base), tiny_dataset.catalog, prompts, "items", 3
+        )
+        return scorer.log_probs([split.history_for_valid(user)])
+
+    for user in [*record["users"], cold]:
+        want = ranks(out / F.SERVED_BASE_DIR, stacked_store, user)
+        got = ranks(run / F.MERGED_BASE_DIR, merged_store, user)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert (F.adapter_for(merged_store, user) is None) == (user in zero or user == cold)
+
+
 def test_a_local_refresh_trains_the_personal_part_over_the_served_base(item_run, tiny_dataset):
     cfg, out = item_run
     refresher = F.Personalizer(cfg, tiny_dataset.catalog)
@@ -394,3 +439,9 @@ def test_fedsa_lora_federates_a_and_keeps_each_b_with_its_client(
         assert torch.equal(old[k], new[k]) != k.endswith(".lora_B.weight")
     with pytest.raises(ConfigError, match="FedSA-LoRA"):
         _cfg(tiny_model_dir, out, "fed.share=lora_a")  # a personal adapter too
+
+
+def test_merge_shared_needs_the_item_head_and_a_shared_adapter():
+    for extra in (["fed.head=titles"], ["fed.shared_rank=0"]):
+        with pytest.raises(ConfigError, match="merge_shared merges the shared adapter"):
+            load_config(TINY_YAML, ["fed.merge_shared=true", *extra])

@@ -534,7 +534,8 @@ def _export(recipe: Recipe) -> None:
     fed, out, dual = recipe.fed, recipe.out, recipe.dual
     final = fed.rounds
     previous = json.loads((out / EXPORT_JSON).read_text()) if (out / EXPORT_JSON).is_file() else {}
-    if previous.get("round") == final:
+    done = (previous.get("round"), previous.get("store"), previous.get("merge_shared", False))
+    if done == (final, str(fed.store_dir), fed.merge_shared):
         logger.info("round %d already exported to %s", final, fed.store_dir)
         return
     base = served_base(recipe.base_path, recipe.shared, out, fed)
@@ -543,11 +544,13 @@ def _export(recipe: Recipe) -> None:
     metrics = finite_metrics(recipe.records[-1]) if recipe.records else {}
     record: dict[str, Any] = {
         "round": final,
+        "store": str(fed.store_dir),
+        "merge_shared": fed.merge_shared,
         "base": base,
         "base_fingerprint": fingerprint,
         "users": {},
     }
-    if fed.shared_rank:
+    if fed.shared_rank and not fed.merge_shared:  # merged: the served base is the shared model
         weights = shared_weights(dual, recipe.shared)
         ref = publish_once(store, SHARED_ID, weights, fingerprint, final, metrics)
         record["shared"] = ref.adapter_name
@@ -574,7 +577,8 @@ def _export(recipe: Recipe) -> None:
                     metrics,
                     picks.get(user_id),
                 )
-                record["users"][user_id] = published.ref.adapter_name
+                ref = published.ref  # None: served the merged base alone
+                record["users"][user_id] = ref.adapter_name if ref is not None else None
                 scales[user_id] = published.personal_scale
                 if published.personal_weight is not None:
                     gates.append(published.personal_weight)

@@ -4,6 +4,11 @@ A user's adapter is ONE plain PEFT LoRA of rank ``r_s + r_p``: the shared and pe
 stacked, with the gates folded into the B matrices (:mod:`llmrec.federated.gates`), so it
 computes exactly what the two gated adapters computed in training and any LoRA server (vLLM)
 can serve it. Users never trained (cold start) are served the shared adapter.
+
+With ``fed.merge_shared`` the shared adapter is merged into the served foundation-model
+version instead, and a user's adapter is their stacked one minus the shared one (the shared
+B scaled by the gate's weight minus 1): users whose personal part is off have none and are
+served the version alone, as are cold-start users.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from llmrec.config import FedConfig
 from llmrec.data import Split
 from llmrec.federated.dual_lora import ITEM_ROWS_KEY, DualLora, State, module_of
 from llmrec.federated.gates import gate_values, personal_weight_mean, scale_personal
-from llmrec.federated.layout import SERVED_BASE_DIR
+from llmrec.federated.layout import MERGED_BASE_DIR, SERVED_BASE_DIR
 from llmrec.federated.validation import Ranker, pick_personal_scales
 
 if TYPE_CHECKING:
@@ -77,7 +82,8 @@ def user_weights(
     the two gated adapters computed in training. With ``shared_rank == 0`` it is the
     (gate-free) personal adapter alone; under FedSA-LoRA (``share="lora_a"``) the shared A with
     the user's own B. Otherwise with ``personal_rank == 0`` there is no user adapter
-    (ValueError): such users are served the shared one.
+    (ValueError): such users are served the shared one. With ``cfg.merge_shared`` the shared
+    part is what the user adds to the merged shared adapter: its B times (weight - 1).
     """
     if cfg.share == "lora_a":
         state = {**shared_state, **personal_state}
@@ -102,9 +108,14 @@ def user_weights(
         cfg.shared_alpha,
         cfg,
         base_model,
-        {m: w[0] for m, w in weights.items()},
+        {m: w[0] - cfg.merge_shared for m, w in weights.items()},
     )
     return stack(shared, personal)
+
+
+def is_zero(weights: LoraWeights) -> bool:
+    """True when the adapter changes nothing (every B is zero)."""
+    return all(not t.any() for k, t in weights.state.items() if k.endswith(".lora_B.weight"))
 
 
 def served_base(
@@ -112,8 +123,9 @@ def served_base(
 ) -> str:
     """The base users are served on: ``base_path`` itself (titles head), or for the
     item-token head a new foundation-model version, ``base_path`` with the federated item
-    rows of ``shared_state``, written to ``out_dir/base`` (replaced if there); its marker
-    tells a reader to read ``cfg.window`` items as item tokens."""
+    rows of ``shared_state`` (and its shared adapter merged in under ``cfg.merge_shared``),
+    written to ``out_dir/base`` (``base-merged``; replaced if there); its marker tells a
+    reader to read ``cfg.window`` items as item tokens."""
     if ITEM_ROWS_KEY not in shared_state:
         return base_path
     from llmrec.foundation import write_item_version
@@ -123,9 +135,14 @@ def served_base(
         "kind": "federated-item-base",
         "item_base_fingerprint": fingerprint_model_dir(base_path),
         "llm": {"render": "items", "window": cfg.window},
+        "shared_merged": cfg.merge_shared,
     }
-    dst = Path(out_dir) / SERVED_BASE_DIR
-    return str(write_item_version(Path(base_path), shared_state[ITEM_ROWS_KEY], dst, fields))
+    merge = None
+    if cfg.merge_shared:
+        merge = _weights(shared_state, cfg.shared_rank, cfg.shared_alpha, cfg, base_path)
+    dst = Path(out_dir) / (MERGED_BASE_DIR if cfg.merge_shared else SERVED_BASE_DIR)
+    rows = shared_state[ITEM_ROWS_KEY]
+    return str(write_item_version(Path(base_path), rows, dst, fields, merge))
 
 
 def publish_once(
@@ -190,9 +207,10 @@ def finite_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Published:
-    """A user's adapter as published: its store entry, mean gate g, and picked scale."""
+    """A user's adapter as published: its store entry (None: the user adds nothing to the
+    served base, which serves them alone), mean gate g, and picked scale."""
 
-    ref: AdapterRef
+    ref: AdapterRef | None
     personal_weight: float | None
     personal_scale: float
 
@@ -225,7 +243,8 @@ def publish_user(
     metrics: Mapping[str, float],
     pick: tuple[float, Mapping[float, float]] | None = None,
 ) -> Published:
-    """Publish the user's stacked adapter after ``server_round`` (:func:`publish_once`).
+    """Publish the user's stacked adapter after ``server_round`` (:func:`publish_once`);
+    nothing under ``merge_shared`` when it is zero.
 
     With ``pick`` (a :func:`scale_picks` entry: the scale and every scale's loss) the personal
     part is first scaled by it. Users never trained are not published: they are cold start,
@@ -238,5 +257,7 @@ def publish_user(
         personal = scale_personal(personal_state, scale)
         metrics.update(personal_scale=scale, val_loss_picked=losses[scale])
     weights = user_weights(shared_state, personal, dual.cfg, dual.base_model)
-    ref = publish_once(store, user_id, weights, base_fingerprint, server_round, metrics)
+    ref = None
+    if not (dual.cfg.merge_shared and is_zero(weights)):
+        ref = publish_once(store, user_id, weights, base_fingerprint, server_round, metrics)
     return Published(ref, personal_weight_mean(personal), scale)

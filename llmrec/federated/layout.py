@@ -49,6 +49,8 @@ ITEM_ROWS_FILE = "item_rows.safetensors"
 """File of ``round-XXXX/`` holding the shared item rows (item-token head)."""
 SERVED_BASE_DIR = "base"
 """Sub-folder of the run folder holding the served item-token base after export."""
+MERGED_BASE_DIR = "base-merged"
+"""The same with the shared adapter merged in (``fed.merge_shared``)."""
 CLIENTS_DIR = "clients"
 """Sub-folder of a client's folder holding ``<user>/personal-rXXXX.safetensors``."""
 _ROUND_RE = re.compile(r"^round-(\d{4,})$")
