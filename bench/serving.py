@@ -18,10 +18,11 @@ gateway) over an item-token base, and measures, side by side in one run, recomme
 - ``first_byte_s``: a streamed recommendation with reasons (``stream=true``): the first
   byte (the ranked items), the first reason and the whole answer.
 
-The adapters are a federated run's own (``--run``: its ``base/`` and ``adapters/``, hard-
-linked into a private store without the shared adapter, so users outside it are served by
-the bare base); without ``--run``, random rank-``--rank`` LoRAs over the untrained item-
-token base of the packaged model. Writes a JSON report and a PNG beside it.
+The adapters are a federated run's own (``--run``: the base and store its ``export.json``
+names, stacked or merged; the users' adapters hard-linked into a private store without the
+shared adapter, so users outside it are served by the bare base); without ``--run``, random
+rank-``--rank`` LoRAs over the untrained item-token base of the packaged model. Writes a
+JSON report and a PNG beside it.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/serving.py \\
         --run outputs/fed-seed0 --out bench/reports/serving.json
@@ -170,10 +171,11 @@ def engine_rss_mb(pid: int | None) -> float | None:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
-def link_run_store(run: Path, users: list[str], dest: Path) -> None:
-    """``users``' adapters of the run's store, hard-linked (no copy) into ``dest``."""
+def link_run_store(store: Path, users: list[str], dest: Path) -> None:
+    """``users``' adapters of a run's store, hard-linked (no copy) into ``dest`` (without
+    the shared adapter: users outside it are served the bare base)."""
     for user in users:
-        shutil.copytree(run / "adapters" / user, dest / user, copy_function=_link)
+        shutil.copytree(store / user, dest / user, copy_function=_link)
 
 
 def _link(src: str, dst: str) -> None:
@@ -380,10 +382,13 @@ def main() -> None:
     users = sorted(dataset.histories, key=user_sort_key)
     store_dir = work / "adapters"
     if args.run is not None:
-        model_dir = (args.run / "base").resolve()
-        run_users = [u for u in users if (args.run / "adapters" / u / "CURRENT").is_file()]
-        link_run_store(args.run, run_users, store_dir)
-        source = f"{args.run}: the run's base and its {len(run_users)} users' own adapters"
+        export = json.loads((args.run / "export.json").read_text())
+        model_dir = Path(export["base"]).resolve()
+        run_store = Path(export.get("store") or args.run / "adapters")
+        run_users = [u for u in users if (run_store / u / "CURRENT").is_file()]
+        link_run_store(run_store, run_users, store_dir)
+        layout = "merged" if export.get("merge_shared") else "stacked"
+        source = f"{args.run}: its {layout} export, {len(run_users)} users' own adapters"
     else:
         plain = build_tiny_model(work / "tiny") if args.model == "tiny" else prepare_base_model()
         model_dir = prepare_item_base(plain, dataset.catalog)
