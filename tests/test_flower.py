@@ -95,6 +95,59 @@ def test_flower_strategies_follow_the_config():
         load_config(TINY_YAML, ["fed.flower.secagg=true", "fed.clients_per_round=2"])
 
 
+def test_hostile_client_results_are_refused_with_their_reason_and_the_round_goes_on(tmp_path):
+    """What a broken or hostile node may send back: the wrong number of arrays, a wrong
+    shape, NaN, an oversized update, an example count of 0 or -1 or NaN, and metrics that
+    are not numbers. Each bad update is rejected with its reason, the good ones are
+    averaged, and bad metrics are left out of the round's record."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.server.client_proxy import ClientProxy
+
+    class Node(ClientProxy):  # only its id is read by the strategy
+        def get_properties(self, *a, **k): ...
+        def get_parameters(self, *a, **k): ...
+        def fit(self, *a, **k): ...
+        def evaluate(self, *a, **k): ...
+        def reconnect(self, *a, **k): ...
+
+    cfg = load_config(TINY_YAML, ["fed.max_update_norm=10"])
+    keys = ["a", "b"]
+    current = [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)]
+    records = []
+    rounds = strategy.Rounds(
+        strategy.flower_strategy(cfg), cfg, keys, ndarrays_to_parameters(current),
+        lambda r, state, record: records.append((state, record)), tmp_path, lambda s: "",
+    )  # fmt: skip
+
+    def reply(arrays, n=3, **metrics):
+        ok = Status(code=Code.OK, message="")
+        return FitRes(ok, ndarrays_to_parameters(arrays), n, metrics)
+
+    good = [np.ones((2, 3), np.float32), np.ones(4, np.float32)]
+    nan = [np.full((2, 3), np.nan, np.float32), np.ones(4, np.float32)]
+    huge = [np.full((2, 3), 100, np.float32), np.ones(4, np.float32)]
+    results = {
+        "good": reply(good, loss=2.0, seconds=1.0),
+        "good-bad-metrics": reply(good, loss="abc", seconds=float("nan")),
+        "few": reply(good[:1]),
+        "shape": reply([np.ones((3, 2), np.float32), good[1]]),
+        "nan": reply(nan),
+        "huge": reply(huge),
+        "zero": reply(good, n=0),
+        "negative": reply(good, n=-1),
+    }
+    _, _ = rounds.aggregate_fit(1, [(Node(cid), res) for cid, res in results.items()], [])
+    state, record = records[-1]
+    assert set(record["rejected"]) == {"few", "shape", "nan", "huge", "zero", "negative"}
+    assert "1 arrays, expected 2" in record["rejected"]["few"]
+    assert "shape (3, 2), expected (2, 3)" in record["rejected"]["shape"]
+    assert "non-finite" in record["rejected"]["nan"]
+    assert "oversized" in record["rejected"]["huge"]
+    assert "example count" in record["rejected"]["zero"] and record["accepted"] == 2
+    assert record["train_loss"] == 2.0 and record["client_seconds_mean"] == 1.0
+    torch.testing.assert_close(state["a"], torch.ones(2, 3))
+
+
 def test_client_fit_is_the_library_round_and_uploads_only_shared(tiny_model_dir, tmp_path):
     """The ClientApp's fit == llmrec.federated.run_client; the personal state stays home."""
     cfg = load_config(TINY_YAML, _overrides(tiny_model_dir, tmp_path / "flower"))

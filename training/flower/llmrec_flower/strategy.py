@@ -13,6 +13,7 @@ server never sees them), sample validation clients, write ``round-XXXX/`` and
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -167,7 +168,7 @@ class Rounds(Strategy):
         noised = fed.dp.enabled and aggregated is not None
         if noised and self.accountant is not None:
             self.accountant.step()
-        losses = [float(r.metrics["loss"]) for _, r in results if "loss" in r.metrics]
+        reported = [r.metrics for _, r in results]
         record: dict[str, Any] = {
             "round": server_round,
             "runner": "flower",
@@ -175,10 +176,8 @@ class Rounds(Strategy):
             "accepted": len(results),
             "rejected": rejected,
             "failed": [_failure(f) for f in failures],
-            "train_loss": mean_or_none(losses),
-            "client_seconds_mean": mean_or_none(
-                [float(r.metrics["seconds"]) for _, r in results if "seconds" in r.metrics]
-            ),
+            "train_loss": mean_or_none(_numbers(reported, "loss")),
+            "client_seconds_mean": mean_or_none(_numbers(reported, "seconds")),
             "applied": aggregated is not None,
             "dp_steps": self.accountant.rounds if self.accountant else 0,
             "epsilon": self.accountant.epsilon if self.accountant else None,
@@ -251,13 +250,14 @@ class Rounds(Strategy):
         """Mean validation HR@10 / NDCG@10 / NLL over the clients that answered."""
         if not results:
             return None, {}
+        reported = [r.metrics for _, r in results]
         metrics: dict[str, Scalar] = {
-            f"HR@{VAL_K}": mean_or_none([float(r.metrics["hit"]) for _, r in results]) or 0.0,
-            f"NDCG@{VAL_K}": mean_or_none([float(r.metrics["ndcg"]) for _, r in results]) or 0.0,
+            f"HR@{VAL_K}": mean_or_none(_numbers(reported, "hit")) or 0.0,
+            f"NDCG@{VAL_K}": mean_or_none(_numbers(reported, "ndcg")) or 0.0,
             "users": len(results),
-            "exported": sum(int(r.metrics.get("exported", 0)) for _, r in results),
+            "exported": _numbers(reported, "exported").count(1.0),
         }
-        loss = mean_or_none([float(r.loss) for _, r in results])
+        loss = mean_or_none(_numbers([{"loss": r.loss} for _, r in results], "loss"))
         record = self.records[-1]
         record.update(
             {
@@ -301,6 +301,14 @@ def _float64(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProx
         arrays = [np.asarray(a, dtype=np.float64) for a in parameters_to_ndarrays(res.parameters)]
         out.append((proxy, replace(res, parameters=ndarrays_to_parameters(arrays))))
     return out
+
+
+def _numbers(reports: Sequence[dict[str, Any]], key: str) -> list[float]:
+    """The clients' reported ``key`` values that are finite numbers: a metric is client
+    input, and one that is missing, not a number or not finite must not stop the round."""
+    values = [report.get(key) for report in reports]
+    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    return [float(v) for v in numbers if math.isfinite(v)]
 
 
 def _failure(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
