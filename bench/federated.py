@@ -33,8 +33,11 @@ an ablation: its report is its own (a FedSA-LoRA run, ``fed.share=lora_a``, writ
 "shared-only" its shared A with B = 0; a personal-only run, ``fed.shared_rank=0``, writes
 ``federated-personal.json``, where "shared-only" is the base itself; a DP-FedAvg run,
 ``fed.dp.enabled=true``, writes ``federated-dp.json``, its epsilon beside), and the main report
-takes it as a row, paired with ours on the same seed:
-``--ablation FedSA-LoRA=bench/reports/federated-fedsa-seeds.json``.
+takes it as a row, paired with ours on the same seed (validation and test):
+``--ablation FedSA-LoRA=bench/reports/federated-fedsa-seeds.json``. ``--quantized``
+evaluates the run with the base's linear weights as its 4-bit served version has them
+(``serve.quantization=w4a16``; report ``federated-w4a16.json``), and
+``--ablation bf16=bench/reports/federated-seeds.json`` pairs it with the run as trained.
 
 ``personal``: the personal fit's settings chosen on validation. For each (steps, decay) of
 the grid, every user of a finished run fits its personal part on the run's final shared
@@ -69,6 +72,7 @@ from llmrec.data import dataset_from_config, leave_last_out, user_sort_key
 from llmrec.federated import VAL_K
 from llmrec.federated.client import draw_batch
 from llmrec.finetune import sample_users
+from llmrec.model.quantized import use_quantized_weights
 from llmrec.plots import plot_metric_bars
 from llmrec.quality import Task, per_user, summarize, target_ranks
 from llmrec.stats import paired_comparison
@@ -140,6 +144,12 @@ def main() -> None:
         default=[],
         metavar="NAME=SEEDS",
         help="a row from another configuration's --seeds file (its 'ours'), paired with ours",
+    )
+    p.add_argument(
+        "--quantized",
+        action="store_true",
+        help="the base's linear weights as its 4-bit served version (serve.quantization=w4a16) "
+        "has them; default report federated-w4a16.json",
     )
     p = sub.add_parser("personal", help="the personal fit's settings, chosen on validation")
     p.add_argument("--run", type=Path, default=Path("outputs/federated"))
@@ -355,12 +365,13 @@ def _named_path(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def _ablation(path: Path, users: list, seed: int, k: int) -> tuple[int, dict[str, np.ndarray]]:
-    """Another configuration's per-user test metrics (the "ours" arm of its seeds file, see
-    :func:`_record_seed`): of ``seed`` if it was run, else of its lowest seed."""
+def _ablation(path: Path, users: list, seed: int, k: int) -> tuple[int, dict[str, dict]]:
+    """Another configuration's per-user metrics by split (the "ours" arm of its seeds file,
+    see :func:`_record_seed`): of ``seed`` if it was run, else of its lowest seed."""
     runs = _read_seeds(path, users)["runs"]
     chosen = str(seed) if str(seed) in runs else min(runs, key=int)
-    return int(chosen), per_user(np.asarray(runs[chosen]["ranks"]["ours"]["test"]), k)
+    ranks = runs[chosen]["ranks"]["ours"]
+    return int(chosen), {s: per_user(np.asarray(ranks[s]), k) for s in ("valid", "test")}
 
 
 def shared_only_ranks(dual, shared, scorer, tasks: dict[str, Task], catalog) -> dict:
@@ -409,6 +420,8 @@ def report(args: argparse.Namespace) -> None:
     if args.quality != QUALITY_REPORT:
         command += f" --quality {args.quality}"
     command += "".join(f" --ablation {n}={path}" for n, path in args.ablation)
+    if args.quantized:
+        command += " --quantized"
     if args.report is None:
         name = "federated"
         if fed.share == "lora_a":
@@ -417,6 +430,7 @@ def report(args: argparse.Namespace) -> None:
             name = "federated-personal"
         elif fed.dp.enabled:
             name = "federated-dp"
+        name += "-w4a16" * args.quantized
         args.report = Path("bench/reports") / f"{name}.json"
     if args.seeds is None:
         args.seeds = args.report.with_name(f"{args.report.stem}-seeds.json")
@@ -424,6 +438,8 @@ def report(args: argparse.Namespace) -> None:
     split = leave_last_out(dataset.histories)
     loaded = F.load_federated_model(cfg, dataset.catalog)
     dual, scorer = loaded.dual, loaded.ranker
+    if args.quantized:  # the base's linear weights as its 4-bit served version has them
+        print(f"4-bit base weights: {use_quantized_weights(dual.model)} linear layers")
     shared = F.read_round_state(run, fed.rounds, dual.shared)
     users = sorted(split.test, key=user_sort_key)
     tasks = {"valid": Task.valid(split, users), "test": Task.test(split, users)}
@@ -463,12 +479,18 @@ def report(args: argparse.Namespace) -> None:
     }
     for name, path in args.ablation:
         seed, theirs = _ablation(path, users, fed.seed, k)
-        methods[name] = {"test": summarize(theirs, fed.seed), "from": str(path), "seed": seed}
+        methods[name] = {
+            "valid": summarize(theirs["valid"], fed.seed),
+            "test": summarize(theirs["test"], fed.seed),
+            "from": str(path),
+            "seed": seed,
+        }
         if seed in seeds:  # the same seed's ours, user by user
-            mine = per_user(seeds[seed]["ours"]["test"], k)
+            mine = {s: per_user(seeds[seed]["ours"][s], k) for s in ("valid", "test")}
             paired[f"ours_vs_{name}"] = {
                 "seed": seed,
-                **paired_comparison(mine, theirs, k, seed=fed.seed),
+                **paired_comparison(mine["test"], theirs["test"], k, seed=fed.seed),
+                "valid": paired_comparison(mine["valid"], theirs["valid"], k, seed=fed.seed),
             }
     ndcg = f"NDCG@{k}"
     records = json.loads((run / F.METRICS_JSON).read_text())["rounds"]

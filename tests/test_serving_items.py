@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
+from llmrec.adapters import module_shapes_for
 from llmrec.config import ConfigError
 from llmrec.model import attach_adapter, load_model
 from llmrec.model.item_vocab import ItemVocab
-from llmrec.model.quantized import dequantize_linear, quantize_linear
+from llmrec.model.quantized import use_quantized_weights
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend.item_scorer import ItemScorer
 from llmrec_serving.app import create_app, serve_in_thread
@@ -27,11 +27,7 @@ def library_items(world, catalog, user, history, k=5, quantized=False):
     (``quantized``: every linear weight as its 4-bit version stands for it)."""
     model, tokenizer = load_model(str(world.model_dir))
     if quantized:
-        with torch.no_grad():
-            for name, module in model.named_modules():
-                if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                    stored = quantize_linear(module.weight)
-                    module.weight.copy_(dequantize_linear(stored).to(module.weight.dtype))
+        assert use_quantized_weights(model) == len(module_shapes_for(world.model_dir)) - 1
     model = attach_adapter(model, world.store.current(user).path).eval()
     scorer = ItemScorer(model, ItemVocab.read(world.model_dir), catalog, PromptBuilder(tokenizer))
     return [(r.item_id, r.score) for r in scorer.recommend(history, k=k)]

@@ -89,6 +89,23 @@ def dequantize_linear(stored: dict[str, torch.Tensor]) -> torch.Tensor:
     return BaseCompressor.load_from_registry(FORMAT).decompress(dict(stored), _scheme())["weight"]
 
 
+def use_quantized_weights(model: torch.nn.Module) -> int:
+    """Set every base linear weight of ``model`` in place to the value its 4-bit version
+    stands for (LoRA's own layers and the output head untouched): the library then computes
+    what the served 4-bit model does, to measure its quality. Returns how many it set."""
+    count = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or "lora_" in name:
+                continue
+            if name.endswith("lm_head"):
+                continue
+            stored = quantize_linear(module.weight)
+            module.weight.copy_(dequantize_linear(stored).to(module.weight.dtype))
+            count += 1
+    return count
+
+
 def _linear_weights(src: Path) -> set[str]:
     """The state-dict keys of ``src``'s linear layers (the output head excluded)."""
     from llmrec.adapters.validate import module_shapes_for
