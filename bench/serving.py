@@ -405,6 +405,7 @@ def main() -> None:
         layout: measure(args, model_dir, store_dir, dataset, split, layout) for layout in layouts
     }
     report = {
+        "command": "bench/serving.py " + " ".join(sys.argv[1:]),
         "model": str(model_dir),
         "adapters": source,
         "data": args.data,
@@ -444,24 +445,30 @@ def main() -> None:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Throughput and latency per scenario (every served layout side by side)."""
     names = list(report["scenarios"])
-    rows = [report["scenarios"][n] for n in names]
+    layouts = {"as trained": report["scenarios"]}
+    if "quantized" in report:
+        layouts["4-bit"] = report["quantized"]["w4a16"]["scenarios"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    left.bar(names, [r["req_s"] for r in rows], color="tab:blue")
-    left.set_ylabel("recommendations / s")
+    x = np.arange(len(names))
+    width = 0.8 / len(layouts)
+    for i, (label, rows) in enumerate(layouts.items()):
+        at = x - 0.4 + width * (i + 0.5)
+        left.bar(at, [rows[n]["req_s"] for n in names], width=width, label=label)
+        right.bar(at, [rows[n]["p50_s"] for n in names], width=width, label=f"{label} p50")
+        right.scatter(at, [rows[n]["p99_s"] for n in names], marker="_", s=200, color="black")
+    for axis, unit in ((left, "recommendations / s"), (right, "seconds (p99: black bars)")):
+        axis.set_xticks(list(x), names, rotation=30)
+        axis.set_ylabel(unit)
+        axis.legend()
     left.set_title("throughput")
-    left.tick_params(axis="x", rotation=30)
-    x = range(len(names))
-    right.bar([i - 0.2 for i in x], [r["p50_s"] for r in rows], width=0.4, label="p50")
-    right.bar([i + 0.2 for i in x], [r["p99_s"] for r in rows], width=0.4, label="p99")
-    right.set_xticks(list(x), names, rotation=30)
-    right.set_ylabel("seconds")
     right.set_title("latency per request")
-    right.legend()
     fig.suptitle(
-        f"llmrec on vLLM: {Path(report['model']).name}, {report['catalog_items']} items, "
-        f"k={report['k']}, items only; cold load {report['cold_load_ms']:.0f} ms, warm swap "
-        f"{report['warm_swap_ms']:.1f} ms, first byte {report['first_byte_s']:.2f} s"
+        f"llmrec on vLLM: {'/'.join(Path(report['model']).parts[-2:])}, "
+        f"{report['catalog_items']} items, k={report['k']}, items only; cold load "
+        f"{report['cold_load_ms']:.0f} ms, warm swap {report['warm_swap_ms']:.0f} ms, first "
+        f"byte {report['first_byte_s']:.2f} s"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
