@@ -9,6 +9,8 @@ gateway) over an item-token base, and measures, side by side in one run, recomme
 - ``base-c8``, ``adapters1-c8``, ``adapters16-c8``, ``adapters100-c8``: the base, then 1, 16
   and 100 distinct users' adapters, ``--concurrency`` at a time; every adapter of a scenario
   is loaded before it is timed (cold loads are measured on their own);
+- ``users100-c8``: the data set's first 100 users, each served as their export serves them
+  (an adapter, or under a merged export often none);
 - ``cold_load_ms``: validating a stored adapter and loading it into vLLM (the gateway's own
   timer, ``llmrec_adapter_load_seconds``), for users never served before;
 - ``warm_swap_ms``: what switching between loaded adapters adds to a request: the median
@@ -230,6 +232,7 @@ def measure(args, model_dir: Path, store_dir: Path, dataset, split, layout: str)
     services = build_services(cfg)
     histories = Histories(dataset, WINDOW_CAP, args.seed)
     adapter_users = sorted(services.router.store.users(), key=user_sort_key)
+    population = sorted(dataset.histories, key=user_sort_key)
     base_users = [f"bench-base-{i}" for i in range(16)]  # no adapter: the bare base serves them
     t0 = time.perf_counter()
     with serve_in_thread(
@@ -269,6 +272,9 @@ def measure(args, model_dir: Path, store_dir: Path, dataset, split, layout: str)
             "adapters1-c8": (adapter_users[:1], args.concurrency),
             "adapters16-c8": (adapter_users[:16], args.concurrency),
             "adapters100-c8": (adapter_users[:100], args.concurrency),
+            # The first 100 users of the data set as their export serves them: under the
+            # merged layout, those who add nothing to the shared model run with no LoRA.
+            "users100-c8": (population[:100], args.concurrency),
         }
         scenarios = {}
         for name, (pool, concurrency) in pools.items():
@@ -277,7 +283,7 @@ def measure(args, model_dir: Path, store_dir: Path, dataset, split, layout: str)
             before = loads()
             timed = run(fresh(pool, max(args.requests, len(pool))), concurrency)
             scenarios[name] = summary(timed) | {
-                "distinct_adapters": 0 if name.startswith("base") else len(pool),
+                "distinct_adapters": len(set(pool) & set(adapter_users)),
                 "concurrency": concurrency,
                 "adapter_loads": loads()[1] - before[1],
             }
