@@ -132,3 +132,17 @@ def test_concurrent_writers_from_threads(profiles, tiny_dataset):
     for t in threads:
         t.join()
     assert sorted(profiles.exclusions("9")) == sorted(items)
+
+
+def test_an_erased_conversation_is_gone_from_the_database_files(profiles, tmp_path):
+    """Erasure a person can check: after erase, no byte of the database or its write-ahead
+    log still holds what the user wrote (SQLite keeps deleted rows in free pages and old
+    page images in the log unless told otherwise)."""
+    secret = "my zebra-4471 password story"
+    cid = profiles.new_conversation("7")
+    for n in range(50):  # enough to fill pages of their own
+        profiles.add_message("7", cid, "user", f"{secret} {n}")
+    profiles.history("8")
+    profiles.erase("7")
+    files = sorted(tmp_path.glob("profiles.db*"))
+    assert files and not any(b"zebra-4471" in f.read_bytes() for f in files)

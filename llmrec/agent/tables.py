@@ -118,6 +118,9 @@ def open_db(url: str) -> Engine:
             connection.isolation_level = None  # transactions are begun below, not by pysqlite
             cursor = connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
+            # Deleted rows are overwritten with zeros, not left in free pages: an erased
+            # user's data is gone from the file (ProfileStore.erase also empties the WAL).
+            cursor.execute("PRAGMA secure_delete=ON")
             # WAL: the gateway and a CLI edit can open the file at the same time. FULL: a
             # commit is on disk before it returns, so an acknowledged write survives a power
             # loss too, not only a killed process (bench/crash.py checks the latter).
