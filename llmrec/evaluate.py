@@ -15,7 +15,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +55,8 @@ FEDERATED = {
 }
 RUN_DIR = "run"
 STORE_DIR = "adapters"
+BASE_ALONE = "base"
+"""The label of a user served the base alone (``fed.merge_shared``: nothing personal)."""
 TRAINED_WITH = "trained_with.json"
 # What a trained adapter depends on; a finished run trained with the same is reused.
 CENTRALIZED_SECTIONS = ("data", "model", "prompts", "lora", "finetune")
@@ -373,33 +375,39 @@ def _cohort(runs: dict[str, Path]) -> list[str]:
 def _store_methods(
     cfg: AppConfig, dataset: Dataset, folder: Path, users: Sequence[str]
 ) -> tuple[Ranker, Scorer]:
-    """Each user ranked with the adapter the store would serve them (own, else shared),
-    over the base the run published them for (an item-token run's served base)."""
+    """Each user ranked with the adapter the store would serve them (own, else shared, else
+    none: a merged export's users with nothing personal), over the base the run published
+    them for (an item-token run's served base)."""
     base_path = exported_base(folder / RUN_DIR) or resolve_model_path(
         cfg.model.name_or_path, cfg.model.cache_dir
     )
     store = AdapterStore(folder / STORE_DIR, module_shapes=module_shapes_for(base_path))
     refs = {u: adapter_for(store, u) for u in users}
-    if any(ref is None for ref in refs.values()):
-        raise ValueError(f"{folder / STORE_DIR} holds no adapter for some users")
-    weights = {ref.adapter_name: store.load(ref) for ref in refs.values()}
-    first = next(iter(weights.values()))
+    weights = {ref.adapter_name: store.load(ref) for ref in refs.values() if ref is not None}
     model, tokenizer = load_model(
         base_path, quantization=cfg.model.quantization, dtype=cfg.model.dtype
     )
-    lora = SwappableLora(model, max(w.r for w in weights.values()), first.target_modules)
+    lora = None  # a merged export may serve every user the base alone
+    if weights:
+        first = next(iter(weights.values()))
+        zeros = {k: torch.zeros_like(v) for k, v in first.state.items()}
+        weights[BASE_ALONE] = replace(first, state=zeros)  # a user served the base alone
+        lora = SwappableLora(model, max(w.r for w in weights.values()), first.target_modules)
+        model = lora.model
     if has_item_vocab(base_path):
         render, window = history_reading(base_path)
         prompts = PromptBuilder.from_config(tokenizer, cfg.prompts)
         vocab = ItemVocab.read(base_path)
-        scorer = ItemScorer(lora.model, vocab, dataset.catalog, prompts, render, window)
+        scorer = ItemScorer(model, vocab, dataset.catalog, prompts, render, window)
         ranks, scores = _item_methods(scorer)
     else:
-        ranks, scores = _llm_methods(build_recommender(cfg, dataset, lora.model, tokenizer))
+        ranks, scores = _llm_methods(build_recommender(cfg, dataset, model, tokenizer))
 
     def use(user_id: str) -> None:
-        name = refs[user_id].adapter_name
-        lora.use(weights[name], name)
+        ref = refs[user_id]
+        name = ref.adapter_name if ref is not None else BASE_ALONE
+        if lora is not None:
+            lora.use(weights[name], name)
 
     def rank(user_id: str, history: Sequence[str], k: int) -> list[str]:
         use(user_id)

@@ -236,6 +236,23 @@ def test_the_merged_export_ranks_as_the_stacked_one(
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
         assert (F.adapter_for(merged_store, user) is None) == (user in zero or user == cold)
 
+    # llmrec evaluate ranks a merged run's users the same way (the base alone where no
+    # adapter is served).
+    from llmrec import evaluate
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / evaluate.RUN_DIR).symlink_to(run)
+    (folder / evaluate.STORE_DIR).symlink_to(tmp_path / "merged")
+    users = [*record["users"], cold]
+    rank, _ = evaluate._store_methods(cfg, tiny_dataset, folder, users)
+    for user in users:
+        history = split.history_for_valid(user)
+        want = ranks(run / F.MERGED_BASE_DIR, merged_store, user)[0]
+        top = sorted(range(len(want)), key=lambda i: -float(want[i]))
+        ids = [i for i in (tiny_dataset.catalog.ids[j] for j in top) if i not in history]
+        assert rank(user, history, 3) == ids[:3]
+
 
 def test_a_local_refresh_trains_the_personal_part_over_the_served_base(item_run, tiny_dataset):
     cfg, out = item_run
