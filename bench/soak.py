@@ -1,12 +1,14 @@
 """Overload on loopback: the gateway at 4x its measured capacity, a mix of every kind of call.
 
-The gateway runs as its own process (``llmrec serve``) over the tiny serving world
-(``llmrec_serving.testing.make_serving_world``: the tiny item-token model, the fixture
-data set), on the in-process backend or a managed vLLM server (``--backend``). Three phases:
+The gateway runs as its own process (``llmrec serve``) over the serving world of the tests
+(``llmrec_serving.testing.make_serving_world``: the fixture data set, per-user adapters) on the
+real SmolLM2-135M item-token base (``--model tiny``: the tiny test model), on the in-process
+backend or a managed vLLM server (``--backend``). The load generator must not be the
+bottleneck: ``client_lag_p99_s`` says how late requests left it. Three phases:
 
 1. unloaded: one request at a time for ``--warm`` seconds, the reference latencies;
-2. capacity: ``2 x serve.limits.max_concurrency`` clients in a closed loop: completed
-   requests per second is the capacity;
+2. capacity: ``max_concurrency + min(max_queue, max_concurrency)`` clients in a closed loop
+   (every permit busy, nobody refused): completed requests per second is the capacity;
 3. soak: open-loop Poisson arrivals at ``--load`` x capacity for ``--seconds``, from the
    data set's users through the admin key: recommendations (60%), chat completions (20%)
    and the agent's streamed chat (20%).
@@ -16,7 +18,8 @@ completes (a stream ends with its ``done`` event or ``[DONE]``; a client time-ou
 hang); the p99 latency of admitted requests against the unloaded p99; the gateway's RSS in
 the soak's last minute against its first.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/soak.py --seconds 300 --load 4
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/soak.py --seconds 300 --load 4 \
+        serve.limits.max_concurrency=1 serve.limits.max_queue=0
 
 Writes ``bench/reports/soak.json`` (``statuses``, ``admitted_incomplete``, ``p99_ratio``,
 ``rss_growth_mb``) and a PNG of the soak over time beside it. Goals (issue 17): only 2xx,
@@ -47,7 +50,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from llmrec.atomic import write_json_atomic  # noqa: E402
 from llmrec.data import load_generic  # noqa: E402
 from llmrec.launch import free_port  # noqa: E402
-from llmrec.model import build_tiny_model  # noqa: E402
+from llmrec.model import build_tiny_model, prepare_base_model  # noqa: E402
 from llmrec.model.item_vocab import prepare_item_base  # noqa: E402
 from llmrec_serving.config import LimitsConfig, load_serving_config  # noqa: E402
 from llmrec_serving.testing import make_serving_world  # noqa: E402
@@ -65,6 +68,8 @@ class Outcome:
     seconds: float
     complete: bool
     retry_after: bool
+    lag: float
+    """Seconds between the scheduled arrival and the request leaving this client."""
     error: str = ""
     """Why there was no answer (status 0)."""
 
@@ -75,6 +80,10 @@ def main() -> None:
     parser.add_argument("--load", type=float, default=4.0, help="offered load / capacity")
     parser.add_argument("--warm", type=float, default=30.0, help="unloaded and capacity phases")
     parser.add_argument("--backend", choices=["inprocess", "vllm"], default="inprocess")
+    parser.add_argument(
+        "--model", choices=["smollm2", "tiny"], default="smollm2",
+        help="the real SmolLM2-135M (item-token base), or the tiny test model",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", type=Path, default=Path("bench/reports/soak.json"))
     parser.add_argument("overrides", nargs="*", help="serve.limits.*=... and other overrides")
@@ -82,7 +91,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dataset = load_generic(DATA / "interactions.csv", DATA / "catalog.csv")
-        base = prepare_item_base(build_tiny_model(root / "tiny", seed=0), dataset.catalog)
+        if args.model == "tiny":
+            plain = build_tiny_model(root / "tiny", seed=0)
+        else:
+            plain = prepare_base_model()
+        base = prepare_item_base(plain, dataset.catalog)
         world = make_serving_world(root / "world", base, DATA)
         port = free_port()
         overrides = [*world.overrides, f"serve.backend={args.backend}", f"serve.port={port}"]
@@ -114,6 +127,7 @@ def main() -> None:
             f"--load {args.load:g}",
             f"--warm {args.warm:g}",
             f"--backend {args.backend}",
+            f"--model {args.model}",
             f"--seed {args.seed}",
             *args.overrides,
         ]  # fmt: skip
@@ -140,7 +154,10 @@ async def drive(url: str, key: str, users: list[str], pid: int, limits: LimitsCo
         end = time.monotonic() + args.warm
         while time.monotonic() < end:
             unloaded.append(await call(client, rng.choice(users), _kind(rng), time.monotonic()))
-        closed = await _closed_loop(client, users, rng, 2 * limits.max_concurrency, args.warm)
+        # Enough clients to keep every permit busy, and no more than can be admitted: a
+        # refused client would only spin on 503s and take the CPU from the ones admitted.
+        clients = limits.max_concurrency + min(limits.max_queue, limits.max_concurrency)
+        closed = await _closed_loop(client, users, rng, clients, args.warm)
         capacity = sum(o.status == 200 for o in closed) / args.warm
         rate = args.load * capacity
         rss, soak = [], []
@@ -168,6 +185,7 @@ async def drive(url: str, key: str, users: list[str], pid: int, limits: LimitsCo
     statuses = Counter(o.status for o in soak)
     return {
         "backend": args.backend,
+        "model": args.model,
         "limits": limits.model_dump(),
         "capacity_req_s": round(capacity, 3),
         "offered_req_s": round(rate, 3),
@@ -181,6 +199,9 @@ async def drive(url: str, key: str, users: list[str], pid: int, limits: LimitsCo
         "admitted_incomplete": sum(not o.complete for o in admitted),
         "hangs": statuses.get(0, 0),
         "no_answer": dict(Counter(o.error for o in soak if o.status == 0)),
+        # The load generator's own delay: latencies count from the scheduled arrival, so a
+        # client that falls behind would show up here and not hide as a slow gateway.
+        "client_lag_p99_s": round(_p99([o.lag for o in soak]), 3),
         "unloaded_p99_s": round(base_p99, 3),
         "admitted_p99_s": round(soak_p99, 3),
         "p99_ratio": round(soak_p99 / base_p99, 3),
@@ -215,6 +236,7 @@ async def call(client: httpx.AsyncClient, user: str, kind: str, started: float) 
         request = client.build_request(
             "POST", "/v1/agent/chat", params={"user": user}, json={"message": "Recommend me 3"}
         )
+    lag = time.monotonic() - started
     try:
         response = await client.send(request, stream=True)
         try:
@@ -223,13 +245,13 @@ async def call(client: httpx.AsyncClient, user: str, kind: str, started: float) 
             await response.aclose()
     except httpx.HTTPError as err:
         seconds = time.monotonic() - started
-        return Outcome(kind, started, 0, seconds, False, False, type(err).__name__)
+        return Outcome(kind, started, 0, seconds, False, False, lag, type(err).__name__)
     complete = response.status_code != 200 or (
         '"type":"done"' in text if kind == "agent" else "[DONE]" in text if kind == "chat" else True
     )
     return Outcome(
         kind, started, response.status_code, time.monotonic() - started, complete,
-        "retry-after" in response.headers,
+        "retry-after" in response.headers, lag,
     )  # fmt: skip
 
 

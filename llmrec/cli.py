@@ -23,6 +23,7 @@ from rich.table import Table
 
 from llmrec.config import AppConfig, ConfigError, load_config
 from llmrec.launch import TRAINING_SCRIPT, train_command
+from llmrec.pseudonyms import RedactFilter
 
 app = typer.Typer(
     help="llmrec: a personal, federated, generative recommender (one LLM, one LoRA per user).",
@@ -51,10 +52,10 @@ OverridesArg = Annotated[
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False):
+    handler = RichHandler(console=Console(stderr=True), show_path=False)
+    handler.addFilter(RedactFilter())  # no line names a user (llmrec.pseudonyms)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler]
     )
     for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

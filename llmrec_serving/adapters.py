@@ -37,6 +37,7 @@ from llmrec.adapters import (
 )
 from llmrec.data import user_sort_key
 from llmrec.federated import adapter_for
+from llmrec.pseudonyms import pseudonym, served_name
 from llmrec_serving.engines import Backend, BackendError, ServedAdapter
 from llmrec_serving.prometheus import Metrics
 
@@ -97,7 +98,7 @@ class AdapterRouter:
             entry = await self._acquire(ref)
         except AdapterValidationError as err:
             self.metrics.adapter_rejected.inc()
-            log.error("not serving %s: %s", ref.adapter_name, err)
+            log.error("not serving %s: %s", served_name(ref.adapter_name), err)
             shared = (
                 await asyncio.to_thread(self.store.shared) if ref.user_id != SHARED_ID else None
             )
@@ -115,7 +116,7 @@ class AdapterRouter:
             return adapter_for(self.store, user_id)
         except AdapterValidationError as err:  # e.g. CURRENT names a missing version
             self.metrics.adapter_rejected.inc()
-            log.error("cannot resolve %s's adapter: %s", user_id, err)
+            log.error("cannot resolve %s's adapter: %s", pseudonym(user_id), err)
             return self.store.shared()
 
     async def _acquire(self, ref: AdapterRef) -> _Entry:
@@ -185,7 +186,7 @@ class AdapterRouter:
             raise
         self.metrics.adapter_loads.inc()
         self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
-        log.info("loaded %s in %.3f s", adapter.name, time.perf_counter() - start)
+        log.info("loaded %s in %.3f s", served_name(adapter.name), time.perf_counter() - start)
 
     def _drop(self, entry: _Entry, reason: str, unload: bool = True) -> None:
         """Forget ``entry`` (lock held); unload it from the engine unless the caller does."""
@@ -203,7 +204,7 @@ class AdapterRouter:
         if self._unloading.get(name) is task:
             del self._unloading[name]
         if not task.cancelled() and task.exception() is not None:
-            log.warning("unloading %s failed: %s", name, task.exception())
+            log.warning("unloading %s failed: %s", served_name(name), task.exception())
 
     async def _release(self, entry: _Entry) -> None:
         async with self._lock:
@@ -227,7 +228,7 @@ class AdapterRouter:
             unloading = [self._unloading.get(e.adapter.name) for e in mine]
         await asyncio.gather(*(t for t in unloading if t is not None), return_exceptions=True)
         if mine:
-            log.info("forgot %s: %s", user_id, [e.adapter.name for e in mine])
+            log.info("forgot %s: %d version(s)", pseudonym(user_id), len(mine))
         return [e.adapter.name for e in mine]
 
     async def sweep(self) -> list[str]:

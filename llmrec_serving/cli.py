@@ -53,7 +53,7 @@ def serve(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     cfg = serving_config(config, overrides)
     app = create_app(build_services(cfg))
     typer.echo(f"llmrec gateway on http://{cfg.serve.host}:{cfg.serve.port} (docs at /docs)")
-    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info", access_log=False)
 
 
 def serve_demo(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:

@@ -4,7 +4,7 @@ Every error the gateway answers has the same OpenAI-style body (``schemas.ErrorR
 a route refuses with :class:`ClientError`, the admission queue with ``Rejected``, the engine
 with ``BackendError``, FastAPI with its validation and HTTP errors; :data:`ERROR_HANDLERS`
 turns each into that body. :class:`Guard` refuses oversized bodies (413) before a route
-reads them and counts every request by route and status.
+reads them, counts every request by route and status, and writes the access log.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from llmrec_serving.engines import BackendError
 from llmrec_serving.prometheus import Metrics
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("llmrec_serving.access")
+"""One line per request (uvicorn's own access log is off: it prints the query string)."""
 
 
 class ClientError(Exception):
@@ -145,5 +147,8 @@ class Guard:
     def _observe(self, scope: Scope, status: int, start: float) -> None:
         route = scope.get("route")
         name = getattr(route, "path", "other")
+        seconds = time.perf_counter() - start
         self.metrics.requests.labels(name, str(status)).inc()
-        self.metrics.latency.labels(name).observe(time.perf_counter() - start)
+        self.metrics.latency.labels(name).observe(seconds)
+        # The route's template, never the raw path or query: those can hold a user id.
+        access_log.info("%s %s %d %.0f ms", scope["method"], name, status, seconds * 1000)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import zipfile
 
 import pytest
 from fastapi.testclient import TestClient
 
+from llmrec.pseudonyms import RedactFilter
 from llmrec_serving.app import create_app
 from llmrec_serving.config import load_serving_config
 from llmrec_serving.services import build_services
@@ -176,3 +178,35 @@ def test_a_refused_turn_is_a_status_code_not_a_started_stream(client, services, 
     assert r.headers["retry-after"] and r.json()["error"]["message"]
     _, _, cards = chat(client, serving_world, "1", "recommend me 2")  # once it has room: 200
     assert cards
+
+
+def test_an_erased_user_is_named_in_no_log_line_and_no_file(
+    client, services, serving_world, caplog
+):
+    """Everything a user does (their adapter loaded, a recommendation, the agent's chat,
+    feedback, history edits, an export, then DELETE /v1/me) leaves no log line with their id,
+    and the erasure leaves no file with it but the profile's erasure marker (docs/privacy.md)."""
+    who = "erin-5501"
+    serving_world.publish(who, seed=11)
+    h = {"Authorization": f"Bearer {services.keys.add(who)}"}
+    admin = auth(serving_world, "admin")
+    caplog.handler.addFilter(RedactFilter())  # as `llmrec serve`'s handler has it
+    with caplog.at_level(logging.DEBUG):
+        assert client.post("/v1/me/history", json={"add": ["m1", "m2"]}, headers=h).is_success
+        assert client.post("/v1/recommendations", json={"k": 3}, headers=h).is_success
+        assert client.post("/v1/me/feedback", json={"item_id": "m3", "action": "up"}, headers=h)
+        with client.stream("POST", "/v1/agent/chat", params={"user": who}, headers=admin,
+                           json={"message": "recommend me 2"}) as r:  # fmt: skip
+            assert r.status_code == 200 and r.read()
+        assert client.get("/v1/me/adapter", headers=h).is_success
+        assert client.delete("/v1/me", headers=h).is_success
+    # The server's lines: httpx's are this test client's own requests (the query string).
+    lines = [caplog.handler.format(r) for r in caplog.records if not r.name.startswith("httpx")]
+    assert any("POST /v1/agent/chat 200" in line for line in lines)  # the access log is there
+    assert any("erased" in line for line in lines)
+    assert [line for line in lines if who in line] == []
+    named = [
+        p for p in serving_world.tmp.rglob("*")
+        if p.is_file() and p.name != "profiles.db" and who.encode() in p.read_bytes()
+    ]  # fmt: skip
+    assert named == []

@@ -71,6 +71,16 @@ def test_each_user_is_ranked_by_vllm_with_their_own_adapter(
     assert all(i["item_id"] in services.catalog and i["item_id"] not in seen for i in mine["items"])
 
 
+def test_the_engine_log_names_no_user(gateway, serving_world):
+    """vLLM logs every adapter it loads by name and path; its log holds pseudonyms instead."""
+    url, services = gateway
+    recommend(url, serving_world, "1")
+    text = services.backend.server.log_file.read_text(errors="replace")
+    loads = [line for line in text.splitlines() if "Loaded new LoRA adapter" in line]
+    assert loads and all("'u-" in line for line in loads), loads
+    assert not re.search(r"(?<![\w.-])[12](@v1|/v0001)", text)
+
+
 def test_reasons_state_the_items_facts(gateway, serving_world):
     url, services = gateway
     history = list(services.profiles.base_histories["1"])

@@ -103,6 +103,7 @@ from llmrec.federated import (
 from llmrec.finetune import Example, sample_users
 from llmrec.model import fingerprint_model_dir
 from llmrec.plots import plot_curve
+from llmrec.pseudonyms import RedactFilter, pseudonym
 from llmrec.recommend import mean_metrics
 
 logger = get_logger(__name__)
@@ -222,7 +223,7 @@ class Recipe:
                 logger.warning(
                     "round %d: client %s dropped: %s",
                     server_round,
-                    user_id,
+                    pseudonym(user_id),
                     failed[user_id],
                     main_process_only=False,
                 )
@@ -405,7 +406,11 @@ class Recipe:
             for key, param in self.dual.shared.items():
                 param.requires_grad_(trainable[key])
         if failed:
-            logger.warning("personal fit: %d clients failed: %s", len(failed), failed)
+            logger.warning(
+                "personal fit: %d clients failed: %s",
+                len(failed),
+                {pseudonym(u): why for u, why in failed.items()},
+            )
         self.accelerator.wait_for_everyone()
 
     def export(self) -> None:
@@ -601,8 +606,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides.")
     args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.addFilter(RedactFilter())  # no line names a user (llmrec.pseudonyms)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[handler],
     )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

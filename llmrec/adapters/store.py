@@ -61,6 +61,7 @@ from llmrec.atomic import (
     write_atomic,
     write_text_atomic,
 )
+from llmrec.pseudonyms import pseudonym, served_name
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ class AdapterStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         ref = self._ref(user_id, version, user_dir / _version_name(version))
-        logger.info("published %s (rank %d)", ref.adapter_name, weights.r)
+        logger.info("published %s (rank %d)", served_name(ref.adapter_name), weights.r)
         return ref
 
     def _rename_into_place(self, user_dir: Path, tmp: Path, fields: dict) -> int:
@@ -365,7 +366,7 @@ class AdapterStore:
         for entry in self.root.iterdir():
             if entry.name.startswith(TOMBSTONE_PREFIX) and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
-        logger.info("deleted all adapters of %s", user_id)
+        logger.info("deleted all adapters of %s", pseudonym(user_id))
         return True
 
     # ----------------------------------------------------------------- export / import
@@ -412,7 +413,9 @@ class AdapterStore:
             )
             manifest = read_manifest(staging)
             if manifest.user_id != user_id:
-                logger.info("importing %s's adapter as %s", manifest.user_id, user_id)
+                logger.info(
+                    "importing %s's adapter as %s", pseudonym(manifest.user_id), pseudonym(user_id)
+                )
             return self.publish(
                 user_id,
                 weights,

@@ -39,6 +39,7 @@ from llmrec.agent.intent import IntentParser, Parsed, Ref
 from llmrec.agent.profile import ProfileStore
 from llmrec.data import Catalog
 from llmrec.prompts import PromptBuilder
+from llmrec.pseudonyms import pseudonym
 from llmrec.recommend import Grounder, Recommender
 from llmrec.recommend.reasons import (
     Asked,
@@ -160,7 +161,7 @@ class Agent:
         yield AgentEvent(type="conversation", conversation_id=conversation_id)
 
         parsed = self.parser.parse(message, has_previous=bool(previous.focus))
-        log.debug("user %s: %s", user_id, parsed)
+        log.debug("user %s: %s", pseudonym(user_id), parsed)
         turn = {
             "recommend": self._recommend,
             "why": self._why,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from llmrec.adapters import AdapterStore
 from llmrec.agent.profile import ErasureReport, ProfileStore
 from llmrec.federated import client_dir
+from llmrec.pseudonyms import pseudonym
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def erase_user(
         shutil.rmtree(folder)
     log.info(
         "erased %s: profile %s, adapters %s, personal state %s",
-        user_id,
+        pseudonym(user_id),
         report,
         adapters,
         had_state,

@@ -48,6 +48,7 @@ from llmrec.agent.tables import (
     open_db,
 )
 from llmrec.data import Catalog
+from llmrec.pseudonyms import pseudonym
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +466,7 @@ class ProfileStore:
             else:
                 profile.erased_at = _now()
         self._empty_log()
-        log.info("erased the profile of %s: %s", user_id, counts)
+        log.info("erased the profile of %s: %s", pseudonym(user_id), counts)
         return ErasureReport(**counts)
 
     def _empty_log(self) -> None:

@@ -30,6 +30,8 @@ from types import MappingProxyType
 
 import torch
 
+from llmrec.pseudonyms import pseudonym
+
 logger = logging.getLogger(__name__)
 
 Update = dict[str, torch.Tensor]
@@ -258,7 +260,7 @@ def filter_updates(
             accepted[client_id] = (update, weight)
         else:
             rejected[client_id] = reason
-            logger.warning("rejected update from client %s: %s", client_id, reason)
+            logger.warning("rejected update from client %s: %s", pseudonym(client_id), reason)
     return accepted, rejected
 
 

@@ -38,6 +38,7 @@ from llmrec.finetune import next_item_examples
 from llmrec.model import fingerprint_model_dir, load_model, resolve_model_path
 from llmrec.model.item_vocab import ItemVocab
 from llmrec.prompts import PromptBuilder
+from llmrec.pseudonyms import pseudonym, served_name
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,8 @@ class Personalizer:
         seconds = time.perf_counter() - start
         log.info(
             "refreshed %s -> %s (loss %.4f, %.1f s)",
-            user_id,
-            ref.adapter_name,
+            pseudonym(user_id),
+            served_name(ref.adapter_name),
             result.loss,
             seconds,
         )

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from llmrec.atomic import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 MAX_TOP_TOKENS = 100
@@ -96,6 +98,25 @@ class EngineSpec:
         }
 
 
+ENGINE_LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(levelname)s %(asctime)s [%(name)s] %(message)s"}},
+    # The engine logs each adapter it loads by name and path, both of which hold the user id.
+    "filters": {"redact": {"()": "llmrec.pseudonyms.RedactFilter"}},
+    "handlers": {
+        "engine": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["redact"],
+            "stream": "ext://sys.stdout",
+        }
+    },
+    "loggers": {"vllm": {"handlers": ["engine"], "level": "INFO", "propagate": False}},
+}
+"""vLLM's logging (``VLLM_LOGGING_CONFIG_PATH``): its default, with user ids pseudonymized."""
+
+
 class ManagedServer:
     """One vLLM server child process, restarted when it dies (up to ``max_restarts``)."""
 
@@ -132,13 +153,15 @@ class ManagedServer:
     async def _spawn(self) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting vLLM: %s (log: %s)", " ".join(self.spec.command()), self.log_file)
+        logging_config = self.log_file.with_suffix(".logging.json")
+        write_json_atomic(logging_config, ENGINE_LOGGING)
         with open(self.log_file, "ab") as out:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.spec.command(),
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
-                env=self.spec.env(),
+                env=self.spec.env() | {"VLLM_LOGGING_CONFIG_PATH": str(logging_config)},
                 start_new_session=True,  # its own process group: stop() ends all its children
             )
         await self._wait_healthy()
