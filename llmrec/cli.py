@@ -140,6 +140,14 @@ def train(
     accelerate_config: Annotated[
         Path | None, typer.Option(help="An accelerate config YAML (e.g. training/accelerate/).")
     ] = None,
+    forget: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="USER",
+            help="Forget USER from the shared model: retrain the run from the last checkpoint "
+            "before their first round, without them (repeatable; the run's fed.output_dir).",
+        ),
+    ] = None,
 ) -> None:
     """Federated shared + personal LoRA training: runs `accelerate launch training/federated.py`."""
     import torch
@@ -150,8 +158,9 @@ def train(
             f"{TRAINING_SCRIPT} not found: install the repository editable (pip install -e .)",
             param_hint="train",
         )
+    cuda = torch.cuda.is_available()
     cmd = train_command(
-        config, overrides or [], num_processes, resume, accelerate_config, torch.cuda.is_available()
+        config, overrides or [], num_processes, resume, accelerate_config, cuda, forget
     )
     console.print(f"[dim]$ {shlex.join(cmd)}[/dim]")
     raise typer.Exit(subprocess.call(cmd))

@@ -331,6 +331,10 @@ class FedConfig(BaseModel):
     """Fixed seeded sample of cohort users whose validation HR@10 is measured (0 = none)."""
     val_every: int = Field(3, ge=1)
     """Rounds between validations (the last round is always validated): beam search is slow."""
+    checkpoint_every: int = Field(25, ge=0)
+    """Keep the server optimizer's state of every Nth round (0: the latest only): the rounds
+    forgetting a user (``training/federated.py --forget``) can retrain from. Each holds two
+    shared states (Adam's moments); without a server optimizer every round is one."""
     seed: int = 0
     """Seed of the cohort, client selection, initialization and local training."""
     output_dir: Path = Path("outputs/federated")

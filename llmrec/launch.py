@@ -19,6 +19,7 @@ def train_command(
     resume: bool = False,
     accelerate_config: Path | None = None,
     cuda: bool = False,
+    forget: list[str] | None = None,
 ) -> list[str]:
     """The ``accelerate launch`` command line that ``llmrec train`` runs.
 
@@ -40,6 +41,8 @@ def train_command(
         cmd += ["--config", str(config)]
     if resume:
         cmd.append("--resume")
+    for user_id in forget or []:
+        cmd += ["--forget", user_id]
     return cmd + list(overrides)
 
 

@@ -25,9 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from llmrec import federated as F
 from llmrec.adapters import AdapterStore, lora_delta, read_adapter, write_adapter
+from llmrec.adapters.constants import ADAPTER_WEIGHTS
 from llmrec.config import ConfigError, load_config
 from llmrec.data import leave_last_out
-from llmrec.federated import fedavg, module_of, update_norm
+from llmrec.federated import add_forgotten, fedavg, module_of, update_norm
 from llmrec.finetune import IGNORE_INDEX, next_item_examples
 from llmrec.model import load_model
 from llmrec.prompts import PromptBuilder
@@ -429,6 +430,8 @@ def test_train_command_launches_accelerate():
     assert one[-5:] == [str(SCRIPT), "--config", "c.yaml", "--resume", "fed.rounds=2"]
     two = train_command(None, [], 2)
     assert "--multi_gpu" in two and two[two.index("--num_processes") + 1] == "2"
+    gone = train_command(Path("c.yaml"), [], forget=["7", "9"])
+    assert gone[-4:] == ["--forget", "7", "--forget", "9"]
 
 
 # --------------------------------------------------------------------------- runner
@@ -659,3 +662,53 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(
     assert not (out / "round-0004").exists(), "the run finished before it could be killed"
     _launch(1, [*_overrides(tiny_model_dir, out, "fed.rounds=4"), "--resume"])
     _assert_same_run(one_process_run, out, atol=0)
+
+
+def test_forgetting_a_user_gives_the_run_that_never_had_them(runner, tiny_model_dir, tmp_path):
+    """``--forget``: back to the last checkpoint before the user's first round (the rounds
+    before it stay as they are), then on without them. Every round, server-optimizer state,
+    personal part and exported adapter is then, byte for byte, that of a run that never had
+    them, and the user's client folder and adapters are gone."""
+    extra = ("fed.rounds=4", "fed.decoupling.schedule=after", "fed.server_optimizer=adam",
+             "fed.server_learning_rate=0.01", "fed.checkpoint_every=2")  # fmt: skip
+    forgot, never = tmp_path / "forgot", tmp_path / "never"
+    runner.run(_cfg(tiny_model_dir, forgot, *extra))
+    records = [
+        json.loads((forgot / f"round-{r:04d}" / "round.json").read_text()) for r in range(1, 5)
+    ]
+    first = {}
+    for record in records:
+        for u in record["selected"]:
+            first.setdefault(u, record["round"])
+    user = max(first, key=lambda u: (first[u], u))
+    assert first[user] >= 3, first  # so that a checkpoint (round 2) comes before
+    kept = {p: p.read_bytes() for p in sorted((forgot / "round-0002").rglob("*")) if p.is_file()}
+    assert (forgot / "adapters" / user).is_dir() and (forgot / "clients" / user).is_dir()
+
+    runner.main(["--config", str(TINY_YAML), "--forget", user,
+                 *_overrides(tiny_model_dir, forgot, *extra)])  # fmt: skip
+    add_forgotten(never, [user])
+    runner.run(_cfg(tiny_model_dir, never, *extra))
+
+    assert {p: p.read_bytes() for p in kept} == kept  # round 2 was not redone
+
+    def run_files(out: Path) -> dict[str, bytes]:  # the store's versions are compared below
+        return {n: d for n, d in _tensor_files(out).items() if not n.startswith("adapters/")}
+
+    assert run_files(forgot) == run_files(never)
+    store_a, store_b = AdapterStore(forgot / "adapters"), AdapterStore(never / "adapters")
+    assert store_a.users() == store_b.users() and user not in store_a.users()
+    for u in store_b.users():
+        a, b = store_a.current(u), store_b.current(u)
+        assert (a.path / ADAPTER_WEIGHTS).read_bytes() == (b.path / ADAPTER_WEIGHTS).read_bytes()
+    assert not (forgot / "clients" / user).exists()
+    assert user not in json.loads((forgot / "round-0004" / "round.json").read_text())["selected"]
+
+
+def test_forgetting_refuses_a_run_whose_personal_parts_train_in_the_rounds(
+    runner, tiny_model_dir, tmp_path
+):
+    with pytest.raises(SystemExit):
+        runner.main(["--config", str(TINY_YAML), "--forget", "1",
+                     *_overrides(tiny_model_dir, tmp_path / "out")])  # fmt: skip
+    assert not (tmp_path / "out" / "forgotten.json").exists()

@@ -30,6 +30,9 @@ adapter after round XXXX as a PEFT folder + ``round.json``; written whole or not
 redone on resume reads exactly what the uninterrupted run read), ``metrics.json``, ``*.png``
 curves, ``export.json``. After the last round the shared adapter and every trained user's
 stacked adapter are published to the adapter store ``fed.store_dir``.
+
+``--forget USER`` removes a user from the shared model (``llmrec.federated.forget``): the run
+goes back to the last checkpoint before the user's first round and trains on without them.
 """
 
 from __future__ import annotations
@@ -65,12 +68,16 @@ from llmrec.federated import (
     PrivacyAccountant,
     ServerOutcome,
     State,
+    add_forgotten,
+    check_forgettable,
     client_examples,
     client_update,
     completed_rounds,
+    cut_back,
     derive_seed,
     federated_cohort,
     finite_metrics,
+    forgotten_users,
     init_shared_state,
     load_federated_model,
     load_personal,
@@ -83,6 +90,7 @@ from llmrec.federated import (
     read_records,
     read_round_state,
     remove_partial_rounds,
+    restart_after,
     run_client,
     run_clients,
     scale_picks,
@@ -149,11 +157,18 @@ class Recipe:
         dataset = dataset_from_config(cfg)
         self.catalog: Catalog = dataset.catalog
         self.split: Split = leave_last_out(dataset.histories)
-        self.cohort = federated_cohort(self.split, fed)
-        if len(self.cohort) < fed.clients_per_round:
-            raise ValueError(f"{len(self.cohort)} eligible users, fewer than clients_per_round")
-        self.val_users = sample_users(self.cohort, fed.val_users, derive_seed(fed.seed, "val"))
-        done = _prepare_run_folder(cfg, self.accelerator, self.cohort, self.val_users, resume)
+        # Selection draws from every slot of the cohort; a forgotten user's slot stays, so
+        # the other users' rounds are those of the run before (llmrec.federated.forget).
+        self.slots = federated_cohort(self.split, fed)
+        if len(self.slots) < fed.clients_per_round:
+            raise ValueError(f"{len(self.slots)} eligible users, fewer than clients_per_round")
+        self.forgotten = set(forgotten_users(self.out))
+        if self.forgotten:
+            check_forgettable(fed)
+        self.cohort = [u for u in self.slots if u not in self.forgotten]
+        val_slots = sample_users(self.slots, fed.val_users, derive_seed(fed.seed, "val"))
+        self.val_users = [u for u in val_slots if u not in self.forgotten]
+        done = _prepare_run_folder(self, resume)
         # The first round this invocation runs: 1, or the one after the last complete one.
         self.start = (done[-1] + 1) if (resume and done) else 1
 
@@ -193,7 +208,8 @@ class Recipe:
     def select(self, server_round: int) -> list[str]:
         """The round's clients (and the start of its clock)."""
         self.round_started = time.perf_counter()
-        return select_clients(self.cohort, self.fed.clients_per_round, self.fed.seed, server_round)
+        chosen = select_clients(self.slots, self.fed.clients_per_round, self.fed.seed, server_round)
+        return [u for u in chosen if u not in self.forgotten]
 
     def clients(
         self, selected: list[str], server_round: int, progress: dict | None = None
@@ -368,6 +384,7 @@ class Recipe:
                 weights,
                 self.shared.get(ITEM_ROWS_KEY),
                 optimizer.save if optimizer is not None else None,
+                fed.checkpoint_every,
             )
             self.records.append(record)
             _write_metrics(self.out, self.records, fed.val_every)
@@ -445,19 +462,15 @@ class Recipe:
 # --------------------------------------------------------------------------- setup steps
 
 
-def _prepare_run_folder(
-    cfg: AppConfig,
-    accelerator: Accelerator,
-    cohort: list[str],
-    val_users: list[str],
-    resume: bool,
-) -> list[int]:
+def _prepare_run_folder(recipe: Recipe, resume: bool) -> list[int]:
     """The rounds already complete; refuses to clobber them or to resume another cohort.
 
-    The main process deletes what a cut-off round write left (the round's files, older
-    personal versions it had still to prune) and writes run.json (once).
+    With forgotten users, every round from the last checkpoint before the first one that
+    selected them is deleted first (llmrec.federated.forget). The main process deletes what a
+    cut-off round write left (the round's files, older personal versions it had still to
+    prune) and writes run.json (once).
     """
-    out = Path(cfg.fed.output_dir)
+    cfg, accelerator, out = recipe.cfg, recipe.accelerator, recipe.out
     done = completed_rounds(out)
     if done and not resume:
         raise FileExistsError(
@@ -465,23 +478,46 @@ def _prepare_run_folder(
         )
     run_record = {
         "config": json.loads(cfg.model_dump_json()),
-        "cohort": cohort,
-        "val_users": val_users,
+        "cohort": recipe.slots,
+        "val_users": recipe.val_users,
         "world_size": accelerator.num_processes,
     }
     if resume and (out / RUN_JSON).is_file():
         before = json.loads((out / RUN_JSON).read_text())
-        if before.get("cohort") != cohort:
+        if before.get("cohort") != recipe.slots:
             raise ValueError(
                 "--resume with another cohort: fed.n_users, fed.seed or the data changed"
             )
+    if recipe.forgotten:
+        keep = restart_after(out, done, recipe.forgotten, lambda r: _resumable(cfg.fed, r))
+        accelerator.wait_for_everyone()  # every process read the rounds before any goes
+        if accelerator.is_main_process:
+            gone = cut_back(out, keep, recipe.slots, recipe.forgotten)
+            if gone:
+                logger.info(
+                    "forgetting %d user(s): rounds %d..%d are retrained (%d rounds), then the "
+                    "personal fit and the export",
+                    len(recipe.forgotten), keep + 1, cfg.fed.rounds, cfg.fed.rounds - keep,
+                )  # fmt: skip
+        accelerator.wait_for_everyone()
+        done = [r for r in done if r <= keep]
     if accelerator.is_main_process:
         remove_partial_rounds(out)
-        for user_id in cohort if done else ():
+        for user_id in recipe.cohort if done else ():
             settle_personal(out, user_id, done[-1])
         if not (resume and (out / RUN_JSON).is_file()):
             write_json_atomic(out / RUN_JSON, run_record, allow_nan=False)
     return done
+
+
+def _resumable(fed: FedConfig, server_round: int) -> bool:
+    """Whether a run can go on from ``server_round``: the seeded start, any round without a
+    server optimizer, else a round whose optimizer state was kept."""
+    return (
+        server_round == 0
+        or fed.server_optimizer == "none"
+        or server_optimizer_path(fed.output_dir, server_round).is_file()
+    )
 
 
 def _restore(fed: FedConfig, dual: DualLora, start: int, done: list[int]) -> tuple[State, list]:
@@ -546,6 +582,8 @@ def _export(recipe: Recipe) -> None:
     base = served_base(recipe.base_path, recipe.shared, out, fed)
     fingerprint = fingerprint_model_dir(base)
     store = open_store(fed, base)
+    for user_id in sorted(recipe.forgotten):  # their adapters hold the old shared part
+        store.delete(user_id)
     metrics = finite_metrics(recipe.records[-1]) if recipe.records else {}
     record: dict[str, Any] = {
         "round": final,
@@ -604,6 +642,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="Continue after the latest complete round."
     )
+    parser.add_argument(
+        "--forget",
+        action="append",
+        default=[],
+        metavar="USER",
+        help="Forget USER from the shared model: retrain from the last checkpoint before "
+        "their first round, without them (implies --resume; repeatable).",
+    )
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides.")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
@@ -619,7 +665,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
-    run(cfg, resume=args.resume)
+    if args.forget:
+        try:
+            check_forgettable(cfg.fed)
+            add_forgotten(cfg.fed.output_dir, args.forget)
+        except ValueError as err:
+            parser.error(f"--forget: {err}")
+    run(cfg, resume=args.resume or bool(args.forget))
     return 0
 
 

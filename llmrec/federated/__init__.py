@@ -18,6 +18,7 @@ Modules, in the order a round uses them:
 - ``validation``: the client's validation and personal-scale pick; ``export``: the served
   adapters and publishing; ``layout``: the run folder both runners write.
 - ``personalize``: a local refresh of one user's personal adapter between rounds.
+- ``forget``: forgetting users from the shared model (retraining from a checkpoint).
 
 Contract: library code that knows nothing about processes, transports or schedules: a runner
 (``training/federated.py`` with accelerate, ``training/flower/`` with Flower) selects clients,
@@ -95,6 +96,14 @@ from .export import (
     served_base,
     shared_weights,
     user_weights,
+)
+from .forget import (
+    FORGOTTEN_JSON,
+    add_forgotten,
+    check_forgettable,
+    cut_back,
+    forgotten_users,
+    restart_after,
 )
 from .gates import (
     gate_values,
@@ -269,4 +278,10 @@ __all__ = [
     "validation_loss",
     "write_metrics",
     "write_round",
+    "FORGOTTEN_JSON",
+    "add_forgotten",
+    "check_forgettable",
+    "cut_back",
+    "forgotten_users",
+    "restart_after",
 ]

@@ -86,11 +86,13 @@ def write_round(
     shared: LoraWeights | None,
     item_rows: torch.Tensor | None = None,
     save_optimizer: Callable[[Path], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> None:
     """Write (or replace) ``round-XXXX/``: the shared adapter, if any, the shared item rows,
     if any, the server optimizer's state (``save_optimizer(path)``), if any, and
-    ``round.json``. The previous round's optimizer state is then deleted: only the latest
-    is ever resumed from, and it is as large as two shared states.
+    ``round.json``. The previous round's optimizer state is then deleted (it is as large as
+    two shared states) unless that round is a multiple of ``checkpoint_every`` (> 0): a
+    resume starts from the latest round, forgetting a user from such a checkpoint.
 
     Built in a hidden temp folder and renamed, so a reader sees it whole or not at all.
     """
@@ -105,12 +107,15 @@ def write_round(
         write_json_atomic(tmp / ROUND_JSON, record, allow_nan=False)
 
     write_dir_atomic(round_dir(output_dir, server_round), fill)
-    if save_optimizer is not None and server_round > 1:
-        (round_dir(output_dir, server_round - 1) / SERVER_OPTIMIZER_FILE).unlink(missing_ok=True)
+    previous = server_round - 1
+    if save_optimizer is not None and previous > 0:
+        if not (checkpoint_every and previous % checkpoint_every == 0):
+            (round_dir(output_dir, previous) / SERVER_OPTIMIZER_FILE).unlink(missing_ok=True)
 
 
 def server_optimizer_path(output_dir: Path, server_round: int) -> Path:
-    """The server optimizer's state after ``server_round`` (present for the latest round)."""
+    """The server optimizer's state after ``server_round`` (present for the latest round and
+    the checkpoints)."""
     return round_dir(output_dir, server_round) / SERVER_OPTIMIZER_FILE
 
 

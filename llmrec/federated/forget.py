@@ -1,0 +1,95 @@
+"""Forgetting users from the shared model: retrain from the last checkpoint before they took part.
+
+A round averages its clients' updates into the shared state, and no average can be taken apart
+again, so the one exact way to remove a user's influence is to recompute every round from the
+last state they never touched. ``forgotten.json`` in the run folder lists the users forgotten.
+On every (re)start the run cuts itself back to the last checkpoint before the first round that
+selected one of them, and selects them never again. Their slot in the cohort stays (a round that
+drew them trains without them), so every other round draws the same clients as before: the
+result is the run that never had them, bit for bit (tests/test_federated.py).
+
+A checkpoint is a round whose server-optimizer state was kept (``fed.checkpoint_every``), or
+any round when the server has no optimizer. Personal parts trained during the rounds are
+pruned as the run goes, so a run whose personal part trains in the rounds cannot go back;
+forgetting needs ``decoupling.schedule="after"`` (or no personal part).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from llmrec.adapters import validate_user_id
+from llmrec.atomic import write_json_atomic
+from llmrec.config import FedConfig
+from llmrec.federated.client_state import personal_path, personal_versions
+from llmrec.federated.layout import (
+    CLIENTS_DIR,
+    EXPORT_JSON,
+    completed_rounds,
+    read_records,
+    round_dir,
+)
+
+FORGOTTEN_JSON = "forgotten.json"
+
+
+def forgotten_users(output_dir: Path) -> list[str]:
+    """The users this run has forgotten, sorted ([] when none)."""
+    path = Path(output_dir) / FORGOTTEN_JSON
+    if not path.is_file():
+        return []
+    return sorted(json.loads(path.read_text())["users"])
+
+
+def check_forgettable(fed: FedConfig) -> None:
+    """Raise ``ValueError`` unless a run with these settings can go back to a checkpoint."""
+    if fed.personal_rank and fed.decoupling.schedule != "after":
+        raise ValueError(
+            "forgetting a user needs fed.decoupling.schedule=after (or fed.personal_rank=0): "
+            f"under {fed.decoupling.schedule!r} the personal parts trained in each round are "
+            "pruned as the run goes, so no earlier round can be redone exactly"
+        )
+
+
+def add_forgotten(output_dir: Path, users: Iterable[str]) -> list[str]:
+    """Add ``users`` to the run's forgotten users (atomically); returns them all."""
+    every = sorted(set(forgotten_users(output_dir)) | {validate_user_id(u) for u in users})
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(output_dir) / FORGOTTEN_JSON, {"users": every})
+    return every
+
+
+def restart_after(
+    output_dir: Path, done: Sequence[int], users: set[str], resumable: Callable[[int], bool]
+) -> int:
+    """The last complete round to keep: the latest resumable round (0: the seeded start)
+    before the first round that selected one of ``users``, or at most ``done[-1]`` when none
+    did (a cut-back cut off part way leaves a prefix of rounds, not all of them resumable)."""
+    limit = done[-1] if done else 0
+    for server_round, record in zip(done, read_records(output_dir, done), strict=True):
+        if users & set(record["selected"]):
+            limit = server_round - 1
+            break
+    return max((r for r in done if r <= limit and resumable(r)), default=0)
+
+
+def cut_back(output_dir: Path, keep: int, cohort: Sequence[str], users: Iterable[str]) -> int:
+    """Delete what rounds after ``keep`` made (the export record first, then each client's
+    personal versions after ``keep``, ``users``' client folders, then the rounds, the latest
+    first) so that a cut-back cut off part way is finished by the next start. Returns how
+    many rounds went."""
+    out = Path(output_dir)
+    (out / EXPORT_JSON).unlink(missing_ok=True)
+    for user_id in cohort:
+        for v in personal_versions(out, user_id):
+            if v > keep:
+                personal_path(out, user_id, v).unlink()
+    for user_id in users:
+        shutil.rmtree(out / CLIENTS_DIR / user_id, ignore_errors=True)
+    later = [r for r in completed_rounds(out) if r > keep]
+    for server_round in reversed(later):
+        shutil.rmtree(round_dir(out, server_round))
+    return len(later)
