@@ -17,6 +17,7 @@ from llmrec.federated import (
     trimmed_mean,
     update_norm,
 )
+from llmrec.pseudonyms import pseudonym
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -199,7 +200,7 @@ def test_filter_updates_never_lets_poison_into_the_average(caplog):
     assert set(rejected) == {f"bad-{n}" for n in BAD_UPDATES} | {"bad-count", "bad-zero-count"}
     assert "example count" in rejected["bad-count"]
     for client_id in rejected:
-        assert client_id in caplog.text
+        assert pseudonym(client_id) in caplog.text and client_id not in caplog.text
 
     out = fedavg([u for u, _ in accepted.values()], [w for _, w in accepted.values()])
     expected = fedavg([good(i) for i in range(3)], [1, 1, 1])

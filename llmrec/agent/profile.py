@@ -13,9 +13,9 @@ One embedded database (SQLite by default; any SQLAlchemy URL) holds, per user:
 - ``refresh_queue``: users whose history changed since their personal adapter was trained
   (``llmrec personalize --all-queued`` drains it).
 
-:meth:`ProfileStore.erase` deletes all of it. What stays is one ``profiles`` row holding the
-user id and the time of erasure and nothing else, so that the data set's original history
-of that id is not imported again on the next access (docs/privacy.md).
+:meth:`ProfileStore.erase` deletes all of it. What stays is one ``erased_users`` row: a
+SHA-256 of the id and the time of erasure, so that the data set's original history of that id
+is not imported again on the next access (docs/privacy.md).
 
 The tables are in :mod:`llmrec.agent.tables`; callers see only the frozen records here.
 This module knows nothing about models, adapters or HTTP; every method is synchronous
@@ -39,12 +39,15 @@ from llmrec.agent.tables import (
     USER_TABLES,
     Base,
     ConversationRow,
+    ErasedRow,
     ExclusionRow,
     FeedbackRow,
     HistoryRow,
     MessageRow,
     ProfileRow,
     QueuedRow,
+    empty_wal,
+    erased_digest,
     open_db,
 )
 from llmrec.data import Catalog
@@ -177,6 +180,8 @@ class ProfileStore:
             return
         now = _now()
         s.add(ProfileRow(user_id=user_id, created_at=now))
+        if s.get(ErasedRow, erased_digest(user_id)) is not None:
+            return  # erased: the data set's history of this id is not imported again
         base = [i for i in dict.fromkeys(self.base_histories.get(user_id, ())) if i in self.catalog]
         s.add_all(
             HistoryRow(user_id=user_id, item_id=i, seq=n, added_at=now, source="dataset")
@@ -460,22 +465,12 @@ class ProfileStore:
         with self._session() as s, s.begin():
             for table, name in USER_TABLES.items():
                 counts[name] = s.execute(delete(table).where(table.user_id == user_id)).rowcount
-            profile = s.get(ProfileRow, user_id)
-            if profile is None:
-                s.add(ProfileRow(user_id=user_id, created_at=_now(), erased_at=_now()))
-            else:
-                profile.erased_at = _now()
+            s.execute(delete(ProfileRow).where(ProfileRow.user_id == user_id))
+            s.merge(ErasedRow(digest=erased_digest(user_id), erased_at=_now()))
         self._empty_log()
         log.info("erased the profile of %s: %s", pseudonym(user_id), counts)
         return ErasureReport(**counts)
 
     def _empty_log(self) -> None:
-        """SQLite in WAL mode: copy the log into the database and truncate it, so that no old
-        page image of erased rows stays in the log (secure_delete zeroes them in place)."""
-        if self.db.dialect.name != "sqlite":
-            return
-        raw = self.db.raw_connection()  # autocommit (see tables.py): a checkpoint needs that
-        try:
-            raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            raw.close()
+        if self.db.dialect.name == "sqlite":
+            empty_wal(self.db)

@@ -7,10 +7,23 @@ column names) is what docs/privacy.md describes; renaming a table or a column ch
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    inspect,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
@@ -24,7 +37,20 @@ class ProfileRow(Base):
     __tablename__ = "profiles"
     user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ErasedRow(Base):
+    """An erased user: the digest of their id (:func:`erased_digest`), never the id."""
+
+    __tablename__ = "erased_users"
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    erased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+def erased_digest(user_id: str) -> str:
+    """The erasure marker of ``user_id``: a SHA-256, part of the file format (migration 0002
+    computes it too), so it never changes."""
+    return hashlib.sha256(b"llmrec-erased\0" + user_id.encode()).hexdigest()
 
 
 class HistoryRow(Base):
@@ -97,8 +123,8 @@ USER_TABLES: dict[type[Base], str] = {
 
 
 def open_db(url: str) -> Engine:
-    """The database at ``url`` with every table created; SQLite gets its folder created,
-    foreign keys and WAL."""
+    """The database at ``url``, migrated to the newest schema (``llmrec.agent.migrations``);
+    SQLite gets its folder created, foreign keys, ``secure_delete`` and WAL."""
     parsed = make_url(url)
     sqlite = parsed.get_backend_name() == "sqlite"
     kwargs: dict = {}
@@ -137,5 +163,40 @@ def open_db(url: str) -> Engine:
             # history"). Transactions here are short, so serializing them is cheap.
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
-    Base.metadata.create_all(db)
+    upgrade(db)
+    if sqlite and parsed.database not in (None, "", ":memory:"):
+        empty_wal(db)  # a migration may have deleted ids (0002): no old page image stays
     return db
+
+
+def empty_wal(db: Engine) -> None:
+    """SQLite in WAL mode: copy the log into the database and truncate it, so that no old
+    page image of deleted rows stays in the log (``secure_delete`` zeroes them in place)."""
+    raw = db.raw_connection()  # autocommit (see the pragmas): a checkpoint needs that
+    try:
+        raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        raw.close()
+
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+"""Alembic's folder for this database: ``env.py`` and ``versions/`` (a new schema change is a
+new file there, made with ``alembic -c llmrec/agent/migrations/alembic.ini revision -m ...``,
+never an edit of an old one). Not a package: its ``env.py`` only runs under Alembic."""
+FIRST_REVISION = "0001"
+"""The schema the releases before migrations made with ``create_all`` (no version table)."""
+
+
+def upgrade(db: Engine) -> None:
+    """Bring ``db`` to the newest revision: a new database is created, one made by a release
+    before migrations is stamped with the first revision and then upgraded. One transaction
+    (on SQLite ``BEGIN IMMEDIATE``, see :func:`open_db`), so two processes opening a database
+    at once migrate it once."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with db.begin() as connection:
+        cfg.attributes["connection"] = connection
+        tables = set(inspect(connection).get_table_names())
+        if "profiles" in tables and "alembic_version" not in tables:
+            command.stamp(cfg, FIRST_REVISION)
+        command.upgrade(cfg, "head")
