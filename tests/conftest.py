@@ -89,3 +89,55 @@ def vllm_overrides(free_port):
         "serve.max_cpu_loras=4",
         "serve.max_loras=2",
     ]
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory, free_port):
+    """A real PostgreSQL server on loopback (Debian's binaries), for the session; a function
+    ``postgres(name)`` that creates database ``name`` and returns its SQLAlchemy URL.
+
+    ``initdb`` refuses to run as root, so under root the server runs as the ``postgres``
+    system user, which owns its folder. Skipped where PostgreSQL is not installed, except in
+    CI (``.ci/run`` installs it through ``scripts/setup.sh``), where that is a failure."""
+    import glob
+    import shutil
+    import subprocess
+
+    initdb = shutil.which("initdb") or next(
+        iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None
+    )
+    if initdb is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed (scripts/setup.sh installs it)")
+        pytest.skip("PostgreSQL is not installed")
+    binaries = Path(os.path.realpath(initdb)).parent
+    root = tmp_path_factory.mktemp("postgres")
+    as_user = []
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        for folder in (root, *root.parents[:2]):  # pytest's temp folders are 0700
+            os.chmod(folder, os.stat(folder).st_mode | 0o711)
+        shutil.chown(root, "postgres")
+
+    def run(*cmd):
+        subprocess.run([*as_user, *cmd], check=True, capture_output=True, cwd=root, text=True)
+
+    port = free_port()
+    data = root / "data"
+    run(str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root}"
+    run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-o", options,
+        "-w", "start")  # fmt: skip
+    server = f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+
+    def database(name: str) -> str:
+        from sqlalchemy import create_engine, text
+
+        admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+        return f"{server}/{name}"
+
+    yield database
+    run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
@@ -42,8 +43,12 @@ CREATE INDEX ix_messages_conversation_id ON messages (conversation_id);
 """
 
 
-def test_the_migrations_build_the_tables_the_models_describe(tmp_path):
-    db = open_db(f"sqlite:///{tmp_path / 'new.db'}")
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_migrations_build_the_tables_the_models_describe(tmp_path, backend, request):
+    if backend == "sqlite":
+        db = open_db(f"sqlite:///{tmp_path / 'new.db'}")
+    else:
+        db = open_db(request.getfixturevalue("postgres")("migrated"))
     with db.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar()

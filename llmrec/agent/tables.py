@@ -122,9 +122,13 @@ USER_TABLES: dict[type[Base], str] = {
 (messages before conversations: the foreign key)."""
 
 
+_LOCK_KEY = 0x6C6C6D726563  # "llmrec": the advisory lock every transaction takes on PostgreSQL
+
+
 def open_db(url: str) -> Engine:
     """The database at ``url``, migrated to the newest schema (``llmrec.agent.migrations``);
-    SQLite gets its folder created, foreign keys, ``secure_delete`` and WAL."""
+    SQLite gets its folder created, foreign keys, ``secure_delete`` and WAL; SQLite and
+    PostgreSQL (``postgresql+psycopg://``) run one transaction at a time."""
     parsed = make_url(url)
     sqlite = parsed.get_backend_name() == "sqlite"
     kwargs: dict = {}
@@ -162,6 +166,15 @@ def open_db(url: str) -> Engine:
             # transaction here reads before it writes (e.g. "first access imports the
             # history"). Transactions here are short, so serializing them is cheap.
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    if parsed.get_backend_name() == "postgresql":
+
+        @event.listens_for(db, "begin")
+        def _one_writer(connection) -> None:
+            # As SQLite's BEGIN IMMEDIATE above: one transaction at a time, across every
+            # process on the database (e.g. two gateways), so "first access imports the
+            # history" and read-then-write transactions never race. Released at commit.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
 
     upgrade(db)
     if sqlite and parsed.database not in (None, "", ":memory:"):
