@@ -77,19 +77,23 @@ def restart_after(
 
 
 def cut_back(output_dir: Path, keep: int, cohort: Sequence[str], users: Iterable[str]) -> int:
-    """Delete what rounds after ``keep`` made (the export record first, then each client's
-    personal versions after ``keep``, ``users``' client folders, then the rounds, the latest
-    first) so that a cut-back cut off part way is finished by the next start. Returns how
-    many rounds went."""
+    """Delete what rounds after ``keep`` made, and what a forgotten user left: first the export
+    record (when it is stale: later rounds, or a forgotten user exported), then each client's
+    personal versions after ``keep`` and ``users``' client folders, then the rounds, the latest
+    first, so that a cut-back cut off part way is finished by the next start. Returns how many
+    rounds went."""
     out = Path(output_dir)
-    (out / EXPORT_JSON).unlink(missing_ok=True)
+    users = set(users)
+    later = [r for r in completed_rounds(out) if r > keep]
+    export = out / EXPORT_JSON
+    if export.is_file() and (later or users & set(json.loads(export.read_text()).get("users", {}))):
+        export.unlink()  # the next export publishes again and deletes their adapters
     for user_id in cohort:
         for v in personal_versions(out, user_id):
             if v > keep:
                 personal_path(out, user_id, v).unlink()
     for user_id in users:
         shutil.rmtree(out / CLIENTS_DIR / user_id, ignore_errors=True)
-    later = [r for r in completed_rounds(out) if r > keep]
     for server_round in reversed(later):
         shutil.rmtree(round_dir(out, server_round))
     return len(later)
