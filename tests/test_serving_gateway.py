@@ -285,6 +285,9 @@ BAD_CHATS = [
     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 3}',
     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000}',
     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}',
+    # both budgets given: each is checked, not only the one that wins (the fuzzer found it)
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000,'
+    b' "max_completion_tokens": 2}',
     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}',
     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["", "a"]}',
     # past 2^53 - 1 a JSON reader may round it (to 2^63: past the engine's int64)

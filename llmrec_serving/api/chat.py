@@ -349,8 +349,9 @@ def _checked_params(
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
         raise ClientError(422, "stop: at most 4 non-empty strings of up to 64 characters")
-    asked = body.max_completion_tokens or body.max_tokens
     limit = services.cfg.serve.limits.max_tokens
-    if asked is not None and asked > limit:
-        raise ClientError(422, f"max_tokens: at most {limit}")
-    return stops, asked
+    for name in ("max_tokens", "max_completion_tokens"):  # both checked, even when both given
+        value = getattr(body, name)
+        if value is not None and value > limit:
+            raise ClientError(422, f"{name}: at most {limit}")
+    return stops, body.max_completion_tokens or body.max_tokens
