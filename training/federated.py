@@ -489,6 +489,13 @@ def _prepare_run_folder(recipe: Recipe, resume: bool) -> list[int]:
                 "--resume with another cohort: fed.n_users, fed.seed or the data changed"
             )
     if recipe.forgotten:
+        absent = recipe.forgotten - set(recipe.slots)
+        if absent and accelerator.is_main_process:
+            logger.warning(
+                "%d forgotten user(s) not in this run's cohort: the shared model has nothing "
+                "of theirs",
+                len(absent),
+            )
         keep = restart_after(out, done, recipe.forgotten, lambda r: _resumable(cfg.fed, r))
         accelerator.wait_for_everyone()  # every process read the rounds before any goes
         if accelerator.is_main_process:
@@ -497,7 +504,8 @@ def _prepare_run_folder(recipe: Recipe, resume: bool) -> list[int]:
                 logger.info(
                     "forgetting %d user(s): rounds %d..%d are retrained (%d rounds), then the "
                     "personal fit and the export",
-                    len(recipe.forgotten), keep + 1, cfg.fed.rounds, cfg.fed.rounds - keep,
+                    len(recipe.forgotten - absent), keep + 1, cfg.fed.rounds,
+                    cfg.fed.rounds - keep,
                 )  # fmt: skip
         accelerator.wait_for_everyone()
         done = [r for r in done if r <= keep]
