@@ -467,10 +467,6 @@ class ProfileStore:
                 counts[name] = s.execute(delete(table).where(table.user_id == user_id)).rowcount
             s.execute(delete(ProfileRow).where(ProfileRow.user_id == user_id))
             s.merge(ErasedRow(digest=erased_digest(user_id), erased_at=_now()))
-        self._empty_log()
+        empty_wal(self.db)
         log.info("erased the profile of %s: %s", pseudonym(user_id), counts)
         return ErasureReport(**counts)
-
-    def _empty_log(self) -> None:
-        if self.db.dialect.name == "sqlite":
-            empty_wal(self.db)

@@ -177,14 +177,16 @@ def open_db(url: str) -> Engine:
             connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
 
     upgrade(db)
-    if sqlite and parsed.database not in (None, "", ":memory:"):
-        empty_wal(db)  # a migration may have deleted ids (0002): no old page image stays
+    empty_wal(db)  # a migration may have deleted ids (0002): no old page image stays
     return db
 
 
 def empty_wal(db: Engine) -> None:
-    """SQLite in WAL mode: copy the log into the database and truncate it, so that no old
-    page image of deleted rows stays in the log (``secure_delete`` zeroes them in place)."""
+    """A SQLite file in WAL mode: copy the log into the database and truncate it, so that no
+    old page image of deleted rows stays in the log (``secure_delete`` zeroes them in place).
+    Nothing to do for other databases or an in-memory one."""
+    if db.dialect.name != "sqlite" or db.url.database in (None, "", ":memory:"):
+        return
     raw = db.raw_connection()  # autocommit (see the pragmas): a checkpoint needs that
     try:
         raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
