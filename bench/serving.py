@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import re
@@ -62,7 +63,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from llmrec.adapters import AdapterStore, LoraWeights, module_shapes_for  # noqa: E402
 from llmrec.atomic import write_json_atomic  # noqa: E402
 from llmrec.data import Dataset, Split, leave_last_out, load_dataset, user_sort_key  # noqa: E402
-from llmrec.launch import free_port  # noqa: E402
+from llmrec.launch import free_port, free_ports  # noqa: E402
 from llmrec.model import build_tiny_model, fingerprint_model_dir, prepare_base_model  # noqa: E402
 from llmrec.model.item_vocab import prepare_item_base  # noqa: E402
 from llmrec.quality import per_user, summarize  # noqa: E402
@@ -154,6 +155,12 @@ def metric(text: str, name: str) -> float:
     return float(m[1]) if m else 0.0
 
 
+def engine_requests(url: str, names: list[str]) -> list[float]:
+    """Requests the gateway has sent to each engine so far."""
+    text = httpx.get(f"{url}/metrics").text
+    return [metric(text, f'llmrec_engine_requests_total{{engine="{n}"}}') for n in names]
+
+
 def summary(timed: Timed) -> dict[str, float]:
     lat = timed.latencies
     return {
@@ -214,24 +221,32 @@ def served_quality(run: Callable[[list[Job], int], Timed], split: Split, k: int)
     return out
 
 
-def measure(args, model_dir: Path, store_dir: Path, dataset, split, layout: str) -> dict:
-    """Everything measured on one served layout (``serve.quantization``)."""
-    work = Path(tempfile.mkdtemp(prefix=f"bench-serving-{layout}-"))
+def stack_config(args, model_dir: Path, store_dir: Path, work: Path, *extra: str):
+    """(config, admin key) of the bench's gateway + managed vLLM, with ``extra`` overrides."""
     keys = KeyStore(work / "keys.json")
     admin = keys.add(None, admin=True)
     cfg = load_serving_config(None, [
         f"model.name_or_path={model_dir}", f"data.name={args.data}",
-        f"serve.quantization={layout}",
         f"serve.store_dir={store_dir}", f"serve.keys_file={keys.path}",
-        f"profile.url=sqlite:///{work / 'profiles.db'}", f"serve.vllm_port={free_port()}",
+        f"profile.url=sqlite:///{work / 'profiles.db'}",
         f"serve.max_cpu_loras={args.max_cpu_loras}", f"serve.max_loras={args.max_loras}",
         "serve.limits.max_queue=2048", "serve.limits.per_user_concurrency=64",
         f"serve.limits.max_concurrency={args.concurrency}", "serve.limits.request_timeout_s=600",
-        "serve.limits.queue_timeout_s=600",
+        "serve.limits.queue_timeout_s=600", *extra,
     ])  # fmt: skip
+    return cfg, admin
+
+
+def measure(args, model_dir: Path, store_dir: Path, dataset, split, layout: str) -> dict:
+    """Everything measured on one served layout (``serve.quantization``)."""
+    work = Path(tempfile.mkdtemp(prefix=f"bench-serving-{layout}-"))
+    cfg, admin = stack_config(
+        args, model_dir, store_dir, work,
+        f"serve.quantization={layout}", f"serve.vllm_port={free_port()}",
+    )  # fmt: skip
     services = build_services(cfg)
     histories = Histories(dataset, WINDOW_CAP, args.seed)
-    adapter_users = sorted(services.router.store.users(), key=user_sort_key)
+    adapter_users = sorted(services.store.users(), key=user_sort_key)
     population = sorted(dataset.histories, key=user_sort_key)
     base_users = [f"bench-base-{i}" for i in range(16)]  # no adapter: the bare base serves them
     t0 = time.perf_counter()
@@ -239,8 +254,8 @@ def measure(args, model_dir: Path, store_dir: Path, dataset, split, layout: str)
         create_app(services), "127.0.0.1", cfg.serve.vllm_startup_timeout_s + 60
     ) as url:
         startup_s = time.perf_counter() - t0
-        rss_mb = engine_rss_mb(getattr(services.backend.server, "pid", None))
-        served_rank = services.router.store.max_rank
+        rss_mb = engine_rss_mb(getattr(services.engines[0].backend.server, "pid", None))
+        served_rank = services.store.max_rank
         print(f"[{layout}] stack up in {startup_s:.1f} s, engine {rss_mb:.0f} MiB, "
               f"vLLM max rank {served_rank}")  # fmt: skip
 
@@ -336,6 +351,71 @@ def measure(args, model_dir: Path, store_dir: Path, dataset, split, layout: str)
     }
 
 
+def measure_replicas(args, model_dir: Path, store_dir: Path, dataset) -> dict:
+    """One engine, then ``--replicas`` engines behind one gateway: the same requests (the
+    first 100 stored users' adapters, each loaded before the timing, ``--concurrency`` at a
+    time) through each, and the throughput ratio. One engine runs twice, with vLLM's own
+    core binding (``auto``: on x86 it keeps one core for its scheduler) and bound to every
+    core; the ratio is against the faster. The N engines split the cores between them.
+    Each setup runs ``--repeats`` times, in an order that alternates (ABC CBA ...) so that
+    a noisy neighbour weighs on all alike; each figure is the median over its runs."""
+    every_core = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    setups = {
+        "one_auto": (1, "auto"),
+        "one_every_core": (1, every_core),
+        "many": (args.replicas, "auto"),
+    }
+    order = [k for r in range(args.repeats) for k in list(setups)[:: 1 if r % 2 == 0 else -1]]
+    runs: dict[str, list[dict]] = {key: [] for key in setups}
+    for key in order:
+        engines, threads = setups[key]
+        work = Path(tempfile.mkdtemp(prefix=f"bench-serving-{key}-"))
+        cfg, admin = stack_config(
+            args, model_dir, store_dir, work, f"serve.replicas={engines}",
+            f"serve.cpu_threads={threads}", f"serve.vllm_port={free_ports(engines)}",
+        )  # fmt: skip
+        services = build_services(cfg)
+        histories = Histories(dataset, WINDOW_CAP, args.seed)  # the same requests each time
+        pool = sorted(services.store.users(), key=user_sort_key)[:100]
+        with serve_in_thread(
+            create_app(services), "127.0.0.1", cfg.serve.vllm_startup_timeout_s + 60
+        ) as url:
+            names = [e.name for e in services.engines]
+            asyncio.run(send(url, admin, [(u, histories.take()[-1:]) for u in pool], 8, args.k))
+            before = engine_requests(url, names)
+            jobs = [(pool[i % len(pool)], histories.take()) for i in range(max(args.requests, 100))]
+            timed = asyncio.run(send(url, admin, jobs, args.concurrency, args.k))
+            spread = [b - a for a, b in zip(before, engine_requests(url, names), strict=True)]
+        shutil.rmtree(work, ignore_errors=True)
+        runs[key].append(summary(timed) | {"requests_per_engine": spread})
+        print(f"[{key}] {runs[key][-1]['req_s']:6.2f} req/s  p50 "
+              f"{runs[key][-1]['p50_s']:.3f} s  per engine {spread}")  # fmt: skip
+    rows = {
+        key: {
+            "engines": setups[key][0],
+            "cpu_threads": setups[key][1],
+            "req_s": statistics.median(r["req_s"] for r in done),
+            "p50_s": statistics.median(r["p50_s"] for r in done),
+            "p99_s": statistics.median(r["p99_s"] for r in done),
+            "runs": done,
+        }
+        for key, done in runs.items()
+    }
+    one = max(rows["one_auto"], rows["one_every_core"], key=lambda r: r["req_s"])
+    many = rows["many"]
+    return {
+        "command": "bench/serving.py " + " ".join(sys.argv[1:]),
+        "host": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()},
+        "scenario": f"100 users' adapters, {args.concurrency} at a time, k={args.k}",
+        "engines": args.replicas,
+        "repeats": args.repeats,
+        **rows,
+        "one": one,
+        "ratio": many["req_s"] / one["req_s"],
+        "p50_ratio": many["p50_s"] / one["p50_s"],
+    }
+
+
 def quality_report(results: dict[str, dict], k: int, seed: int) -> dict:
     """HR@k / NDCG@k with intervals per layout and split, and each quantized layout against
     ``none`` on the same users (paired)."""
@@ -378,6 +458,11 @@ def main() -> None:
                    help="also serve the 4-bit (W4A16) version, side by side")  # fmt: skip
     p.add_argument("--quality", action="store_true",
                    help="rank each user's validation and test item via the gateway")  # fmt: skip
+    p.add_argument("--replicas", type=int, default=1,
+                   help="N > 1: measure only one engine against N behind one gateway, and "
+                   "write it under `replicas` in --out (its other figures are kept)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=2,
+                   help="with --replicas: runs of each setup, in alternating order")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/reports/serving.json"))
     args = p.parse_args()
@@ -406,6 +491,16 @@ def main() -> None:
             )
             store.publish(user, weights, base_fingerprint=fp)
         source = f"random rank-{args.rank} adapters over the untrained item-token {args.model}"
+    if args.replicas > 1:
+        report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        report["replicas"] = measure_replicas(args, model_dir, store_dir, dataset) | {
+            "model": str(model_dir), "adapters": source,
+        }  # fmt: skip
+        write_json_atomic(args.out, report)
+        plot(report, args.out.with_suffix(".png"))
+        print(json.dumps({"replicas": report["replicas"]}, indent=2))
+        shutil.rmtree(work, ignore_errors=True)
+        return
     layouts = ["none", "w4a16"] if args.quantized else ["none"]
     results = {
         layout: measure(args, model_dir, store_dir, dataset, split, layout) for layout in layouts
@@ -451,12 +546,15 @@ def main() -> None:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Throughput and latency per scenario (every served layout side by side)."""
+    """Throughput and latency per scenario (every served layout side by side), and one
+    engine against several when the report has ``replicas``."""
     names = list(report["scenarios"])
     layouts = {"as trained": report["scenarios"]}
     if "quantized" in report:
         layouts["4-bit"] = report["quantized"]["w4a16"]["scenarios"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    replicas = report.get("replicas")
+    fig, axes = plt.subplots(1, 3 if replicas else 2, figsize=(18 if replicas else 12, 4.5))
+    left, right = axes[0], axes[1]
     x = np.arange(len(names))
     width = 0.8 / len(layouts)
     for i, (label, rows) in enumerate(layouts.items()):
@@ -470,6 +568,19 @@ def plot(report: dict, path: Path) -> None:
         axis.legend()
     left.set_title("throughput")
     right.set_title("latency per request")
+    if replicas:
+        rows = [replicas[key] for key in ("one_auto", "one_every_core", "many")]
+        labels = ["1 engine\n(vLLM's binding)", "1 engine\n(every core)",
+                  f"{replicas['engines']} engines"]  # fmt: skip
+        axes[2].bar(labels, [r["req_s"] for r in rows], color=["tab:gray", "tab:gray", "tab:blue"])
+        for i, r in enumerate(rows):
+            axes[2].annotate(f"{r['req_s']:.2f}/s, p50 {r['p50_s']:.2f} s", (i, r["req_s"]),
+                             ha="center", va="bottom")  # fmt: skip
+        axes[2].set_ylabel("recommendations / s")
+        axes[2].set_title(
+            f"one gateway, {replicas['engines']} engines: x{replicas['ratio']:.2f} "
+            f"({replicas['host']['cpus']} CPU cores)"
+        )
     fig.suptitle(
         f"llmrec on vLLM: {'/'.join(Path(report['model']).parts[-2:])}, "
         f"{report['catalog_items']} items, k={report['k']}, items only; cold load "

@@ -265,7 +265,7 @@ def base_answer(services, user: str, penalty: float) -> str:
     params = GenerationParams(RAW_MAX_TOKENS, 0.0, repetition_penalty=penalty)
 
     async def run() -> str:
-        chat = services.backend.chat(None, chat_messages(services, user), params)
+        chat = services.engines[0].backend.chat(None, chat_messages(services, user), params)
         return "".join([d.text async for d in chat])
 
     return asyncio.run(run())
@@ -327,7 +327,7 @@ def main() -> None:
     services = build_services(cfg)
     tally = Tally(services.catalog)
     grounder = Grounder(services.catalog, threshold=cfg.recommend.grounding_threshold)
-    arms = ("personal", "shared") + (("base",) if services.backend.kind == "inprocess" else ())
+    arms = ("personal", "shared") + (("base",) if services.engines.kind == "inprocess" else ())
     raw_tallies = {(p, who): Tally(services.catalog) for p in args.penalties for who in arms}
     latencies: dict[str, list[float]] = {"agent": [], "chat": []}
     headers = {"Authorization": f"Bearer {admin}"}
@@ -351,7 +351,7 @@ def main() -> None:
         "command": " ".join(["bench/text.py", *sys.argv[1:]]),
         "run": str(args.run),
         "base": str(base),
-        "backend": services.backend.kind,
+        "backend": services.engines.kind,
         "reasons": args.reasons,
         "users": len(users),
         "seed": args.seed,

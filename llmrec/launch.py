@@ -4,6 +4,7 @@ on. llmrec never imports ``training/``, it only starts it as a program."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 from pathlib import Path
@@ -51,3 +52,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def free_ports(n: int, host: str = "127.0.0.1", tries: int = 100) -> int:
+    """The first of ``n`` consecutive TCP ports free right now on ``host`` (servers that
+    take ``port``, ``port + 1``, ...: the managed engines of ``serve.replicas``)."""
+    for _ in range(tries):
+        first = free_port(host)
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + n):
+                    held.enter_context(socket.socket()).bind((host, port))
+            except (OSError, OverflowError):  # taken, or past the last port
+                continue
+        return first
+    raise RuntimeError(f"no {n} consecutive free ports on {host} in {tries} tries")

@@ -61,13 +61,22 @@ class _Entry:
 
 
 class AdapterRouter:
-    """Maps users to loaded adapters within the engine's limits."""
+    """Maps users to adapters loaded in one engine (``engine``: its metrics label), within
+    the engine's limits."""
 
-    def __init__(self, store: AdapterStore, backend: Backend, capacity: int, metrics: Metrics):
+    def __init__(
+        self,
+        store: AdapterStore,
+        backend: Backend,
+        capacity: int,
+        metrics: Metrics,
+        engine: str,
+    ):
         self.store = store
         self.backend = backend
         self.capacity = capacity
         self.metrics = metrics
+        self._loaded_gauge = metrics.adapters_loaded.labels(engine)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._unloading: dict[str, asyncio.Task] = {}
         self._lock = asyncio.Lock()
@@ -76,12 +85,17 @@ class AdapterRouter:
     def reset(self) -> None:
         """The engine forgot everything (it restarted): so do we."""
         self._entries.clear()
-        self.metrics.adapters_loaded.set(0)
+        self._loaded_gauge.set(0)
 
     @property
     def loaded(self) -> list[str]:
         """Names loaded now, least recently used first."""
         return list(self._entries)
+
+    @property
+    def users(self) -> set[str]:
+        """The users with a version loaded now (not the shared adapter's owner)."""
+        return {e.adapter.user_id for e in list(self._entries.values())} - {SHARED_ID}
 
     @asynccontextmanager
     async def use(self, user_id: str) -> AsyncIterator[ServedAdapter | None]:
@@ -165,7 +179,7 @@ class AdapterRouter:
             self._drop(victim, "lru", unload=False)
         task = asyncio.create_task(self._load(ref, adapter, evict))
         entry = self._entries[adapter.name] = _Entry(adapter, task, users=1)
-        self.metrics.adapters_loaded.set(len(self._entries))
+        self._loaded_gauge.set(len(self._entries))
         return entry
 
     async def _load(self, ref: AdapterRef, adapter: ServedAdapter, evict: list[str]) -> None:
@@ -182,7 +196,7 @@ class AdapterRouter:
             async with self._lock:
                 if self._entries.get(adapter.name) is not None:
                     del self._entries[adapter.name]
-                self.metrics.adapters_loaded.set(len(self._entries))
+                self._loaded_gauge.set(len(self._entries))
             raise
         self.metrics.adapter_loads.inc()
         self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
@@ -193,7 +207,7 @@ class AdapterRouter:
         if self._entries.get(entry.adapter.name) is entry:
             del self._entries[entry.adapter.name]
         self.metrics.adapter_evictions.labels(reason).inc()
-        self.metrics.adapters_loaded.set(len(self._entries))
+        self._loaded_gauge.set(len(self._entries))
         if unload:
             name = entry.adapter.name
             task = asyncio.create_task(self.backend.unload_adapter(name))
@@ -216,25 +230,26 @@ class AdapterRouter:
             if entry.retired and entry.load.done():
                 self._drop(entry, entry.retired)
 
-    async def forget(self, user_id: str) -> list[str]:
-        """Unload every loaded version of ``user_id`` (the user was deleted): an idle one
-        now (awaited), one in use when its last request ends. Returns the names."""
+    async def forget(self, user_id: str, reason: str = "forgotten") -> list[str]:
+        """Unload every loaded version of ``user_id`` (the user was deleted, or is served
+        by another engine now): an idle one now (awaited), one in use when its last
+        request ends. Returns the names."""
         async with self._lock:
             mine = [e for e in self._entries.values() if e.adapter.user_id == user_id]
             for entry in mine:
-                entry.retired = "forgotten"
+                entry.retired = reason
                 if not entry.users and entry.load.done():
-                    self._drop(entry, "forgotten")
+                    self._drop(entry, reason)
             unloading = [self._unloading.get(e.adapter.name) for e in mine]
         await asyncio.gather(*(t for t in unloading if t is not None), return_exceptions=True)
         if mine:
-            log.info("forgot %s: %d version(s)", pseudonym(user_id), len(mine))
+            log.info("unloaded %s (%s): %d version(s)", pseudonym(user_id), reason, len(mine))
         return [e.adapter.name for e in mine]
 
     async def sweep(self) -> list[str]:
         """Forget the loaded users whose adapters are gone from the store (deleted by
         another process). Returns the names unloaded or marked for unloading."""
-        loaded = {e.adapter.user_id for e in list(self._entries.values())} - {SHARED_ID}
+        loaded = self.users
         if not loaded:
             return []
         stored = set(await asyncio.to_thread(self.store.users))

@@ -33,15 +33,19 @@ _STOP_S = 120.0
 
 
 def create_app(services: Services) -> FastAPI:
-    """The gateway over ``services``; the backend starts and stops with the app."""
+    """The gateway over ``services``; the engines start and stop with the app."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await services.backend.start()
-        sweeper = asyncio.create_task(_sweep_deleted_users(services))
+        await services.engines.start()
+        tasks = [
+            asyncio.create_task(_sweep_adapters(services)),
+            asyncio.create_task(_probe_engines(services)),
+        ]
         yield
-        sweeper.cancel()
-        await services.backend.close()
+        for task in tasks:
+            task.cancel()
+        await services.engines.close()
 
     app = FastAPI(
         title="llmrec",
@@ -60,14 +64,22 @@ def create_app(services: Services) -> FastAPI:
     return app
 
 
-async def _sweep_deleted_users(services: Services) -> None:
-    """Unload, every ``store_poll_s``, the adapters of users deleted by another process."""
+async def _sweep_adapters(services: Services) -> None:
+    """Unload, every ``store_poll_s``, the adapters of users deleted by another process, and
+    those left on an engine that stood in for one that answers again."""
     while True:
         await asyncio.sleep(services.cfg.serve.store_poll_s)
         try:
-            await services.router.sweep()
+            await services.engines.sweep()
         except Exception as err:  # a store that cannot be listed now may be readable next time
             log.warning("adapter store sweep failed: %s", err)
+
+
+async def _probe_engines(services: Services) -> None:
+    """Check every engine's health every ``engine_probe_s``: users follow the answers."""
+    while True:
+        await asyncio.sleep(services.cfg.serve.engine_probe_s)
+        await services.engines.probe()
 
 
 class GatewayStartError(RuntimeError):

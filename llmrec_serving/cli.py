@@ -9,7 +9,7 @@ fast and works where they are missing.
     llmrec keys add --admin                # an admin key
     llmrec serve -c training/configs/ml100k.yaml serve.port=8000
     llmrec serve serve.backend=inprocess   # without vLLM
-    llmrec serve serve.vllm_url=http://127.0.0.1:8001   # attach to a running vLLM
+    llmrec serve serve.vllm_urls=[http://127.0.0.1:8001]  # attach to a running vLLM
     llmrec serve-demo                      # after `llmrec demo`: one REST answer, one chat
 """
 

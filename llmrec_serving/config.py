@@ -55,18 +55,27 @@ class ServeConfig(BaseModel):
     model_config = _DOCS
 
     backend: Literal["vllm", "inprocess"] = "vllm"
-    """vllm: a vLLM OpenAI server (managed child process, or ``vllm_url``); inprocess:
+    """vllm: vLLM OpenAI servers (managed child processes, or ``vllm_urls``); inprocess:
     transformers + peft in the gateway process (where vLLM cannot be installed)."""
     host: str = "127.0.0.1"
     """Gateway bind address."""
     port: int = Field(8000, ge=1, le=65535)
     """Gateway port."""
-    vllm_url: str | None = None
-    """Attach to this already running vLLM server (e.g. http://10.0.0.5:8001) instead of
-    starting one; it must have been started with --enable-lora and runtime LoRA updating."""
+    vllm_urls: list[str] = []
+    """Attach to these already running vLLM servers (e.g. ``[http://10.0.0.5:8001,
+    http://10.0.0.6:8001]``) instead of starting any; each must have been started with
+    --enable-lora and runtime LoRA updating. Users are spread over them by consistent
+    hashing (``llmrec_serving.replicas``)."""
     vllm_api_key: SecretStr | None = None
-    """The API key of the attached server (``vllm_url``), if it has one; a managed server
-    gets a new random key at every start."""
+    """The API key of the attached servers (``vllm_urls``), if they have one; a managed
+    server gets a new random key at every start."""
+    replicas: int = Field(1, ge=1, le=64)
+    """Managed vLLM servers to start, on ports ``vllm_port``, ``vllm_port + 1``, ...; users
+    are spread over them by consistent hashing, and with ``cpu_threads: auto`` each gets
+    its own share of the gateway's CPU cores."""
+    engine_probe_s: float = Field(1.0, gt=0)
+    """How often the gateway checks every engine's health: a dead engine's users move to
+    their next engine within this time (and back once it answers again)."""
     vllm_port: int = Field(8001, ge=1, le=65535)
     """Port of the managed vLLM server (bound to 127.0.0.1: only the gateway talks to it)."""
     vllm_args: list[str] = []
@@ -98,7 +107,8 @@ class ServeConfig(BaseModel):
     kv_cache_gib: float = Field(1.0, gt=0)
     """vLLM CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE)."""
     cpu_threads: str = "auto"
-    """VLLM_CPU_OMP_THREADS_BIND: auto, nobind, or core ids such as 0-3."""
+    """VLLM_CPU_OMP_THREADS_BIND: auto, nobind, or core ids such as 0-3 (for every managed
+    server alike; under ``auto`` with several, each is bound to its own share of cores)."""
     store_poll_s: float = Field(2.0, gt=0)
     """How often the gateway looks for users deleted from the adapter store by another
     process (``llmrec user delete``) and unloads their adapters: shorter forgets sooner."""
@@ -125,6 +135,15 @@ class ServeConfig(BaseModel):
             raise ValueError("max_cpu_loras must be >= max_loras (vLLM refuses it otherwise)")
         if self.quantization != "none" and self.backend != "vllm":
             raise ValueError(f"quantization={self.quantization} needs backend=vllm")
+        if self.replicas > 1 and (self.vllm_urls or self.backend != "vllm"):
+            raise ValueError(
+                "replicas > 1 starts managed vLLM servers: not with vllm_urls "
+                "(list every server there) nor backend=inprocess"
+            )
+        if self.vllm_urls and self.backend != "vllm":
+            raise ValueError("vllm_urls needs backend=vllm")
+        if len(set(self.vllm_urls)) != len(self.vllm_urls):
+            raise ValueError("vllm_urls lists a server twice")
         if self.max_lora_rank is not None and self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}")
         return self

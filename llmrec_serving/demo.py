@@ -65,7 +65,7 @@ def demo_config(cfg: ServingConfig) -> ServingConfig:
     only where it can run here."""
     serve = cfg.serve
     backend = serve.backend
-    if backend == "vllm" and serve.vllm_url is None and importlib.util.find_spec("vllm") is None:
+    if backend == "vllm" and not serve.vllm_urls and importlib.util.find_spec("vllm") is None:
         log.warning("vLLM is not installed here: serving in-process (transformers + peft)")
         backend = "inprocess"
     update = {"store_dir": federated_store_dir(cfg, METHOD), "backend": backend}
@@ -124,7 +124,7 @@ def run_demo(cfg: ServingConfig) -> DemoResult:
                 )
     finally:
         services.keys.revoke_key(key)
-    return DemoResult(user, services.backend.kind, recommendations, chat)
+    return DemoResult(user, services.engines.kind, recommendations, chat)
 
 
 def show(result: DemoResult, console: Console) -> None:

@@ -48,7 +48,8 @@ class Metrics:
         )
         self.adapter_evictions = Counter(
             "llmrec_adapter_evictions",
-            "Adapters unloaded (lru, superseded, stale, forgotten: the user was deleted).",
+            "Adapters unloaded (lru, superseded, stale, forgotten: the user was deleted, "
+            "moved: back on their first engine).",
             ["reason"],
             registry=r,
         )
@@ -56,7 +57,25 @@ class Metrics:
             "llmrec_adapter_rejected", "Stored adapters that failed validation.", registry=r
         )
         self.adapters_loaded = Gauge(
-            "llmrec_adapters_loaded", "Adapters currently loaded.", registry=r
+            "llmrec_adapters_loaded",
+            "Adapters currently loaded, by engine.",
+            ["engine"],
+            registry=r,
+        )
+        self.engine_up = Gauge(
+            "llmrec_engine_up",
+            "1 while the engine answers its health check.",
+            ["engine"],
+            registry=r,
+        )
+        self.engine_requests = Counter(
+            "llmrec_engine_requests", "Requests sent to each engine.", ["engine"], registry=r
+        )
+        self.engine_adapters = Gauge(
+            "llmrec_engine_adapter",
+            "1 for each adapter an engine holds (user ids pseudonymized, as in the logs).",
+            ["engine", "adapter"],
+            registry=r,
         )
         self.served = Counter(
             "llmrec_served", "Requests by adapter kind (user, shared, base).", ["kind"], registry=r

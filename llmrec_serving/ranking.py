@@ -23,7 +23,7 @@ from llmrec.prompts import PromptBuilder
 from llmrec.recommend import catalog_trie, trie_beam_search
 from llmrec.recommend.item_scorer import history_prompt
 from llmrec.recommend.reasons import Reasoner, ReasonMode, phrase_reason, write_reason
-from llmrec_serving.engines import Backend, GenerationParams, ServedAdapter
+from llmrec_serving.engines import GenerationParams, Lease
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,11 @@ class ItemReading:
 
 
 class Ranker:
-    """Ranks the catalog for a history on a backend (in one pass when ``items`` is given)."""
+    """Ranks the catalog for a history on a request's engine and adapter (in one pass when
+    ``items`` is given)."""
 
     def __init__(
         self,
-        backend: Backend,
         catalog: Catalog,
         prompts: PromptBuilder,
         beam_width: int,
@@ -58,7 +58,6 @@ class Ranker:
         reasoner: Reasoner | None = None,
         reasons: ReasonMode = "facts",
     ):
-        self.backend = backend
         self.catalog = catalog
         self.prompts = prompts
         self.beam_width = beam_width
@@ -71,7 +70,7 @@ class Ranker:
 
     async def rank(
         self,
-        adapter: ServedAdapter | None,
+        lease: Lease,
         history: Sequence[str],
         k: int,
         context: str | None,
@@ -79,10 +78,10 @@ class Ranker:
     ) -> list[Ranked]:
         """Top-k catalog items not in ``excluded``, best first."""
         if self.items is not None:
-            return await self._rank_items(adapter, history, k, context, excluded)
+            return await self._rank_items(lease, history, k, context, excluded)
         prompt = self.prompts.recommend_prompt_ids(self.catalog.displays(history), context)
         search = trie_beam_search(self.trie, k, self.beam_width, excluded)
-        async with self.backend.scorer(adapter, prompt) as score:
+        async with lease.backend.scorer(lease.adapter, prompt) as score:
             try:
                 step = next(search)
                 while True:
@@ -93,7 +92,7 @@ class Ranker:
 
     async def _rank_items(
         self,
-        adapter: ServedAdapter | None,
+        lease: Lease,
         history: Sequence[str],
         k: int,
         context: str | None,
@@ -107,19 +106,19 @@ class Ranker:
         allowed = [items.vocab.token_id(i) for i in self.catalog.ids if i not in excluded]
         if not allowed:
             return []
-        top = await self.backend.top_tokens(adapter, prompt, allowed, k)
+        top = await lease.backend.top_tokens(lease.adapter, prompt, allowed, k)
         first = items.vocab.first_token_id
         ranked = [(items.vocab.item_ids[token - first], score) for token, score in top]
         return [Ranked(i, self.catalog.display(i), s) for i, s in ranked]
 
     async def explain(
         self,
-        adapter: ServedAdapter | None,
+        lease: Lease,
         history: Sequence[str],
         items: list[Ranked],
         params: GenerationParams,
     ) -> AsyncIterator[tuple[int, Ranked]]:
-        """Each item with a one-line reason from its facts (phrased by ``adapter`` with
+        """Each item with a one-line reason from its facts (phrased by the lease's adapter with
         ``params`` under ``reasons="model"``, when the claim checker passes it), as
         ``(index in items, item)`` in the order the reasons are ready: the engine writes
         them all at once, and a stream sends each as soon as it is done."""
@@ -132,7 +131,7 @@ class Ranker:
         titles = self.catalog.displays(history)
 
         async def write(messages: list[dict[str, str]]) -> str:
-            return "".join([d.text async for d in self.backend.chat(adapter, messages, params)])
+            return "".join([d.text async for d in lease.chat(messages, params)])
 
         async def reason(index: int, item: Ranked) -> tuple[int, Ranked]:
             facts = reasoner.facts(item.item_id, history)

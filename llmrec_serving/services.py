@@ -1,14 +1,15 @@
 """What the gateway's routes use, built once per process from a ServingConfig.
 
-:class:`Services` holds the engine, the adapter router, the ranker, the profiles, the keys,
-the admission queue and the metrics; :func:`build_services` builds them from the config
-(the engine itself starts with the app).
+:class:`Services` holds the engines (each with its adapter router), the ranker, the
+profiles, the keys, the admission queue and the metrics; :func:`build_services` builds them
+from the config (the engines themselves start with the app).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -38,17 +39,19 @@ from llmrec_serving.admission import Admission
 from llmrec_serving.config import ServingConfig, engine_rank
 from llmrec_serving.engines import (
     Backend,
+    BackendError,
     EngineSpec,
     GenerationParams,
     InProcessBackend,
+    Lease,
     ManagedServer,
     ResetListeners,
-    ServedAdapter,
     VLLMBackend,
 )
 from llmrec_serving.keys import KeyStore
 from llmrec_serving.prometheus import Metrics
 from llmrec_serving.ranking import ItemReading, Ranker
+from llmrec_serving.replicas import Engine, Replicas
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,9 @@ class Services:
     """Everything the routes use, built once per process (:func:`build_services`)."""
 
     cfg: ServingConfig
-    backend: Backend
-    router: AdapterRouter
+    engines: Replicas
+    """The engines, each with the adapters loaded on it; a user is served by one of them."""
+    store: AdapterStore
     ranker: Ranker
     prompts: PromptBuilder
     tokenizer: Any
@@ -89,11 +93,21 @@ class Services:
         )
 
     @asynccontextmanager
-    async def admit(self, user_id: str) -> AsyncIterator[ServedAdapter | None]:
-        """For the block: an admission permit for ``user_id``'s request, then their adapter,
-        loaded and pinned (None: the bare base model). Raises ``Rejected`` when refused."""
-        async with self.admission.permit(user_id), self.router.use(user_id) as adapter:
-            yield adapter
+    async def admit(self, user_id: str) -> AsyncIterator[Lease]:
+        """For the block: an admission permit for ``user_id``'s request, their engine, and
+        their adapter loaded and pinned on it. Raises ``Rejected`` when refused, and
+        BackendError(503) when no engine answers. A request that fails as if its engine
+        were dead has the engine checked at once, so the next ones go elsewhere."""
+        async with self.admission.permit(user_id):
+            engine = self.engines.pick(user_id)
+            try:
+                async with engine.router.use(user_id) as adapter:
+                    self.metrics.engine_requests.labels(engine.name).inc()
+                    yield Lease(engine.backend, adapter)
+            except BackendError as err:
+                if err.status >= 502:
+                    await self.engines.check(engine)
+                raise
 
 
 def specials_pattern(tokenizer: Any) -> re.Pattern | None:
@@ -147,23 +161,51 @@ def vllm_dtype(cfg: ServingConfig) -> str:
     return "bfloat16" if cfg.serve.quantization != "none" and dtype == "float32" else dtype
 
 
-def build_backend(cfg: ServingConfig, base_dir: Path, store: AdapterStore, tokenizer) -> Backend:
-    """The configured backend (not started yet)."""
+def cpu_shares(n: int, cpus: list[int]) -> list[str]:
+    """``cpus`` cut into ``n`` contiguous shares as vLLM's core lists ("0,1"), one per
+    managed engine: engines sharing cores would slow each other down."""
+    if len(cpus) < n:
+        raise ValueError(f"serve.replicas={n} engines need at least {n} CPU cores, not {len(cpus)}")
+    cut = [len(cpus) * i // n for i in range(n + 1)]
+    return [",".join(map(str, cpus[cut[i] : cut[i + 1]])) for i in range(n)]
+
+
+def build_backends(
+    cfg: ServingConfig, base_dir: Path, store: AdapterStore, tokenizer: Any
+) -> list[Backend]:
+    """The configured engines (not started yet): one in process, the attached vLLM servers,
+    or ``serve.replicas`` managed ones."""
     serve = cfg.serve
     if serve.backend == "inprocess":
         model, _ = load_model(
             str(base_dir), quantization=cfg.model.quantization, dtype=cfg.model.dtype
         )
-        return InProcessBackend(
-            model, tokenizer, store.max_rank, cfg.fed.target_modules or [], serve.max_model_len
-        )
-    if serve.vllm_url is not None:
+        return [
+            InProcessBackend(
+                model, tokenizer, store.max_rank, cfg.fed.target_modules or [], serve.max_model_len
+            )
+        ]
+    if serve.vllm_urls:
         key = serve.vllm_api_key.get_secret_value() if serve.vllm_api_key else None
-        return VLLMBackend(serve.vllm_url, BASE_NAME, serve.max_model_len, api_key=key)
+        return [
+            VLLMBackend(url, BASE_NAME, serve.max_model_len, api_key=key) for url in serve.vllm_urls
+        ]
+    threads = [serve.cpu_threads] * serve.replicas
+    if serve.replicas > 1 and serve.cpu_threads == "auto":
+        threads = cpu_shares(serve.replicas, sorted(os.sched_getaffinity(0)))
+    return [managed_backend(cfg, base_dir, store, i, threads[i]) for i in range(serve.replicas)]
+
+
+def managed_backend(
+    cfg: ServingConfig, base_dir: Path, store: AdapterStore, index: int, cpu_threads: str
+) -> VLLMBackend:
+    """Managed vLLM server ``index`` (port ``vllm_port + index``, log ``vllm-<index>.log``;
+    the first one's is ``vllm.log``) and the backend that drives it."""
+    serve = cfg.serve
     spec = EngineSpec(
         model=str(base_dir),
         served_name=BASE_NAME,
-        port=serve.vllm_port,
+        port=serve.vllm_port + index,
         max_loras=serve.max_loras,
         max_cpu_loras=serve.max_cpu_loras,
         max_lora_rank=store.max_rank,
@@ -171,14 +213,14 @@ def build_backend(cfg: ServingConfig, base_dir: Path, store: AdapterStore, token
         block_size=serve.block_size,
         dtype=vllm_dtype(cfg),
         kv_cache_gib=serve.kv_cache_gib,
-        cpu_threads=serve.cpu_threads,
+        cpu_threads=cpu_threads,
         api_key=secrets.token_urlsafe(32),  # a new one per gateway: only it talks to vLLM
         extra_args=tuple(serve.vllm_args),
     )
     resets = ResetListeners()
     server = ManagedServer(
         spec,
-        log_file=serve.keys_file.parent / "vllm.log",
+        log_file=serve.keys_file.parent / (f"vllm-{index}.log" if index else "vllm.log"),
         startup_timeout_s=serve.vllm_startup_timeout_s,
         max_restarts=serve.vllm_max_restarts,
         on_restart=resets.fire,  # a restarted engine has no adapters loaded
@@ -208,15 +250,20 @@ def build_services(cfg: ServingConfig) -> Services:
     budget = min(cfg.prompts.max_prompt_tokens, cfg.serve.max_model_len - 64)
     prompts = PromptBuilder.from_config(tokenizer, cfg.prompts, max_prompt_tokens=budget)
     metrics = Metrics()
-    backend = build_backend(cfg, base_dir, store, tokenizer)
+    capacity = cfg.serve.max_cpu_loras
+    engines = Replicas(
+        [
+            Engine(f"engine-{i}", b, AdapterRouter(store, b, capacity, metrics, f"engine-{i}"))
+            for i, b in enumerate(build_backends(cfg, base_dir, store, tokenizer))
+        ]
+    )
     limits = cfg.serve.limits
     reading = item_reading(cfg, base_dir)
     return Services(
         cfg=cfg,
-        backend=backend,
-        router=AdapterRouter(store, backend, cfg.serve.max_cpu_loras, metrics),
+        engines=engines,
+        store=store,
         ranker=Ranker(
-            backend,
             dataset.catalog,
             prompts,
             cfg.recommend.beam_width,

@@ -32,6 +32,12 @@ def services(serving_world):
 
 
 @pytest.fixture(scope="module")
+def engine(services):
+    """The gateway's one engine (in process) and the adapters loaded on it."""
+    return services.engines[0]
+
+
+@pytest.fixture(scope="module")
 def client(services):
     with TestClient(create_app(services)) as c:
         yield c
@@ -78,7 +84,7 @@ def test_cold_start_user_gets_the_shared_adapter(client, serving_world):
     assert recommend(client, serving_world, "3")["adapter"] == "_shared@v1"
 
 
-def test_new_version_is_served_without_restart(client, services, serving_world):
+def test_new_version_is_served_without_restart(engine, client, services, serving_world):
     serving_world.publish("5", seed=50)
     first = recommend(client, serving_world, "5")
     assert first["adapter"] == "5@v1"
@@ -86,7 +92,7 @@ def test_new_version_is_served_without_restart(client, services, serving_world):
     second = recommend(client, serving_world, "5")
     assert second["adapter"] == "5@v2"
     assert second["items"] != first["items"]
-    assert "5@v1" not in services.router.loaded  # the superseded version was unloaded
+    assert "5@v1" not in engine.router.loaded  # the superseded version was unloaded
 
 
 def test_deleted_and_republished_user_never_gets_stale_weights(client, serving_world):
@@ -99,18 +105,18 @@ def test_deleted_and_republished_user_never_gets_stale_weights(client, serving_w
     assert after["items"] != before["items"]
 
 
-def test_deleted_user_is_forgotten_at_once(client, services, serving_world):
+def test_deleted_user_is_forgotten_at_once(engine, client, services, serving_world):
     """DELETE /v1/me unloads the user's adapter from the engine; an admin asking for the
     deleted user then gets the shared adapter, and a re-published user the new weights."""
     admin, as_15 = auth(serving_world, "admin"), {"user": "15"}
     history = list(services.profiles.base_histories["15"])  # the same input before and after
     serving_world.publish("15", seed=150)
     before = recommend(client, serving_world, "15", history=history)
-    assert before["adapter"] == "15@v1" and "15@v1" in services.router.loaded
+    assert before["adapter"] == "15@v1" and "15@v1" in engine.router.loaded
     r = client.delete("/v1/me", headers=admin, params=as_15)
     assert r.status_code == 200 and r.json()["adapters"]
-    assert "15@v1" not in services.router.loaded
-    assert "15@v1" not in services.backend._weights  # out of the engine, not only the table
+    assert "15@v1" not in engine.router.loaded
+    assert "15@v1" not in engine.backend._weights  # out of the engine, not only the table
     assert recommend(client, serving_world, "15", history=history)["adapter"] == "_shared@v1"
     serving_world.publish("15", seed=151)
     again = recommend(client, serving_world, "15", history=history)
@@ -120,7 +126,7 @@ def test_deleted_user_is_forgotten_at_once(client, services, serving_world):
     )
 
 
-def test_user_deleted_by_the_cli_is_unloaded(client, services, serving_world):
+def test_user_deleted_by_the_cli_is_unloaded(engine, client, services, serving_world):
     """``llmrec user delete`` runs in a process of its own: the gateway's store sweep
     notices that the user is gone and unloads the adapter."""
     serving_world.publish("16", seed=160)
@@ -130,26 +136,26 @@ def test_user_deleted_by_the_cli_is_unloaded(client, services, serving_world):
     )
     assert deleted.exit_code == 0, deleted.output
     deadline = time.monotonic() + 10
-    while "16@v1" in services.router.loaded and time.monotonic() < deadline:
+    while "16@v1" in engine.router.loaded and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "16@v1" not in services.router.loaded
-    assert "16@v1" not in services.backend._weights
+    assert "16@v1" not in engine.router.loaded
+    assert "16@v1" not in engine.backend._weights
 
 
-def test_forget_waits_for_the_request_using_the_adapter(client, services, serving_world):
+def test_forget_waits_for_the_request_using_the_adapter(engine, client, services, serving_world):
     serving_world.publish("17", seed=170)
 
     async def scenario() -> tuple[list[str], bool, bool]:
-        async with services.router.use("17") as adapter:
-            names = await services.router.forget("17")
-            during = adapter.name in services.backend._weights  # the request still runs on it
-        return names, during, adapter.name in services.router.loaded
+        async with engine.router.use("17") as adapter:
+            names = await engine.router.forget("17")
+            during = adapter.name in engine.backend._weights  # the request still runs on it
+        return names, during, adapter.name in engine.router.loaded
 
     assert client.portal.call(scenario) == (["17@v1"], True, False)
     deadline = time.monotonic() + 10  # the unload runs in a task of its own once released
-    while "17@v1" in services.backend._weights and time.monotonic() < deadline:
+    while "17@v1" in engine.backend._weights and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "17@v1" not in services.backend._weights
+    assert "17@v1" not in engine.backend._weights
 
 
 def test_context_exclusions_and_reasons(client, services, serving_world):
@@ -211,7 +217,7 @@ def test_a_refused_stream_is_a_status_code(client, services, serving_world):
     assert r.json()["error"]["message"]
 
 
-def test_profile_edits_change_the_next_answer(client, services, serving_world, monkeypatch):
+def test_profile_edits_change_the_next_answer(engine, client, services, serving_world, monkeypatch):
     """A thumbs-down, "never show me X" and a history edit through the agent's routes reach
     the next /v1/recommendations answer and the chat's system prompt at once."""
     admin, as_12 = auth(serving_world, "admin"), {"user": "12"}
@@ -231,13 +237,13 @@ def test_profile_edits_change_the_next_answer(client, services, serving_world, m
     assert not {down, never, watched} & {i["item_id"] for i in after}
 
     seen: list[list[dict[str, str]]] = []
-    chat = services.backend.chat
+    chat = engine.backend.chat
 
     def spy(adapter, messages, params):
         seen.append(messages)
         return chat(adapter, messages, params)
 
-    monkeypatch.setattr(services.backend, "chat", spy)
+    monkeypatch.setattr(engine.backend, "chat", spy)
     body = {"model": "llmrec-raw", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     r = client.post("/v1/chat/completions", json=body | as_12, headers=admin)
     assert r.status_code == 200, r.text
@@ -481,15 +487,17 @@ def test_client_disconnect_cancels_the_work(services):
     assert asyncio.run(scenario()) == (499, True)
 
 
-def test_the_repetition_penalty_reaches_the_engine(client, serving_world, services, monkeypatch):
+def test_the_repetition_penalty_reaches_the_engine(
+    engine, client, serving_world, services, monkeypatch
+):
     seen = []
-    chat = services.backend.chat
+    chat = engine.backend.chat
 
     def spy(adapter, messages, params):
         seen.append(params.repetition_penalty)
         return chat(adapter, messages, params)
 
-    monkeypatch.setattr(services.backend, "chat", spy)
+    monkeypatch.setattr(engine.backend, "chat", spy)
     body = {"model": "llmrec-raw", "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 4, "temperature": 0}  # fmt: skip
     url, headers = "/v1/chat/completions", auth(serving_world, "1")

@@ -72,8 +72,8 @@ def test_one_request_ranks_with_the_users_adapter_in_process(item_serving_world)
     cfg = load_serving_config(None, [*world.overrides, "serve.backend=inprocess"])
     services = build_services(cfg)
     assert services.ranker.items is not None
-    counting = CountingBackend(services.backend)
-    services.ranker.backend = counting
+    engine = services.engines[0]
+    counting = engine.backend = CountingBackend(engine.backend)
     with TestClient(create_app(services)) as client:
         history = list(services.profiles.base_histories["1"])
         reply = post(client, world, {"history": history})
@@ -92,8 +92,8 @@ def test_one_vllm_request_ranks_with_the_users_adapter(item_serving_world, vllm_
     world = item_serving_world
     cfg = load_serving_config(None, [*world.overrides, *vllm_overrides])
     services = build_services(cfg)
-    counting = CountingBackend(services.backend)
-    services.ranker.backend = counting
+    engine = services.engines[0]
+    counting = engine.backend = CountingBackend(engine.backend)
     with serve_in_thread(create_app(services), "127.0.0.1", startup_timeout_s=600) as url:
         history = list(services.profiles.base_histories["1"])
         reply = post(url, world, {"history": history})
@@ -111,7 +111,7 @@ def test_the_4bit_version_serves_the_adapters_trained_on_the_model(
     world = item_serving_world
     overrides = [*world.overrides, *vllm_overrides, "serve.quantization=w4a16"]
     services = build_services(load_serving_config(None, [*overrides, "model.dtype=bfloat16"]))
-    assert services.backend.server.spec.model.endswith("+w4a16")
+    assert services.engines[0].backend.server.spec.model.endswith("+w4a16")
     with serve_in_thread(create_app(services), "127.0.0.1", startup_timeout_s=600) as url:
         history = list(services.profiles.base_histories["1"])
         reply = post(url, world, {"history": history})

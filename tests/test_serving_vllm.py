@@ -31,7 +31,7 @@ def gateway(serving_world, vllm_overrides):
     services = build_services(cfg)
     with serve_in_thread(create_app(services), "127.0.0.1", startup_timeout_s=600) as url:
         yield url, services
-    assert services.backend.server.pid is None, "vLLM outlived the gateway"
+    assert services.engines[0].backend.server.pid is None, "vLLM outlived the gateway"
 
 
 def headers(world, who: str) -> dict[str, str]:
@@ -40,7 +40,7 @@ def headers(world, who: str) -> dict[str, str]:
 
 def engine_key(services) -> dict[str, str]:
     """The managed engine's own key (only the gateway has it)."""
-    return {"Authorization": f"Bearer {services.backend.server.spec.api_key}"}
+    return {"Authorization": f"Bearer {services.engines[0].backend.server.spec.api_key}"}
 
 
 def recommend(url, world, who: str, **body) -> dict:
@@ -75,7 +75,7 @@ def test_the_engine_log_names_no_user(gateway, serving_world):
     """vLLM logs every adapter it loads by name and path; its log holds pseudonyms instead."""
     url, services = gateway
     recommend(url, serving_world, "1")
-    text = services.backend.server.log_file.read_text(errors="replace")
+    text = services.engines[0].backend.server.log_file.read_text(errors="replace")
     loads = [line for line in text.splitlines() if "Loaded new LoRA adapter" in line]
     assert loads and all("'u-" in line for line in loads), loads
     assert not re.search(r"(?<![\w.-])[12](@v1|/v0001)", text)
@@ -123,7 +123,7 @@ def test_cold_start_user_is_served_the_shared_adapter(gateway, serving_world):
 
 def test_hot_swap_without_restart(gateway, serving_world):
     url, services = gateway
-    pid = services.backend.server.pid
+    pid = services.engines[0].backend.server.pid
     serving_world.publish("5", seed=50)
     first = recommend(url, serving_world, "5", history=["m1", "m2"])
     serving_world.publish("5", seed=51)
@@ -132,12 +132,12 @@ def test_hot_swap_without_restart(gateway, serving_world):
     assert [i["score"] for i in first["items"]] != pytest.approx(
         [i["score"] for i in second["items"]], abs=1e-2
     )
-    assert services.backend.server.pid == pid
-    listed = httpx.get(f"{services.backend.url}/v1/models", headers=engine_key(services))
+    assert services.engines[0].backend.server.pid == pid
+    listed = httpx.get(f"{services.engines[0].backend.url}/v1/models", headers=engine_key(services))
     listed = listed.json()["data"]
     loaded = {m["id"] for m in listed if m.get("parent")}
     assert "5@v2" in loaded and "5@v1" not in loaded
-    assert len(loaded) <= services.router.capacity
+    assert len(loaded) <= services.engines[0].router.capacity
 
 
 def test_republished_user_is_not_served_stale_weights(gateway, serving_world):
@@ -209,7 +209,7 @@ ENGINE_ONLY = (
 
 def test_the_engine_stays_behind_the_gateway(gateway, serving_world):
     url, services = gateway
-    engine = services.backend.url
+    engine = services.engines[0].backend.url
     assert engine.startswith("http://127.0.0.1:")
     # The engine has its own key: neither none nor a gateway key opens its /v1.
     assert httpx.get(f"{engine}/v1/models").status_code == 401

@@ -77,8 +77,8 @@ class GatewayTools:
         """Top-k with the user's adapter."""
         s = self.services
         history = list(history)[-s.cfg.serve.limits.max_history_items :]
-        async with s.admit(user_id) as adapter:
-            ranked = await s.ranker.rank(adapter, history, k, None, excluded)
+        async with s.admit(user_id) as lease:
+            ranked = await s.ranker.rank(lease, history, k, None, excluded)
         return [(r.item_id, r.score) for r in ranked]
 
     async def write(
@@ -87,8 +87,8 @@ class GatewayTools:
         """One greedy line from the user's adapter."""
         s = self.services
         params = s.reason_params(max_tokens)
-        async with s.admit(user_id) as adapter:
-            async for delta in s.backend.chat(adapter, messages, params):
+        async with s.admit(user_id) as lease:
+            async for delta in lease.chat(messages, params):
                 if delta.text:
                     yield delta.text
 
@@ -307,7 +307,7 @@ async def edit_exclusions(body: ItemEdit, user: ActingUser, services: ServicesDe
 async def export_adapter(user: ActingUser, services: ServicesDep) -> ZipFile:
     """Your current personal adapter: a zip of the PEFT folder and its manifest
     (``llmrec user import`` takes it back, validated)."""
-    store = services.router.store
+    store = services.store
 
     def export() -> bytes | None:
         if store.current(user) is None:
@@ -334,12 +334,10 @@ async def delete_me(user: ActingUser, services: ServicesDep) -> Any:
     adapter stays (docs/privacy.md)."""
 
     def erase() -> UserErasure:
-        report = erase_user(
-            user, services.profiles, services.router.store, services.cfg.fed.output_dir
-        )
+        report = erase_user(user, services.profiles, services.store, services.cfg.fed.output_dir)
         return report.model_copy(update={"keys": services.keys.revoke(user)})
 
     report = await asyncio.to_thread(erase)
     # Out of the engine too: a later request (an admin's) gets the shared adapter.
-    await services.router.forget(user)
+    await services.engines.forget(user)
     return report

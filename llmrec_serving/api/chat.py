@@ -111,14 +111,13 @@ async def chat_completions(
         return await guarded(services, request, "chat", work)
     stack = AsyncExitStack()
     try:
-        adapter = await stack.enter_async_context(services.admit(user))
-        deltas = services.backend.chat(adapter, messages, params)
+        lease = await stack.enter_async_context(services.admit(user))
+        deltas = lease.chat(messages, params)
         stack.push_async_callback(deltas.aclose)
     except BaseException:
         await stack.aclose()
         raise
-    model = adapter.name if adapter is not None else "base"
-    return await _stream(services, model, deltas, stack, completion, _include_usage(body))
+    return await _stream(services, lease.model, deltas, stack, completion, _include_usage(body))
 
 
 def _include_usage(body: ChatCompletionRequest) -> bool:
@@ -133,9 +132,9 @@ async def _complete(
     params: GenerationParams,
 ) -> ChatCompletion:
     """The whole answer at once."""
-    async with services.admit(user) as adapter:
-        deltas = [d async for d in services.backend.chat(adapter, messages, params)]
-    return _whole(completion, adapter.name if adapter is not None else "base", deltas)
+    async with services.admit(user) as lease:
+        deltas = [d async for d in lease.chat(messages, params)]
+    return _whole(completion, lease.model, deltas)
 
 
 def _whole(completion: _Completion, model: str, deltas: list[Delta]) -> ChatCompletion:
@@ -322,12 +321,12 @@ def _chat_inputs(
         )["input_ids"]
     except Exception as err:  # a template that refuses a message order, say
         raise ClientError(400, f"messages cannot be rendered: {err}") from None
-    room = services.backend.max_model_len - len(prompt)
+    room = services.engines.max_model_len - len(prompt)
     if room < 1:
         raise ClientError(
             400,
             f"the conversation is {len(prompt)} tokens; the model holds "
-            f"{services.backend.max_model_len}",
+            f"{services.engines.max_model_len}",
         )
     if asked is not None and asked > room:
         raise ClientError(400, f"max_tokens: only {room} tokens fit after the conversation")

@@ -5,6 +5,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from llmrec.pseudonyms import served_name
 from llmrec_serving.api.deps import ServicesDep
 
 router = APIRouter(tags=["ops"])
@@ -18,15 +19,18 @@ async def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    responses={503: {"description": "The engine does not answer: the same body, unavailable."}},
+    responses={503: {"description": "No engine answers: the same body, unavailable."}},
 )
 async def readyz(services: ServicesDep) -> JSONResponse:
-    """Readiness: the engine answers and can take requests."""
-    ok = await services.backend.ready()
+    """Readiness: at least one engine answers and can take requests (each engine's state
+    and adapter count are listed)."""
+    engines = services.engines
+    ok = await engines.probe()
     body = {
         "status": "ready" if ok else "unavailable",
-        "backend": services.backend.kind,
-        "adapters_loaded": len(services.router.loaded),
+        "backend": engines.kind,
+        "adapters_loaded": sum(len(e.router.loaded) for e in engines),
+        "engines": {e.name: {"up": e.up, "adapters_loaded": len(e.router.loaded)} for e in engines},
         "queue": {"running": services.admission.running, "waiting": services.admission.waiting},
     }
     return JSONResponse(body, status_code=200 if ok else 503)
@@ -34,8 +38,14 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def prometheus(services: ServicesDep) -> Response:
-    """Prometheus metrics of the gateway."""
+    """Prometheus metrics of the gateway, with each engine's state and the adapters it
+    holds (user ids pseudonymized)."""
     metrics = services.metrics
     metrics.queue_waiting.set(services.admission.waiting)
     metrics.queue_running.set(services.admission.running)
+    metrics.engine_adapters.clear()
+    for engine in services.engines:
+        metrics.engine_up.labels(engine.name).set(int(engine.up))
+        for name in engine.router.loaded:
+            metrics.engine_adapters.labels(engine.name, served_name(name)).set(1)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -84,13 +84,13 @@ async def _events(
     """Rank with the user's adapter behind the admission queue, then explain: the ranked
     items first, then each reason as it is written, then ``done``."""
     ranker = services.ranker
-    async with services.admit(user) as adapter:
-        ranked = await ranker.rank(adapter, history, k, context, excluded)
+    async with services.admit(user) as lease:
+        ranked = await ranker.rank(lease, history, k, context, excluded)
         services.metrics.items.inc(len(ranked))
         yield RecommendationEvent(
             type="items",
             user=user,
-            adapter=adapter.name if adapter is not None else "base",
+            adapter=lease.model,
             items=[
                 RecommendedItem(rank=r, item_id=i.item_id, title=i.title, score=i.score)
                 for r, i in enumerate(ranked, 1)
@@ -98,7 +98,7 @@ async def _events(
         )
         if explain:
             params = services.reason_params()
-            async for index, item in ranker.explain(adapter, history, ranked, params):
+            async for index, item in ranker.explain(lease, history, ranked, params):
                 yield RecommendationEvent(
                     type="reason", rank=index + 1, item_id=item.item_id, reason=item.reason
                 )
