@@ -98,6 +98,56 @@ def data_stats(config: ConfigOpt = None, overrides: OverridesArg = None) -> None
     console.print(table)
 
 
+@data_app.command("partition")
+def data_partition(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write one sub-folder per user into.")],
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+    user: Annotated[
+        list[str] | None, typer.Option("--user", "-u", help="A user to cut out (repeatable).")
+    ] = None,
+    cohort: Annotated[
+        bool, typer.Option(help="Every user of the federated cohort (fed.n_users, fed.seed).")
+    ] = False,
+) -> None:
+    """Cut the data set into per-device folders, OUT_DIR/<user>/ (mode 0700): each holds one
+    user's interactions and the whole catalog (generic JSONL), nothing of anyone else; a
+    Flower SuperNode of that user loads it through its node-config `overrides`."""
+    from llmrec.data import DataError, dataset_from_config, leave_last_out
+    from llmrec.federated import federated_cohort, write_partitions
+
+    if not user and not cohort:
+        raise typer.BadParameter("give --user USER (repeatable) or --cohort", param_hint="--user")
+    cfg = _config(config, overrides)
+    try:
+        ds = dataset_from_config(cfg)
+    except DataError as err:
+        raise typer.BadParameter(str(err), param_hint="data") from err
+    users = list(user or [])
+    if cohort:
+        users += [
+            u for u in federated_cohort(leave_last_out(ds.histories), cfg.fed) if u not in users
+        ]
+    try:
+        partitions = write_partitions(ds, users, out_dir)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--user") from err
+    table = Table(title=f"{len(partitions)} partitions of {ds.name} in {out_dir}")
+    for col in ("user", "interactions", "folder"):
+        table.add_column(col)
+    for p in partitions:
+        table.add_row(p.user_id, str(p.rows), str(p.interactions.parent))
+    console.print(table)
+    first = partitions[0]
+    console.print(
+        f"SuperNode of user {first.user_id}: --node-config "
+        f'\'user-id="{first.user_id}" overrides="{first.overrides()}"\'',
+        markup=False,
+        highlight=False,
+        soft_wrap=True,  # one line, to copy
+    )
+
+
 @model_app.command("prepare")
 def model_prepare(
     config: ConfigOpt = None,

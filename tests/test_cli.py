@@ -55,6 +55,37 @@ def test_data_stats_on_own_files(tmp_path):
     assert "timestamp" in err.output and "line 2" in err.output
 
 
+def test_data_partition_writes_one_private_folder_per_user(tmp_path):
+    from llmrec.config import load_config
+    from llmrec.data import dataset_from_config, leave_last_out, load_generic
+    from llmrec.federated import federated_cohort
+
+    root = Path(__file__).parent.parent
+    tiny = root / "tests" / "fixtures" / "tiny"
+    config = root / "training" / "configs" / "tiny.yaml"  # a cohort of fed.n_users=8
+    data = [
+        f"data.interactions={tiny / 'interactions.csv'}",
+        f"data.catalog={tiny / 'catalog.csv'}",
+    ]
+    parts = tmp_path / "parts"
+    cli = ["data", "partition", "-c", str(config)]
+    ok = runner.invoke(app, [*cli, str(parts), "-u", "7", "--cohort", *data])
+    assert ok.exit_code == 0, ok.output
+    cfg = load_config(config, data)
+    full = dataset_from_config(cfg)
+    cohort = federated_cohort(leave_last_out(full.histories), cfg.fed)
+    assert sorted(p.name for p in parts.iterdir()) == sorted({"7", *cohort})
+    for folder in parts.iterdir():
+        assert folder.stat().st_mode & 0o777 == 0o700
+        mine = load_generic(folder / "interactions.jsonl", folder / "catalog.jsonl")
+        assert mine.histories == {folder.name: full.histories[folder.name]}
+        assert mine.catalog == full.catalog
+    assert 'overrides="data.name=generic data.interactions=' in ok.output
+    for bad in (["-u", "nobody"], []):  # an unknown user; no user at all
+        err = runner.invoke(app, [*cli, str(tmp_path / "none"), *bad, *data])
+        assert err.exit_code == 2 and not (tmp_path / "none").exists(), err.output
+
+
 def test_unknown_user_is_a_clear_error():
     result = runner.invoke(app, ["recommend", "--user", "no-such-user"])
     assert result.exit_code == 2

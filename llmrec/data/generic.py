@@ -1,6 +1,7 @@
 """A user's own data in the generic CSV/JSONL format of ``docs/data-format.md``.
 
-Every malformed row raises `DataError` naming file, line and field.
+Every malformed row raises `DataError` naming file, line and field. :func:`write_generic`
+writes a loaded `Dataset` back in this format (JSONL), so that loading it gives the same data.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from llmrec.data.types import Catalog, DataError, Dataset, Item, RawRow, build_d
 GENERIC = "generic"
 INTERACTION_FIELDS = ("user_id", "item_id", "timestamp")  # + optional "rating"
 CATALOG_FIELDS = ("item_id", "title")  # + optional "year", "genres"
+GENERIC_INTERACTIONS = "interactions.jsonl"  # the file names write_generic gives
+GENERIC_CATALOG = "catalog.jsonl"
 
 
 def _iter_records(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -208,3 +211,47 @@ def load_generic(interactions_path: Path, catalog_path: Path, name: str | None =
             )
         raw.append((user_id, item_id, timestamp, rating, line))
     return build_dataset(name or interactions_path.stem, catalog, raw)
+
+
+def write_generic(dataset: Dataset, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``dataset`` into ``out_dir`` (created if need be) as ``interactions.jsonl`` +
+    ``catalog.jsonl``; returns (interactions, catalog).
+
+    The interactions are the dataset's events (deduplicated, each user's oldest first) and
+    the catalog is every item in catalog order, so :func:`load_generic` of the two files
+    gives the same catalog, histories and events. Raises ValueError for a dataset without
+    events, or a catalog that does not read back identically (loading normalises titles
+    and genres: an item whose title holds runs of whitespace would come back changed).
+    """
+    out_dir = Path(out_dir)
+    if set(dataset.events) != set(dataset.histories):
+        raise ValueError(f"data set {dataset.name!r} has no events to write (histories only)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    catalog_path, interactions_path = out_dir / GENERIC_CATALOG, out_dir / GENERIC_INTERACTIONS
+    _write_jsonl(
+        catalog_path,
+        (
+            {"item_id": i.item_id, "title": i.title, "year": i.year, "genres": list(i.genres)}
+            for i in dataset.catalog
+        ),
+    )
+    back = read_catalog(catalog_path)
+    for ours, theirs in zip(dataset.catalog, back, strict=True):
+        if ours != theirs:
+            raise ValueError(f"item {ours.item_id!r} does not read back as written: {theirs}")
+    # Timestamps as float JSON numbers: json writes the shortest repr, which reads back exact.
+    _write_jsonl(
+        interactions_path,
+        (
+            {"user_id": user, "item_id": e.item_id, "timestamp": e.timestamp, "rating": e.rating}
+            for user, events in dataset.events.items()
+            for e in events
+        ),
+    )
+    return interactions_path, catalog_path
+
+
+def _write_jsonl(path: Path, rows: Iterator[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")

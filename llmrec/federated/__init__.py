@@ -10,6 +10,7 @@ Modules, in the order a round uses them:
 - ``dual_lora``: the frozen base with the two trainable adapters and their gate (FedSA-LoRA,
   FedPA); key names; the seeded initial states. ``gates``: the gate in a saved state.
 - ``cohort``: the cohort, each round's clients, their sharding over processes; ``seeds``.
+  ``partition``: a data set cut into per-user folders, one device's data each.
 - ``client``: the client's examples and local training (FedRep-style schedule, FedProx);
   ``client_state``: its personal states on its own disk; ``batched``: a group of clients'
   local steps (or their losses) in one batched forward, with the same results.
@@ -133,6 +134,11 @@ from .layout import (
     write_metrics,
     write_round,
 )
+from .partition import (
+    PARTITION_MODE,
+    Partition,
+    write_partitions,
+)
 from .personalize import (
     LOCAL_STATE,
     Personalizer,
@@ -204,7 +210,9 @@ __all__ = [
     "LOCAL_STATE",
     "LOSS_PNG",
     "METRICS_JSON",
+    "PARTITION_MODE",
     "PERSONAL",
+    "Partition",
     "Personalizer",
     "PrivacyAccountant",
     "Published",
@@ -277,6 +285,7 @@ __all__ = [
     "validate_user",
     "validation_loss",
     "write_metrics",
+    "write_partitions",
     "write_round",
     "FORGOTTEN_JSON",
     "add_forgotten",

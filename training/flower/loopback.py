@@ -10,6 +10,9 @@ it (SuperExec, ``flwr-serverapp``, ``flwr-clientapp``, Ray workers).
     with Federation(home, cwd=repo) as fed:                          # deployment, loopback
         fed.start_supernode("a", {"user-id": "3"}); fed.start_supernode("b", {"user-id": "7"})
         fed.run(app_dir, run_config)
+
+A SuperNode may run as its own Unix user (``account``, when this process is root), as a
+device would: then it reads and writes only what that user may.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -29,6 +33,17 @@ from llmrec.launch import free_port
 
 BIN = Path(sys.executable).parent
 CONNECTION = "llmrec"
+
+
+@dataclass(frozen=True)
+class Account:
+    """A Unix identity to run a SuperNode as: ``uid``, ``gid``, no supplementary groups, and
+    its own ``home`` (HOME, and FLWR_HOME = ``home/flwr``, where the SuperNode installs the
+    app), which it must be able to write."""
+
+    uid: int
+    gid: int
+    home: Path
 
 
 def toml_value(value: object) -> str:
@@ -122,15 +137,22 @@ class Federation:
         ]
         (self.home / "config.toml").write_text("\n".join(lines) + "\n")
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(
+        self, name: str, args: list[str], account: Account | None = None
+    ) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        env, identity = self.env, {}
+        if account is not None:
+            env = {**env, "HOME": str(account.home), "FLWR_HOME": str(account.home / "flwr")}
+            identity = {"user": account.uid, "group": account.gid, "extra_groups": []}
         return subprocess.Popen(
             args,
             cwd=self.cwd,
-            env=self.env,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            **identity,
         )
 
     def start_superlink(self) -> None:
@@ -151,8 +173,11 @@ class Federation:
         self.superlink = self._spawn("superlink", args)
         _wait_port(self.control, self.superlink)
 
-    def start_supernode(self, name: str, node_config: Mapping[str, object]) -> subprocess.Popen:
-        """A SuperNode connected to the SuperLink, with its own ``--node-config``."""
+    def start_supernode(
+        self, name: str, node_config: Mapping[str, object], account: Account | None = None
+    ) -> subprocess.Popen:
+        """A SuperNode connected to the SuperLink, with its own ``--node-config``; as
+        ``account`` when given (else as this process's user)."""
         args = [
             str(BIN / "flower-supernode"),
             "--insecure",
@@ -163,7 +188,7 @@ class Federation:
             "--node-config",
             config_arg(node_config),
         ]
-        self.nodes[name] = self._spawn(f"supernode-{name}", args)
+        self.nodes[name] = self._spawn(f"supernode-{name}", args, account)
         return self.nodes[name]
 
     def _run_args(self, app_dir: Path, run_config: Mapping[str, object]) -> list[str]:

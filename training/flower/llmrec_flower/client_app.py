@@ -13,7 +13,8 @@ Which user and where its files live come from the SuperNode's ``--node-config``:
 - ``client-dir``: the user's own folder for personal states (default: ``fed.output_dir``).
 - ``store-dir``: the user's adapter store (default: ``fed.store_dir``).
 - ``overrides``: ``data.*`` / ``model.*`` overrides for this machine (its own data files,
-  its own copy of the base model).
+  its own copy of the base model). A device holds only its user's partition
+  (``llmrec data partition``); a ``user-id`` not in the node's data is refused.
 
 The model and data are loaded once per process (a simulation actor serves many nodes).
 """
@@ -128,6 +129,9 @@ class UserClient(NumPyClient):
             user_id = rt.cohort[pid]
         else:
             raise ValueError("node config needs user-id (or partition-id in simulation)")
+        if user_id not in rt.split.train:  # e.g. a partition of another user
+            data = rt.cfg.data.interactions or rt.cfg.data.name
+            raise ValueError(f"user {user_id!r} is not in this node's data ({data})")
         if user_id not in rt.split.valid:
             raise ValueError(f"user {user_id!r} has no validation item in this node's data")
         client_dir = Path(str(self.node.get("client-dir", rt.cfg.fed.output_dir)))
