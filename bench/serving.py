@@ -71,7 +71,8 @@ from llmrec.stats import paired_comparison  # noqa: E402
 from llmrec_serving.app import create_app, serve_in_thread  # noqa: E402
 from llmrec_serving.config import load_serving_config  # noqa: E402
 from llmrec_serving.keys import KeyStore  # noqa: E402
-from llmrec_serving.services import build_services, vllm_dtype  # noqa: E402
+from llmrec_serving.releases import vllm_dtype  # noqa: E402
+from llmrec_serving.services import build_services  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SWAP_ADAPTERS = 16

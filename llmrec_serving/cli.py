@@ -45,13 +45,19 @@ def serving_config(config: Path | None, overrides: list[str] | None):
 
 def serve(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     """Serve recommendations and chat: the vLLM server with per-user LoRA and the gateway."""
+    import functools
+
     import uvicorn
 
     from llmrec_serving.app import create_app
+    from llmrec_serving.config import load_serving_config
     from llmrec_serving.services import build_services
 
     cfg = serving_config(config, overrides)
-    app = create_app(build_services(cfg))
+    services = build_services(cfg)
+    # POST /v1/admin/rollout reads the same file, overrides and environment again.
+    services.reload = functools.partial(load_serving_config, config, overrides or [])
+    app = create_app(services)
     typer.echo(f"llmrec gateway on http://{cfg.serve.host}:{cfg.serve.port} (docs at /docs)")
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info", access_log=False)
 

@@ -23,7 +23,7 @@ from llmrec.prompts import PromptBuilder
 from llmrec.recommend import catalog_trie, trie_beam_search
 from llmrec.recommend.item_scorer import history_prompt
 from llmrec.recommend.reasons import Reasoner, ReasonMode, phrase_reason, write_reason
-from llmrec_serving.engines import GenerationParams, Lease
+from llmrec_serving.engines import Backend, Delta, GenerationParams, Messages, ServedAdapter
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,26 @@ class ItemReading:
     vocab: ItemVocab
     render: str
     window: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What one admitted request runs on: an engine, the adapter pinned on it, and the
+    ranker of the foundation-model release it was admitted on."""
+
+    backend: Backend
+    adapter: ServedAdapter | None
+    """None: the bare base model."""
+    ranker: Ranker
+
+    @property
+    def model(self) -> str:
+        """The served name a response reports: the adapter's, or ``base``."""
+        return self.adapter.name if self.adapter is not None else "base"
+
+    def chat(self, messages: Messages, params: GenerationParams) -> AsyncIterator[Delta]:
+        """The backend's :meth:`Backend.chat` with this request's adapter."""
+        return self.backend.chat(self.adapter, messages, params)
 
 
 class Ranker:

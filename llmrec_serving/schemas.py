@@ -131,6 +131,8 @@ ERROR_DESCRIPTIONS = {
     403: "The key may not act for the user named.",
     404: "What the request names does not exist (an item id not in the catalog, a "
     "conversation or adapter of the caller's that is not there).",
+    409: "The gateway's state does not allow it now (a rollout under way, a config that "
+    "cannot be served).",
     413: "The request body is over ``serve.limits.max_body_bytes``.",
     422: "The request does not match its schema (the reason says which field).",
     429: "The user has too many requests in flight; retry after ``Retry-After`` seconds.",
@@ -346,6 +348,21 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: UsageBody | None = None
+
+
+class Rollout(BaseModel):
+    """The foundation-model release served after a rollout."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    release: int
+    """1 for the release the gateway started with, one more per rollout that changed it."""
+    model: str
+    """The served base's fingerprint (every adapter's manifest names the one it needs)."""
+    engines: list[str]
+    """The release's engines, as ``/metrics`` labels them."""
+    changed: bool
+    """False when the config named the base and store already served: nothing was done."""
 
 
 class ModelCard(BaseModel):

@@ -74,7 +74,7 @@ def history(
 
 
 def _store(cfg):
-    from llmrec_serving.services import base_model_dir, open_store
+    from llmrec_serving.releases import base_model_dir, open_store
 
     return open_store(cfg, base_model_dir(cfg))
 

@@ -23,8 +23,9 @@ from llmrec.launch import free_ports
 from llmrec.pseudonyms import served_name
 from llmrec_serving.app import create_app, serve_in_thread
 from llmrec_serving.config import load_serving_config
+from llmrec_serving.releases import cpu_shares
 from llmrec_serving.replicas import rendezvous_order
-from llmrec_serving.services import build_services, cpu_shares
+from llmrec_serving.services import build_services
 
 USERS = [str(u) for u in range(4, 14)]
 """Users given adapters here (the serving world's 1 and 2 keep theirs)."""

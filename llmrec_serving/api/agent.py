@@ -34,6 +34,7 @@ from llmrec_serving.api.deps import ActingUser, ServicesDep, known_items
 from llmrec_serving.api.streams import EventStream, event_answer, open_stream
 from llmrec_serving.engines import BackendError
 from llmrec_serving.middleware import ClientError
+from llmrec_serving.releases import Release
 from llmrec_serving.schemas import (
     ChatRequest,
     FeedbackRequest,
@@ -78,7 +79,7 @@ class GatewayTools:
         s = self.services
         history = list(history)[-s.cfg.serve.limits.max_history_items :]
         async with s.admit(user_id) as lease:
-            ranked = await s.ranker.rank(lease, history, k, None, excluded)
+            ranked = await lease.ranker.rank(lease, history, k, None, excluded)
         return [(r.item_id, r.score) for r in ranked]
 
     async def write(
@@ -96,7 +97,7 @@ class GatewayTools:
 def build_agent(services: Services) -> Agent:
     """The personal agent over ``services`` (one per app, on ``app.state.agent``)."""
     cfg = services.cfg
-    return Agent(
+    agent = Agent(
         services.catalog,
         services.profiles,
         GatewayTools(services),
@@ -108,6 +109,12 @@ def build_agent(services: Services) -> Agent:
         reasoner=services.ranker.reasoner,
         reasons=cfg.serve.reasons,
     )
+
+    def new_release(release: Release) -> None:  # reasons from the served model's item space
+        agent.reasoner = release.ranker.reasoner
+
+    services.on_release.append(new_release)
+    return agent
 
 
 def get_agent(request: Request) -> Agent:

@@ -303,7 +303,7 @@ def _messages(services: Services, body: ChatCompletionRequest, history: Sequence
         role = "system" if m.role == "developer" else m.role
         messages.append({"role": role, "content": _strip_specials(text, services.specials)})
     if messages[0]["role"] != "system":
-        titles = services.ranker.catalog.displays(history)
+        titles = services.catalog.displays(history)
         messages.insert(0, {"role": "system", "content": services.prompts.chat_system(titles)})
     return messages
 

@@ -83,9 +83,8 @@ async def _events(
 ) -> AsyncIterator[RecommendationEvent]:
     """Rank with the user's adapter behind the admission queue, then explain: the ranked
     items first, then each reason as it is written, then ``done``."""
-    ranker = services.ranker
     async with services.admit(user) as lease:
-        ranked = await ranker.rank(lease, history, k, context, excluded)
+        ranked = await lease.ranker.rank(lease, history, k, context, excluded)
         services.metrics.items.inc(len(ranked))
         yield RecommendationEvent(
             type="items",
@@ -98,7 +97,7 @@ async def _events(
         )
         if explain:
             params = services.reason_params()
-            async for index, item in ranker.explain(lease, history, ranked, params):
+            async for index, item in lease.ranker.explain(lease, history, ranked, params):
                 yield RecommendationEvent(
                     type="reason", rank=index + 1, item_id=item.item_id, reason=item.reason
                 )

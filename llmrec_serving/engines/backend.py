@@ -96,24 +96,6 @@ class ResetListeners:
             callback()
 
 
-@dataclass(frozen=True)
-class Lease:
-    """What one admitted request runs on: an engine and the adapter pinned on it."""
-
-    backend: Backend
-    adapter: ServedAdapter | None
-    """None: the bare base model."""
-
-    @property
-    def model(self) -> str:
-        """The served name a response reports: the adapter's, or ``base``."""
-        return self.adapter.name if self.adapter is not None else "base"
-
-    def chat(self, messages: Messages, params: GenerationParams) -> AsyncIterator[Delta]:
-        """The backend's :meth:`Backend.chat` with this request's adapter."""
-        return self.backend.chat(self.adapter, messages, params)
-
-
 class Backend(Protocol):
     """What the gateway needs from an engine."""
 
