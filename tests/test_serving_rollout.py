@@ -114,3 +114,27 @@ def test_a_rollout_that_cannot_happen_leaves_the_release_serving(serving_world, 
         served = httpx.post(f"{url}/v1/recommendations", json=body, headers=admin, timeout=60)
         assert served.status_code == 200 and served.json()["adapter"] == "1@v1"
     assert services.release.number == 1
+
+
+@pytest.mark.slow
+def test_a_rollout_on_vllm_starts_new_engines_and_stops_the_old(
+    serving_world, next_run, vllm_overrides
+):
+    """The same on real vLLM engines: the new release's server listens on a port of its own
+    while the old one still serves, and the old server is gone once the rollout answers."""
+    world = serving_world
+    first = [*world.overrides, *vllm_overrides]
+    services = build_services(load_serving_config(None, first))
+    services.reload = lambda: load_serving_config(None, [*first, *next_run[0]])
+    admin = {"Authorization": f"Bearer {world.keys['admin']}"}
+    body = {"user": "1", "history": ["m1", "m2"], "k": 3, "explain": False}
+    with serve_in_thread(create_app(services), "127.0.0.1", startup_timeout_s=600) as url:
+        before = httpx.post(f"{url}/v1/recommendations", json=body, headers=admin, timeout=120)
+        old = services.engines[0].backend.server
+        r = httpx.post(f"{url}/v1/admin/rollout", headers=admin, timeout=600)
+        assert r.status_code == 200, r.text
+        new = services.engines[0].backend.server
+        after = httpx.post(f"{url}/v1/recommendations", json=body, headers=admin, timeout=120)
+        assert new.spec.port != old.spec.port and new.pid is not None and old.pid is None
+    assert (before.json()["adapter"], after.json()["adapter"]) == ("1@v1", "1@v2")
+    assert new.pid is None, "vLLM outlived the gateway"
