@@ -120,7 +120,12 @@ def postgres(tmp_path_factory, free_port):
         shutil.chown(root, "postgres")
 
     def run(*cmd):
-        subprocess.run([*as_user, *cmd], check=True, capture_output=True, cwd=root, text=True)
+        done = subprocess.run([*as_user, *cmd], capture_output=True, cwd=root, text=True)
+        if done.returncode:  # say why, with the end of the server's own log
+            log = (root / "log").read_text()[-2000:] if (root / "log").is_file() else ""
+            raise RuntimeError(
+                f"{Path(cmd[0]).name} exited {done.returncode}: {done.stdout}{done.stderr}\n{log}"
+            )
 
     port = free_port()
     data = root / "data"
@@ -140,4 +145,5 @@ def postgres(tmp_path_factory, free_port):
         return f"{server}/{name}"
 
     yield database
-    run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+    # A loaded machine may take more than pg_ctl's default minute to stop it.
+    run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "300", "stop")

@@ -28,7 +28,7 @@ from llmrec.adapters import AdapterStore, lora_delta, read_adapter, write_adapte
 from llmrec.adapters.constants import ADAPTER_WEIGHTS
 from llmrec.config import ConfigError, load_config
 from llmrec.data import leave_last_out
-from llmrec.federated import add_forgotten, fedavg, module_of, update_norm
+from llmrec.federated import add_forgotten, cut_back, fedavg, module_of, update_norm, write_round
 from llmrec.finetune import IGNORE_INDEX, next_item_examples
 from llmrec.model import load_model
 from llmrec.prompts import PromptBuilder
@@ -703,6 +703,55 @@ def test_forgetting_a_user_gives_the_run_that_never_had_them(runner, tiny_model_
         assert (a.path / ADAPTER_WEIGHTS).read_bytes() == (b.path / ADAPTER_WEIGHTS).read_bytes()
     assert not (forgot / "clients" / user).exists()
     assert user not in json.loads((forgot / "round-0004" / "round.json").read_text())["selected"]
+    assert user not in _names_in(forgot)  # no file, folder or JSON string names them
+    assert (
+        json.loads((forgot / "run.json").read_text())["cohort"]
+        == json.loads((never / "run.json").read_text())["cohort"]
+    )
+
+
+def _names_in(folder: Path) -> set[str]:
+    """Every file and folder name under ``folder`` and every string (key or value) of its
+    JSON files."""
+    found: set[str] = set()
+
+    def walk(value) -> None:
+        if isinstance(value, str):
+            found.add(value)
+        elif isinstance(value, dict):
+            found.update(value)
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    for path in folder.rglob("*"):
+        found.add(path.name)
+        if path.suffix == ".json":
+            walk(json.loads(path.read_text()))
+    return found
+
+
+def test_forgetting_a_validation_user_drops_their_records_from_the_rounds_kept(tmp_path):
+    """A forgotten user validated in rounds that stay (they were never selected before the
+    checkpoint): their per-user entries go, the means are taken again over the others, and
+    metrics.json follows."""
+    out = tmp_path / "run"
+    per_user = {
+        "4": {"hit": 1.0, "ndcg": 0.5, "loss": 2.0},
+        "9": {"hit": 0.0, "ndcg": 0.0, "loss": 4.0},
+        "12": {"hit": 1.0, "ndcg": 1.0, "loss": 3.0},
+    }
+    record = {"round": 1, "selected": ["4", "12"], "val_HR@10": 2 / 3, "val_NDCG@10": 0.5,
+              "val_loss": 3.0, "val_per_user": per_user}  # fmt: skip
+    write_round(out, 1, record, None)
+    assert cut_back(out, 1, ["4", "9", "12"], ["9"]) == 0
+    kept = json.loads((out / "round-0001" / "round.json").read_text())
+    assert kept["val_per_user"] == {"4": per_user["4"], "12": per_user["12"]}
+    assert (kept["val_HR@10"], kept["val_NDCG@10"], kept["val_loss"]) == (1.0, 0.75, 2.5)
+    assert json.loads((out / "metrics.json").read_text())["rounds"] == [kept]
+    assert "9" not in _names_in(out)
 
 
 def test_forgetting_refuses_a_run_whose_personal_parts_train_in_the_rounds(

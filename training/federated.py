@@ -38,10 +38,12 @@ goes back to the last checkpoint before the user's first round and trains on wit
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,8 @@ from llmrec.federated import (
     derive_seed,
     federated_cohort,
     finite_metrics,
-    forgotten_users,
+    forgotten_among,
+    forgotten_count,
     init_shared_state,
     load_federated_model,
     load_personal,
@@ -112,7 +115,7 @@ from llmrec.finetune import Example, sample_users
 from llmrec.model import fingerprint_model_dir
 from llmrec.plots import plot_curve
 from llmrec.pseudonyms import RedactFilter, pseudonym
-from llmrec.recommend import mean_metrics
+from llmrec.recommend import hit_rate_at_k, mean_metrics, ndcg_at_k
 
 logger = get_logger(__name__)
 
@@ -162,7 +165,7 @@ class Recipe:
         self.slots = federated_cohort(self.split, fed)
         if len(self.slots) < fed.clients_per_round:
             raise ValueError(f"{len(self.slots)} eligible users, fewer than clients_per_round")
-        self.forgotten = set(forgotten_users(self.out))
+        self.forgotten = forgotten_among(self.out, self.slots)
         if self.forgotten:
             check_forgettable(fed)
         self.cohort = [u for u in self.slots if u not in self.forgotten]
@@ -328,7 +331,11 @@ class Recipe:
         val["loss"] = mean_or_none([loss for *_, loss in rows])
         val["seconds"] = round(time.perf_counter() - t_val, 3)
         val["per_user"] = {
-            u: {"hit": float(target in ranked[:VAL_K]), "loss": loss}
+            u: {
+                "hit": hit_rate_at_k(ranked, target, VAL_K),
+                "ndcg": ndcg_at_k(ranked, target, VAL_K),
+                "loss": loss,
+            }
             for u, ranked, target, loss in rows
         }
         return val
@@ -476,26 +483,32 @@ def _prepare_run_folder(recipe: Recipe, resume: bool) -> list[int]:
         raise FileExistsError(
             f"{out} holds rounds {done[0]}..{done[-1]}: pass --resume or use a new fed.output_dir"
         )
+    # The cohort without its forgotten users; the slots (which fix every round's draw) by
+    # digest only, so that the file names nobody the run has forgotten.
     run_record = {
         "config": json.loads(cfg.model_dump_json()),
-        "cohort": recipe.slots,
+        "cohort": recipe.cohort,
+        "cohort_slots_sha256": _slots_digest(recipe.slots),
         "val_users": recipe.val_users,
         "world_size": accelerator.num_processes,
     }
+    before = None
     if resume and (out / RUN_JSON).is_file():
         before = json.loads((out / RUN_JSON).read_text())
-        if before.get("cohort") != recipe.slots:
+        # Folders written before the digest listed every slot as the cohort.
+        if before.get("cohort_slots_sha256", _slots_digest(before["cohort"])) != _slots_digest(
+            recipe.slots
+        ):
             raise ValueError(
                 "--resume with another cohort: fed.n_users, fed.seed or the data changed"
             )
+    absent = forgotten_count(out) - len(recipe.forgotten)
+    if absent and accelerator.is_main_process:
+        logger.warning(
+            "%d forgotten user(s) not in this run's cohort: the shared model has nothing of theirs",
+            absent,
+        )
     if recipe.forgotten:
-        absent = recipe.forgotten - set(recipe.slots)
-        if absent and accelerator.is_main_process:
-            logger.warning(
-                "%d forgotten user(s) not in this run's cohort: the shared model has nothing "
-                "of theirs",
-                len(absent),
-            )
         keep = restart_after(out, done, recipe.forgotten, lambda r: _resumable(cfg.fed, r))
         accelerator.wait_for_everyone()  # every process read the rounds before any goes
         if accelerator.is_main_process:
@@ -504,7 +517,7 @@ def _prepare_run_folder(recipe: Recipe, resume: bool) -> list[int]:
                 logger.info(
                     "forgetting %d user(s): rounds %d..%d are retrained (%d rounds), then the "
                     "personal fit and the export",
-                    len(recipe.forgotten - absent), keep + 1, cfg.fed.rounds,
+                    len(recipe.forgotten), keep + 1, cfg.fed.rounds,
                     cfg.fed.rounds - keep,
                 )  # fmt: skip
         accelerator.wait_for_everyone()
@@ -513,9 +526,14 @@ def _prepare_run_folder(recipe: Recipe, resume: bool) -> list[int]:
         remove_partial_rounds(out)
         for user_id in recipe.cohort if done else ():
             settle_personal(out, user_id, done[-1])
-        if not (resume and (out / RUN_JSON).is_file()):
+        if before is None or before.get("cohort") != recipe.cohort:  # new, or users forgotten
             write_json_atomic(out / RUN_JSON, run_record, allow_nan=False)
     return done
+
+
+def _slots_digest(slots: Sequence[str]) -> str:
+    """sha256 of the cohort's slots in order: a resumed run must draw from the same ones."""
+    return hashlib.sha256(json.dumps(list(slots)).encode()).hexdigest()
 
 
 def _resumable(fed: FedConfig, server_round: int) -> bool:

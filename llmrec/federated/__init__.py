@@ -103,7 +103,8 @@ from .forget import (
     add_forgotten,
     check_forgettable,
     cut_back,
-    forgotten_users,
+    forgotten_among,
+    forgotten_count,
     restart_after,
 )
 from .gates import (
@@ -291,6 +292,7 @@ __all__ = [
     "add_forgotten",
     "check_forgettable",
     "cut_back",
-    "forgotten_users",
+    "forgotten_among",
+    "forgotten_count",
     "restart_after",
 ]

@@ -6,7 +6,10 @@ last state they never touched. ``forgotten.json`` in the run folder lists the us
 On every (re)start the run cuts itself back to the last checkpoint before the first round that
 selected one of them, and selects them never again. Their slot in the cohort stays (a round that
 drew them trains without them), so every other round draws the same clients as before: the
-result is the run that never had them, bit for bit (tests/test_federated.py).
+result is the run that never had them, bit for bit (tests/test_federated.py). The run folder
+then names them nowhere: ``forgotten.json`` holds salted digests of their ids, ``run.json``
+lists the cohort without them, and the validation records of the rounds kept lose their
+entries (the means are taken again over the others).
 
 A checkpoint is a round whose server-optimizer state was kept (``fed.checkpoint_every``), or
 any round when the server has no optimizer. Personal parts trained during the rounds are
@@ -16,10 +19,12 @@ forgetting needs ``decoupling.schedule="after"`` (or no personal part).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from statistics import fmean
 
 from llmrec.adapters import validate_user_id
 from llmrec.atomic import write_json_atomic
@@ -28,20 +33,42 @@ from llmrec.federated.client_state import personal_path, personal_versions
 from llmrec.federated.layout import (
     CLIENTS_DIR,
     EXPORT_JSON,
+    ROUND_JSON,
     completed_rounds,
     read_records,
     round_dir,
+    write_metrics,
 )
+from llmrec.federated.validation import VAL_K
 
 FORGOTTEN_JSON = "forgotten.json"
+_SALT = b"llmrec-forgotten\0"
 
 
-def forgotten_users(output_dir: Path) -> list[str]:
-    """The users this run has forgotten, sorted ([] when none)."""
+def forgotten_digest(user_id: str) -> str:
+    """What ``forgotten.json`` keeps of a forgotten user: a salted sha256 of the id, which
+    recognises them in the cohort and names no one to a reader of the folder."""
+    return hashlib.sha256(_SALT + user_id.encode()).hexdigest()
+
+
+def _digests(output_dir: Path) -> set[str]:
     path = Path(output_dir) / FORGOTTEN_JSON
     if not path.is_file():
-        return []
-    return sorted(json.loads(path.read_text())["users"])
+        return set()
+    data = json.loads(path.read_text())
+    # Folders of the first release of --forget list the ids themselves.
+    return set(data.get("digests", [])) | {forgotten_digest(u) for u in data.get("users", [])}
+
+
+def forgotten_among(output_dir: Path, users: Iterable[str]) -> set[str]:
+    """Those of ``users`` this run has forgotten."""
+    digests = _digests(output_dir)
+    return {u for u in users if forgotten_digest(u) in digests}
+
+
+def forgotten_count(output_dir: Path) -> int:
+    """How many users this run has forgotten (in its cohort or not)."""
+    return len(_digests(output_dir))
 
 
 def check_forgettable(fed: FedConfig) -> None:
@@ -54,12 +81,12 @@ def check_forgettable(fed: FedConfig) -> None:
         )
 
 
-def add_forgotten(output_dir: Path, users: Iterable[str]) -> list[str]:
-    """Add ``users`` to the run's forgotten users (atomically); returns them all."""
-    every = sorted(set(forgotten_users(output_dir)) | {validate_user_id(u) for u in users})
+def add_forgotten(output_dir: Path, users: Iterable[str]) -> int:
+    """Add ``users`` to the run's forgotten users (atomically); returns how many it has."""
+    every = _digests(output_dir) | {forgotten_digest(validate_user_id(u)) for u in users}
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(output_dir) / FORGOTTEN_JSON, {"users": every})
-    return every
+    write_json_atomic(Path(output_dir) / FORGOTTEN_JSON, {"digests": sorted(every)})
+    return len(every)
 
 
 def restart_after(
@@ -96,4 +123,28 @@ def cut_back(output_dir: Path, keep: int, cohort: Sequence[str], users: Iterable
         shutil.rmtree(out / CLIENTS_DIR / user_id, ignore_errors=True)
     for server_round in reversed(later):
         shutil.rmtree(round_dir(out, server_round))
+    kept = completed_rounds(out)
+    if any(_drop_validation(out, r, users) for r in kept):
+        write_metrics(out, read_records(out, kept))
     return len(later)
+
+
+def _drop_validation(output_dir: Path, server_round: int, users: set[str]) -> bool:
+    """Remove ``users``' entries from the round's validation record, and take its means
+    again over the others (NDCG needs each user's, recorded since this release: else None).
+    True when the record changed."""
+    path = round_dir(output_dir, server_round) / ROUND_JSON
+    record = json.loads(path.read_text())
+    per_user = record.get("val_per_user") or {}
+    if not users & set(per_user):
+        return False
+    rest = {u: row for u, row in per_user.items() if u not in users}
+    rows = list(rest.values())
+    record[f"val_HR@{VAL_K}"] = fmean(r["hit"] for r in rows) if rows else None
+    has_ndcg = rows and all("ndcg" in r for r in rows)
+    record[f"val_NDCG@{VAL_K}"] = fmean(r["ndcg"] for r in rows) if has_ndcg else None
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    record["val_loss"] = fmean(losses) if losses else None
+    record["val_per_user"] = rest
+    write_json_atomic(path, record, allow_nan=False)
+    return True
