@@ -239,6 +239,8 @@ def test_tiny_model_layout_and_forward(tiny_dir: Path) -> None:
         "tokenizer_config.json",
         MARKER_FILE,
     } <= names
+    # Every file readable by all, weights included: an engine may run as another user.
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in tiny_dir.iterdir() if p.is_file())
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     cfg = model.config

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmrec.atomic import (
+    FILE_MODE,
     file_lock,
     make_tmp_dir,
     publish_dir,
@@ -131,8 +132,11 @@ def save_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, d
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(dst)  # transformers 5 always writes safetensors
     tokenizer.save_pretrained(dst)
-    if not list(dst.glob("*.safetensors")):
+    weights = list(dst.glob("*.safetensors"))
+    if not weights:
         raise RuntimeError(f"save_pretrained wrote no safetensors file into {dst}")
+    for path in weights:  # transformers writes them 0600, unlike every other file
+        os.chmod(path, FILE_MODE)
 
 
 def write_marker(folder: Path, fields: dict[str, Any]) -> None:
