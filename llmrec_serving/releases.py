@@ -66,7 +66,6 @@ class Release:
 
     number: int
     """1 for the release the gateway started with, then 2, 3, ... per rollout."""
-    base_dir: Path
     fingerprint: str
     """The served base's adapter fingerprint: every adapter served was trained on it."""
     store: AdapterStore
@@ -93,7 +92,7 @@ class Release:
                 self.idle.set()
 
     def describe(self) -> dict[str, Any]:
-        """What /readyz and a rollout report say about it (no paths: they name runs)."""
+        """What a rollout reports about it (no paths: they name runs)."""
         return {
             "release": self.number,
             "model": self.fingerprint,
@@ -226,15 +225,16 @@ def item_reading(cfg: ServingConfig, base_dir: Path) -> ItemReading | None:
 
 def build_release(
     cfg: ServingConfig,
+    base_dir: Path,
     number: int,
     catalog: Catalog,
     prompts: PromptBuilder,
     tokenizer: Any,
     metrics: Metrics,
 ) -> Release:
-    """Release ``number`` of ``cfg``'s served base and store (engines built, not started).
-    Managed engines of a later release take free ports: the current ones still serve."""
-    base_dir = base_model_dir(cfg)
+    """Release ``number`` of ``cfg``'s store over the served base ``base_dir``
+    (:func:`base_model_dir`), engines built, not started. Managed engines of a later
+    release take free ports: the current ones still serve."""
     store = open_store(cfg, base_dir)
     log.info("release %d: %s with adapters from %s (max rank %d)",
              number, base_dir, store.root, store.max_rank)  # fmt: skip
@@ -255,9 +255,7 @@ def build_release(
         Reasoner(catalog, ItemSpace.from_model_dir(base_dir) if reading else None),
         cfg.serve.reasons,
     )
-    return Release(
-        number, base_dir, adapter_fingerprint(base_dir), store, Replicas(engines), ranker
-    )
+    return Release(number, adapter_fingerprint(base_dir), store, Replicas(engines), ranker)
 
 
 def compatible(old: Release, new: Release) -> str | None:

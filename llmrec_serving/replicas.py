@@ -65,9 +65,6 @@ class Replicas:
     def __iter__(self) -> Iterator[Engine]:
         return iter(self.engines)
 
-    def __len__(self) -> int:
-        return len(self.engines)
-
     def __getitem__(self, index: int) -> Engine:
         return self.engines[index]
 

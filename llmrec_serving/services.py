@@ -139,7 +139,7 @@ class Services:
                 return old.describe() | {"changed": False}
             try:
                 new = await asyncio.to_thread(
-                    build_release, cfg, old.number + 1, self.catalog, self.prompts,
+                    build_release, cfg, base_dir, old.number + 1, self.catalog, self.prompts,
                     self.tokenizer, self.metrics,
                 )  # fmt: skip
             except Exception as err:
@@ -188,7 +188,7 @@ def build_services(cfg: ServingConfig) -> Services:
     limits = cfg.serve.limits
     return Services(
         cfg=cfg,
-        release=build_release(cfg, 1, dataset.catalog, prompts, tokenizer, metrics),
+        release=build_release(cfg, base_dir, 1, dataset.catalog, prompts, tokenizer, metrics),
         prompts=prompts,
         tokenizer=tokenizer,
         specials=specials_pattern(tokenizer),
