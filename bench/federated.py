@@ -48,7 +48,16 @@ configuration with the best validation NDCG@10 (and for shared-only beside it).
     HF_HUB_OFFLINE=1 .venv/bin/python bench/federated.py personal --run outputs/fed-all \
         --steps 4 16 --decay 0 30
 
-Writes ``bench/reports/personal.json`` and a PNG beside it.
+Writes ``bench/reports/personal-fit.json`` and a PNG beside it.
+
+``vector``: the smallest personal part, one vector per user added to the last hidden state
+(each item's logit moves by its row . u), fit on the user's whole training history over a
+finished run's frozen final shared part; (decay, scale) chosen on every user's validation
+item, the test item scored once, paired against shared-only.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/federated.py vector --run outputs/fed-all
+
+Writes ``bench/reports/personal-vector.json`` and a PNG beside it.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
@@ -70,11 +80,12 @@ from llmrec.atomic import write_json_atomic, write_text_atomic
 from llmrec.config import AppConfig, load_config
 from llmrec.data import dataset_from_config, leave_last_out, user_sort_key
 from llmrec.federated import VAL_K
-from llmrec.federated.client import draw_batch
+from llmrec.federated.client import draw_batch, item_examples
 from llmrec.finetune import sample_users
 from llmrec.model.quantized import use_quantized_weights
 from llmrec.plots import plot_metric_bars
 from llmrec.quality import Task, per_user, summarize, target_ranks
+from llmrec.recommend.item_scorer import left_pad
 from llmrec.stats import paired_comparison
 
 QUALITY_REPORT = Path("bench/reports/quality.json")
@@ -158,8 +169,15 @@ def main() -> None:
     p.add_argument("--decay", type=float, nargs="+", default=[0.0])
     p.add_argument("--out", type=Path, default=Path("outputs/personal-screen"))
     p.add_argument("--report", type=Path, default=Path("bench/reports/personal-fit.json"))
+    p = sub.add_parser("vector", help="a personal user vector in item space, chosen on validation")
+    p.add_argument("--run", type=Path, default=Path("outputs/federated"))
+    p.add_argument("--decay", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1])
+    p.add_argument("--scale", type=float, nargs="+", default=[0.5, 1.0])
+    p.add_argument("--steps", type=int, default=150, help="Adam steps of the (convex) fit")
+    p.add_argument("--report", type=Path, default=Path("bench/reports/personal-vector.json"))
     args = parser.parse_args()
-    {"speed": speed, "report": report, "personal": personal}[args.command](args)
+    commands = {"speed": speed, "report": report, "personal": personal, "vector": vector}
+    commands[args.command](args)
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -537,20 +555,37 @@ def report(args: argparse.Namespace) -> None:
     print(json.dumps(out["paired"], indent=1), f"-> {args.report}")
 
 
-def personal(args: argparse.Namespace) -> None:
-    """bench/reports/personal-fit.json: the personal fit's grid on validation, the best tested."""
-    run = args.run
+def _write_grid(path: Path, out: dict, title: str) -> None:
+    """A validation screen's report (``out`` with its ``grid``) and the PNG of its grid."""
+    ndcg = f"NDCG@{VAL_K}"
+    write_json_atomic(path, out)
+    table = {name: {ndcg: g["valid"][ndcg]} for name, g in out["grid"].items()}
+    table["shared-only"] = {ndcg: out["shared-only"]["valid"][ndcg]}
+    plot_metric_bars(table, [ndcg], path.with_suffix(".png"), title)
+    print(json.dumps(out["paired"], indent=1), f"chosen {out['chosen']} -> {path}")
+
+
+def open_run(run: Path) -> tuple:
+    """A finished run's (config, dataset, split, loaded model, final shared state, every user
+    with a test item in order, their validation and test tasks)."""
     cfg = AppConfig.model_validate(json.loads((run / F.RUN_JSON).read_text())["config"])
-    fed, k, ndcg = cfg.fed, VAL_K, f"NDCG@{VAL_K}"
     dataset = dataset_from_config(cfg)
     split = leave_last_out(dataset.histories)
     loaded = F.load_federated_model(cfg, dataset.catalog)
-    dual, scorer = loaded.dual, loaded.ranker
-    shared = F.read_round_state(run, fed.rounds, dual.shared)
-    for param in dual.shared.values():  # the fit trains the personal part alone
-        param.requires_grad_(False)
+    shared = F.read_round_state(run, cfg.fed.rounds, loaded.dual.shared)
     users = sorted(split.test, key=user_sort_key)
     tasks = {"valid": Task.valid(split, users), "test": Task.test(split, users)}
+    return cfg, dataset, split, loaded, shared, users, tasks
+
+
+def personal(args: argparse.Namespace) -> None:
+    """bench/reports/personal-fit.json: the personal fit's grid on validation, the best tested."""
+    run = args.run
+    cfg, dataset, split, loaded, shared, users, tasks = open_run(run)
+    fed, k, ndcg = cfg.fed, VAL_K, f"NDCG@{VAL_K}"
+    dual, scorer = loaded.dual, loaded.ranker
+    for param in dual.shared.values():  # the fit trains the personal part alone
+        param.requires_grad_(False)
     examples = {
         u: F.client_examples(split, dataset.catalog, loaded.prompts, fed, u, dual.vocab)
         for u in users
@@ -633,13 +668,133 @@ def personal(args: argparse.Namespace) -> None:
             "ours_vs_shared-only": paired_comparison(best_test, shared_test, k, seed=fed.seed)
         },
     }
-    write_json_atomic(args.report, out)
-    table = {n: {ndcg: g["valid"][ndcg]} for n, g in grid.items()}
-    table["shared-only"] = {ndcg: out["shared-only"]["valid"][ndcg]}
-    plot_metric_bars(
-        table, [ndcg], args.report.with_suffix(".png"), "Personal fit, validation, every user"
-    )
-    print(json.dumps(out["paired"], indent=1), f"chosen {best} -> {args.report}")
+    _write_grid(args.report, out, "Personal fit, validation, every user")
+
+
+@dataclass
+class TrainLogits:
+    """The shared model's item logits at every training position of every user."""
+
+    logits: torch.Tensor
+    """(positions, n_items) float16."""
+    targets: torch.Tensor
+    """(positions,) catalog index of each position's next item."""
+    rows: torch.Tensor
+    """(positions,) the user's row in ``users``."""
+    seen: list[list[int]]
+    """Each position's items seen before its target (masked, as the evaluation masks them)."""
+
+
+def train_logits(dual, split, catalog, prompts, fed, users: list[str]) -> TrainLogits:
+    """Every training position's item logits under the loaded (shared) state: one batched
+    forward per user over all windows of its training history."""
+    first, n = dual.vocab.first_token_id, len(dual.vocab)
+    logits, targets, rows, seen = [], [], [], []
+    for row, user in enumerate(tqdm(users, desc="shared logits")):
+        items = [i for i in split.train[user] if i in catalog]
+        examples = item_examples(items, catalog, prompts, fed, dual.vocab)
+        if not examples:
+            continue
+        ids, mask, positions = left_pad([e.input_ids for e in examples], dual.pad_id)
+        with torch.no_grad():
+            out = dual.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        order = {catalog.index(i): j for j, i in enumerate(items)}
+        for b, example in enumerate(examples):
+            offset = ids.shape[1] - len(example.input_ids)
+            for p, label in enumerate(example.labels):
+                if label >= 0:
+                    logits.append(out[b, offset + p, first : first + n].half())
+                    targets.append(label)
+                    rows.append(row)
+                    seen.append([catalog.index(i) for i in items[: order[label]]])
+    return TrainLogits(torch.stack(logits), torch.tensor(targets), torch.tensor(rows), seen)
+
+
+def fit_user_vectors(
+    data: TrainLogits, rows: torch.Tensor, n_users: int, decay: float, steps: int
+) -> tuple[torch.Tensor, float]:
+    """Each user's vector ``u`` minimising the mean cross-entropy of its own positions under
+    logits + rows @ u, plus ``decay * |u|^2``; all users at once (the problems are separate
+    and convex). Returns (users x width, final mean loss)."""
+    z = data.logits.float()
+    flat = [(i, c) for i, cols in enumerate(data.seen) for c in cols]
+    if flat:
+        at = torch.tensor(flat, dtype=torch.long)
+        z[at[:, 0], at[:, 1]] = -1e4
+    u = torch.zeros(n_users, rows.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([u], lr=0.05)
+    counts = torch.bincount(data.rows, minlength=n_users).clamp(min=1).float()
+    for _ in tqdm(range(steps), desc=f"fit decay {decay:g}", leave=False):
+        opt.zero_grad()
+        ce = torch.nn.functional.cross_entropy(
+            z + (u @ rows.T)[data.rows], data.targets, reduction="none"
+        )
+        per_user_loss = torch.zeros(n_users).index_add_(0, data.rows, ce) / counts
+        (per_user_loss.sum() + decay * (u * u).sum()).backward()
+        opt.step()
+    return u.detach(), float(per_user_loss.mean())
+
+
+def vector(args: argparse.Namespace) -> None:
+    """bench/reports/personal-vector.json: a user vector as the personal part, on validation.
+
+    The smallest personal parameterisation the item head allows: one vector ``u`` per user
+    (the model's width) added to the last hidden state, so every item's logit moves by its
+    row . u. It is fit to the user's whole training history over the run's final shared
+    part, which stays frozen; (decay, scale) are chosen on every user's validation item, and
+    the test item is scored once."""
+    run = args.run
+    cfg, dataset, split, loaded, shared, users, tasks = open_run(run)
+    fed, k, ndcg = cfg.fed, VAL_K, f"NDCG@{VAL_K}"
+    dual, scorer = loaded.dual, loaded.ranker
+    dual.load(shared, F.scale_personal(F.init_personal_state(dual, 0, "0"), 0.0))
+    first, n = dual.vocab.first_token_id, len(dual.vocab)
+    rows = dual.model.get_input_embeddings().weight[first : first + n].detach().float()
+    scores = {name: scorer.log_probs(task.histories) for name, task in tasks.items()}
+    base = {name: per_user(target_ranks(s.numpy(), tasks[name], dataset.catalog), k)
+            for name, s in scores.items()}  # fmt: skip
+    data = train_logits(dual, split, dataset.catalog, loaded.prompts, fed, users)
+
+    def scored(u: torch.Tensor, scale: float, task: str) -> dict[str, np.ndarray]:
+        moved = scores[task] + scale * (u @ rows.T)
+        return per_user(target_ranks(moved.numpy(), tasks[task], dataset.catalog), k)
+
+    grid, vectors = {}, {}
+    for decay in args.decay:
+        start = time.perf_counter()
+        u, loss = fit_user_vectors(data, rows, len(users), decay, args.steps)
+        vectors[decay] = u
+        for scale in args.scale:
+            name = f"decay {decay:g}, scale {scale:g}"
+            valid = scored(u, scale, "valid")
+            grid[name] = {
+                "decay": decay,
+                "scale": scale,
+                "train_loss": round(loss, 4),
+                "mean_norm": round(float(u.norm(dim=1).mean()), 3),
+                "valid": summarize(valid, fed.seed),
+                "valid_vs_shared-only": paired_comparison(valid, base["valid"], k, seed=fed.seed),
+                "fit_s": round(time.perf_counter() - start, 1),
+            }
+            print(name, grid[name]["valid"][ndcg], grid[name]["valid_vs_shared-only"], flush=True)
+    best = max(grid, key=lambda g: grid[g]["valid"][ndcg])
+    test = scored(vectors[grid[best]["decay"]], grid[best]["scale"], "test")
+    out = {
+        "command": "bench/federated.py vector --run {} --decay {} --scale {} --steps {}".format(
+            run, *(" ".join(f"{v:g}" for v in vs) for vs in (args.decay, args.scale)), args.steps
+        ),
+        "users": len(users),
+        "train_positions": len(data.targets),
+        "selected_on": "validation",
+        "grid": grid,
+        "chosen": best,
+        "shared-only": {name: summarize(m, fed.seed) for name, m in base.items()},
+        "ours_test": summarize(test, fed.seed),
+        "paired": {
+            "vector_vs_shared-only": paired_comparison(test, base["test"], k, seed=fed.seed)
+        },
+    }
+    _write_grid(args.report, out, "Personal user vector, validation, every user")
 
 
 if __name__ == "__main__":
