@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 from llmrec import federated as F
 from llmrec.atomic import write_json_atomic, write_text_atomic
 from llmrec.config import AppConfig, load_config
-from llmrec.data import dataset_from_config, leave_last_out, user_sort_key
+from llmrec.data import Dataset, Split, dataset_from_config, leave_last_out, user_sort_key
 from llmrec.federated import VAL_K
 from llmrec.federated.client import draw_batch, item_examples
 from llmrec.finetune import sample_users
@@ -422,11 +422,43 @@ def personal_ranks(
     return ranks
 
 
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished federated run, loaded for scoring."""
+
+    config: dict
+    """The config as ``run.json`` records it (what the seeds file compares)."""
+    cfg: AppConfig
+    dataset: Dataset
+    split: Split
+    loaded: F.FederatedModel
+    shared: dict[str, torch.Tensor]
+    """The final round's shared state."""
+    users: list[str]
+    """Every user with a test item, in user order."""
+    tasks: dict[str, Task]
+    """Their ``valid`` and ``test`` tasks."""
+
+
+def open_run(run: Path) -> FinishedRun:
+    """``run``'s config, data, split, model and final shared state."""
+    config = json.loads((run / F.RUN_JSON).read_text())["config"]
+    cfg = AppConfig.model_validate(config)
+    dataset = dataset_from_config(cfg)
+    split = leave_last_out(dataset.histories)
+    loaded = F.load_federated_model(cfg, dataset.catalog)
+    shared = F.read_round_state(run, cfg.fed.rounds, loaded.dual.shared)
+    users = sorted(split.test, key=user_sort_key)
+    tasks = {"valid": Task.valid(split, users), "test": Task.test(split, users)}
+    return FinishedRun(config, cfg, dataset, split, loaded, shared, users, tasks)
+
+
 def report(args: argparse.Namespace) -> None:
     """bench/reports/federated.json: every user, shared-only against ours, paired."""
     run = args.run
-    record = json.loads((run / F.RUN_JSON).read_text())
-    cfg = AppConfig.model_validate(record["config"])
+    finished = open_run(run)
+    cfg, dataset, loaded, shared = finished.cfg, finished.dataset, finished.loaded, finished.shared
+    users, tasks = finished.users, finished.tasks
     fed, k = cfg.fed, VAL_K
     exported = json.loads((run / F.EXPORT_JSON).read_text())
     # the command as given, before defaults are filled in
@@ -452,15 +484,9 @@ def report(args: argparse.Namespace) -> None:
         args.report = Path("bench/reports") / f"{name}.json"
     if args.seeds is None:
         args.seeds = args.report.with_name(f"{args.report.stem}-seeds.json")
-    dataset = dataset_from_config(cfg)
-    split = leave_last_out(dataset.histories)
-    loaded = F.load_federated_model(cfg, dataset.catalog)
     dual, scorer = loaded.dual, loaded.ranker
     if args.quantized:  # the base's linear weights as its 4-bit served version has them
         print(f"4-bit base weights: {use_quantized_weights(dual.model)} linear layers")
-    shared = F.read_round_state(run, fed.rounds, dual.shared)
-    users = sorted(split.test, key=user_sort_key)
-    tasks = {"valid": Task.valid(split, users), "test": Task.test(split, users)}
     scales = exported.get("personal_scale", {})
     start = time.perf_counter()
 
@@ -475,7 +501,7 @@ def report(args: argparse.Namespace) -> None:
     )
     ranks = {"shared-only": shared_only, "ours": ours}
     seconds = time.perf_counter() - start
-    seeds = _record_seed(args.seeds, record["config"], users, fed.seed, ranks, run)
+    seeds = _record_seed(args.seeds, finished.config, users, fed.seed, ranks, run)
     metrics = {
         method: {name: per_user(r, k) for name, r in splits.items()}
         for method, splits in ranks.items()
@@ -565,23 +591,12 @@ def _write_grid(path: Path, out: dict, title: str) -> None:
     print(json.dumps(out["paired"], indent=1), f"chosen {out['chosen']} -> {path}")
 
 
-def open_run(run: Path) -> tuple:
-    """A finished run's (config, dataset, split, loaded model, final shared state, every user
-    with a test item in order, their validation and test tasks)."""
-    cfg = AppConfig.model_validate(json.loads((run / F.RUN_JSON).read_text())["config"])
-    dataset = dataset_from_config(cfg)
-    split = leave_last_out(dataset.histories)
-    loaded = F.load_federated_model(cfg, dataset.catalog)
-    shared = F.read_round_state(run, cfg.fed.rounds, loaded.dual.shared)
-    users = sorted(split.test, key=user_sort_key)
-    tasks = {"valid": Task.valid(split, users), "test": Task.test(split, users)}
-    return cfg, dataset, split, loaded, shared, users, tasks
-
-
 def personal(args: argparse.Namespace) -> None:
     """bench/reports/personal-fit.json: the personal fit's grid on validation, the best tested."""
     run = args.run
-    cfg, dataset, split, loaded, shared, users, tasks = open_run(run)
+    finished = open_run(run)
+    cfg, dataset, split, loaded = finished.cfg, finished.dataset, finished.split, finished.loaded
+    shared, users, tasks = finished.shared, finished.users, finished.tasks
     fed, k, ndcg = cfg.fed, VAL_K, f"NDCG@{VAL_K}"
     dual, scorer = loaded.dual, loaded.ranker
     for param in dual.shared.values():  # the fit trains the personal part alone
@@ -744,7 +759,9 @@ def vector(args: argparse.Namespace) -> None:
     part, which stays frozen; (decay, scale) are chosen on every user's validation item, and
     the test item is scored once."""
     run = args.run
-    cfg, dataset, split, loaded, shared, users, tasks = open_run(run)
+    finished = open_run(run)
+    cfg, dataset, split, loaded = finished.cfg, finished.dataset, finished.split, finished.loaded
+    shared, users, tasks = finished.shared, finished.users, finished.tasks
     fed, k, ndcg = cfg.fed, VAL_K, f"NDCG@{VAL_K}"
     dual, scorer = loaded.dual, loaded.ranker
     dual.load(shared, F.scale_personal(F.init_personal_state(dual, 0, "0"), 0.0))
