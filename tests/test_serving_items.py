@@ -19,6 +19,7 @@ from llmrec.prompts import PromptBuilder
 from llmrec.recommend.item_scorer import ItemScorer
 from llmrec_serving.app import create_app, serve_in_thread
 from llmrec_serving.config import load_serving_config
+from llmrec_serving.engines.cpu_lora_ops import INSTALLED_MESSAGE
 from llmrec_serving.services import build_services
 
 
@@ -99,6 +100,8 @@ def test_one_vllm_request_ranks_with_the_users_adapter(item_serving_world, vllm_
         reply = post(url, world, {"history": history})
         assert counting.calls == 1
         check_ranking(reply, world, services, history)
+    # ... through the CPU LoRA ops grouped by adapter (the plugin vLLM loaded).
+    assert INSTALLED_MESSAGE in engine.backend.server.log_file.read_text()
 
 
 @pytest.mark.slow

@@ -1,0 +1,179 @@
+"""vLLM's CPU LoRA ops, grouped by adapter: one matmul per adapter slot and layer.
+
+vLLM's CPU path (``vllm/lora/ops/torch_ops``) gathers every token's own copy of its
+adapter's A and B (``weights[token_indices]``) and multiplies token by token with an
+einsum. On a 100-token prompt that copies each adapted layer's weights 100 times, which
+is what made a LoRA request cost about 8 base requests on this CPU
+(docs/experiments.md, "Serving on vLLM's CPU engine"). The tokens of one request share
+one adapter and sit next to each other, so here:
+
+- an adapted linear layer (:func:`add_lora_linear`, the hot path) takes each run of tokens
+  on one slot as one segment: a single shrink over all of the layer's slices (q, k, v
+  together), then each slice's expand added in place into its columns of the output;
+- the other ops (logits, embeddings) group the tokens by slot, one matmul per slot.
+
+The GPU path runs Triton kernels and is left alone.
+
+The ops also skip tokens whose slot is ``-1`` ("no LoRA", vLLM's own convention): the
+torch ops index ``weights[-1]``, the last slot, so a base request batched beside a full
+set of loaded adapters would get the last one's delta.
+
+Installed in every vLLM process as a ``vllm.general_plugins`` entry point (pyproject);
+``VLLM_PLUGINS`` (vLLM's allow-list) without ``llmrec_cpu_lora_ops`` switches it off.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+# A child of vLLM's logger, so the line reaches the engine's own log.
+log = logging.getLogger("vllm.llmrec_cpu_lora_ops")
+
+NO_LORA = -1
+
+
+def lora_delta(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``inputs[t] @ weights[indices[t]].T`` for every token ``t``, in ``dtype``; zero for
+    tokens with no adapter. ``weights`` is ``[slots, out, in]`` or ``[slots, 1, out, in]``."""
+    if weights.dim() == 4:
+        weights = weights[:, 0]
+    x = inputs.to(dtype)
+    slots = torch.unique(indices).tolist()
+    if len(slots) == 1 and slots[0] != NO_LORA:  # the common case: one adapter, no indexing
+        return F.linear(x, weights[slots[0]].to(dtype))
+    out = x.new_zeros(x.shape[0], weights.shape[1])
+    for slot in slots:
+        if slot == NO_LORA:
+            continue
+        rows = (indices == slot).nonzero().squeeze(1)
+        out.index_copy_(0, rows, F.linear(x.index_select(0, rows), weights[slot].to(dtype)))
+    return out
+
+
+def segments(indices: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(slot, start, end)`` for each run of equal slots in ``indices``, runs with no
+    adapter left out."""
+    if indices.numel() == 0:
+        return []
+    starts = [0, *(torch.nonzero(indices[1:] != indices[:-1]).squeeze(1) + 1).tolist()]
+    ends = [*starts[1:], indices.numel()]
+    slots = indices[starts].tolist()
+    return [(slot, a, b) for slot, a, b in zip(slots, starts, ends, strict=True) if slot != NO_LORA]
+
+
+def add_lora_linear(
+    self,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: tuple[torch.Tensor, ...],
+    lora_b_stacked: tuple[torch.Tensor, ...],
+    scale: float,
+    output_slices: tuple[int, ...],
+    *,
+    buffer: torch.Tensor | None = None,
+    add_inputs: bool = True,
+    **kwargs,
+) -> None:
+    """``PunicaWrapperCPU.add_lora_linear``: ``y[:, slice i] (+)= scale * x @ A_i.T @ B_i.T``
+    with each token's own slot (``[slots, 1, r, in]`` and ``[slots, 1, out_i, r]``).
+    ``buffer`` is unused: the shrink of a segment is its own small tensor."""
+    y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+    if not add_inputs:
+        y2.zero_()
+    if self.no_lora:
+        return
+    rank = lora_b_stacked[0].shape[-1]
+    for slot, start, end in segments(self.token_lora_indices):
+        a = torch.cat([a_i[slot, 0] for a_i in lora_a_stacked]).to(y2.dtype)
+        h = F.linear(x2[start:end].to(y2.dtype), a)
+        offset = 0
+        for i, (b_i, size) in enumerate(zip(lora_b_stacked, output_slices, strict=True)):
+            # addmm_ writes a column block of y in place (BLAS's leading dimension).
+            y2[start:end, offset : offset + size].addmm_(
+                h[:, i * rank : (i + 1) * rank], b_i[slot, 0].to(y2.dtype).T, alpha=scale
+            )
+            offset += size
+
+
+def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+    """``output[:, :r] = scaling * x @ A[slot].T`` per token (vLLM's signature)."""
+    delta = lora_delta(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : delta.shape[1]] = scaling * delta
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
+    """``output[:, :n] (+)= x @ B[slot].T`` per token, ``n`` the narrower of the two widths
+    (an adapter and the model may pad differently); one row of ``x`` broadcasts."""
+    delta = lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    rows = 1 if delta.shape[0] == 1 else output_tensor.shape[0]
+    width = min(delta.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :width] += delta[:rows, :width]
+    else:
+        output_tensor[:, :width] = delta[:rows, :width]
+
+
+def bgmv_expand_slice(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    lora_indices_tensor,
+    slice_offset,
+    slice_size,
+    add_inputs=True,
+):
+    """``output[:, offset:offset + size] (+)= x @ B[slot].T`` per token."""
+    delta = lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset : slice_offset + slice_size] += delta
+    else:
+        output_tensor[:, slice_offset : slice_offset + slice_size] = delta
+
+
+def _per_sequence(op):
+    """The ``sgmv_`` twin of a ``bgmv_`` op (prefill): vLLM's prefill metadata, one slot per
+    sequence, in place of one slot per token."""
+
+    def sgmv(inputs, weights, output, starts, seq_lens, slots, batches, longest, tokens, *a, **kw):
+        op(inputs, weights, output, torch.repeat_interleave(slots, seq_lens), *a, **kw)
+
+    sgmv.__name__ = sgmv.__qualname__ = "s" + op.__name__[1:]
+    return sgmv
+
+
+sgmv_shrink = _per_sequence(bgmv_shrink)
+sgmv_expand = _per_sequence(bgmv_expand)
+sgmv_expand_slice = _per_sequence(bgmv_expand_slice)
+
+OPS = {
+    f.__name__: f
+    for f in (
+        bgmv_shrink,
+        bgmv_expand,
+        bgmv_expand_slice,
+        sgmv_shrink,
+        sgmv_expand,
+        sgmv_expand_slice,
+    )
+}
+
+INSTALLED_MESSAGE = "llmrec: vLLM's CPU LoRA ops grouped by adapter"
+
+
+def install() -> None:
+    """Point vLLM's CPU punica wrapper at these ops (idempotent: vLLM calls general plugins
+    once in each of its processes)."""
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    wrapper = punica_cpu.PunicaWrapperCPU
+    if wrapper.add_lora_linear is add_lora_linear:
+        return
+    for name, op in OPS.items():
+        setattr(punica_cpu, name, op)
+    wrapper.add_lora_linear = add_lora_linear
+    log.info(INSTALLED_MESSAGE)
