@@ -534,6 +534,8 @@ def main() -> None:
             },
             "w4a16": {key: value for key, value in q.items() if key != "quality"},
         }
+    if args.out.is_file():  # --replicas's section is its own command's: kept, as it keeps this
+        report |= {k: v for k, v in json.loads(args.out.read_text()).items() if k == "replicas"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, report)
     plot(report, args.out.with_suffix(".png"))
