@@ -145,6 +145,15 @@ def test_segments_are_the_runs_of_one_slot():
     assert cpu_lora_ops.segments(torch.full((3,), NO_LORA)) == []
 
 
+def test_a_batchs_segments_are_computed_once_and_follow_the_next_batch():
+    wrapper = decode_wrapper(TOKEN_SLOTS)
+    first = cpu_lora_ops.batch_segments(wrapper)
+    assert cpu_lora_ops.batch_segments(wrapper) is first
+    # vLLM's next batch: the mapping rewritten in place, as _update_base_metadata does.
+    wrapper._token_lora_indices[:TOKENS].copy_(torch.full((TOKENS,), 1))
+    assert cpu_lora_ops.batch_segments(wrapper) == [(1, 0, TOKENS)]
+
+
 def test_add_lora_linear_matches_vllms_own_wrapper():
     slots = torch.tensor([2, 2, 2, 0, 0, 2, 1, 1, 1, 1, 3, 3, 0, 0])
     x, a, b, sizes = linear_world(20)

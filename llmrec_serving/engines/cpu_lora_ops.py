@@ -66,6 +66,18 @@ def segments(indices: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(slot, a, b) for slot, a, b in zip(slots, starts, ends, strict=True) if slot != NO_LORA]
 
 
+def batch_segments(wrapper) -> list[tuple[int, int, int]]:
+    """:func:`segments` of the wrapper's per-token mapping, computed once per batch: every
+    adapted layer of a forward reads the same mapping, and vLLM rewrites it in place for
+    the next batch, which bumps the tensor's version."""
+    indices = wrapper.token_lora_indices
+    key = (indices.data_ptr(), indices._version, indices.numel())
+    cached = getattr(wrapper, "_llmrec_segments", None)
+    if cached is None or cached[0] != key:
+        cached = wrapper._llmrec_segments = (key, segments(indices))
+    return cached[1]
+
+
 def add_lora_linear(
     self,
     y: torch.Tensor,
@@ -88,7 +100,7 @@ def add_lora_linear(
     if self.no_lora:
         return
     rank = lora_b_stacked[0].shape[-1]
-    for slot, start, end in segments(self.token_lora_indices):
+    for slot, start, end in batch_segments(self):
         a = torch.cat([a_i[slot, 0] for a_i in lora_a_stacked]).to(y2.dtype)
         h = F.linear(x2[start:end].to(y2.dtype), a)
         offset = 0
