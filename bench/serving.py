@@ -222,6 +222,12 @@ def served_quality(run: Callable[[list[Job], int], Timed], split: Split, k: int)
     return out
 
 
+def previous_report(path: Path) -> dict:
+    """The report already at ``path`` ({} if none): each of the two commands keeps the other's
+    sections."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def stack_config(args, model_dir: Path, store_dir: Path, work: Path, *extra: str):
     """(config, admin key) of the bench's gateway + managed vLLM, with ``extra`` overrides."""
     keys = KeyStore(work / "keys.json")
@@ -493,7 +499,7 @@ def main() -> None:
             store.publish(user, weights, base_fingerprint=fp)
         source = f"random rank-{args.rank} adapters over the untrained item-token {args.model}"
     if args.replicas > 1:
-        report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        report = previous_report(args.out)
         report["replicas"] = measure_replicas(args, model_dir, store_dir, dataset) | {
             "model": str(model_dir), "adapters": source,
         }  # fmt: skip
@@ -534,8 +540,9 @@ def main() -> None:
             },
             "w4a16": {key: value for key, value in q.items() if key != "quality"},
         }
-    if args.out.is_file():  # --replicas's section is its own command's: kept, as it keeps this
-        report |= {k: v for k, v in json.loads(args.out.read_text()).items() if k == "replicas"}
+    previous = previous_report(args.out)
+    if "replicas" in previous:  # --replicas's own command's section: kept, as it keeps this one
+        report["replicas"] = previous["replicas"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, report)
     plot(report, args.out.with_suffix(".png"))

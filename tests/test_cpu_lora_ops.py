@@ -104,7 +104,7 @@ def test_expand_writes_the_narrower_width_and_broadcasts_one_row():
 def test_install_replaces_vllms_cpu_ops_once(monkeypatch):
     for name in cpu_lora_ops.OPS:
         monkeypatch.setattr(punica_cpu, name, getattr(torch_ops, name))
-    own = punica_cpu.PunicaWrapperCPU.add_lora_linear
+    own = punica_cpu.PunicaWrapperCPU.add_lora_linear  # set, so that it is restored after
     monkeypatch.setattr(punica_cpu.PunicaWrapperCPU, "add_lora_linear", own)
     cpu_lora_ops.install()
     cpu_lora_ops.install()

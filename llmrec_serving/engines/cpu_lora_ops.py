@@ -10,7 +10,7 @@ one adapter and sit next to each other, so here:
 - an adapted linear layer (:func:`add_lora_linear`, the hot path) takes each run of tokens
   on one slot as one segment: a single shrink over all of the layer's slices (q, k, v
   together), then each slice's expand added in place into its columns of the output;
-- the other ops (logits, embeddings) group the tokens by slot, one matmul per slot.
+- the other ops (logits, embeddings) take the same runs, one matmul each.
 
 The GPU path runs Triton kernels and is left alone.
 
@@ -35,26 +35,6 @@ log = logging.getLogger("vllm.llmrec_cpu_lora_ops")
 NO_LORA = -1
 
 
-def lora_delta(
-    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """``inputs[t] @ weights[indices[t]].T`` for every token ``t``, in ``dtype``; zero for
-    tokens with no adapter. ``weights`` is ``[slots, out, in]`` or ``[slots, 1, out, in]``."""
-    if weights.dim() == 4:
-        weights = weights[:, 0]
-    x = inputs.to(dtype)
-    slots = torch.unique(indices).tolist()
-    if len(slots) == 1 and slots[0] != NO_LORA:  # the common case: one adapter, no indexing
-        return F.linear(x, weights[slots[0]].to(dtype))
-    out = x.new_zeros(x.shape[0], weights.shape[1])
-    for slot in slots:
-        if slot == NO_LORA:
-            continue
-        rows = (indices == slot).nonzero().squeeze(1)
-        out.index_copy_(0, rows, F.linear(x.index_select(0, rows), weights[slot].to(dtype)))
-    return out
-
-
 def segments(indices: torch.Tensor) -> list[tuple[int, int, int]]:
     """``(slot, start, end)`` for each run of equal slots in ``indices``, runs with no
     adapter left out."""
@@ -64,6 +44,23 @@ def segments(indices: torch.Tensor) -> list[tuple[int, int, int]]:
     ends = [*starts[1:], indices.numel()]
     slots = indices[starts].tolist()
     return [(slot, a, b) for slot, a, b in zip(slots, starts, ends, strict=True) if slot != NO_LORA]
+
+
+def lora_delta(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``inputs[t] @ weights[indices[t]].T`` for every token ``t``, in ``dtype``; zero for
+    tokens with no adapter. ``weights`` is ``[slots, out, in]`` or ``[slots, 1, out, in]``."""
+    if weights.dim() == 4:
+        weights = weights[:, 0]
+    x = inputs.to(dtype)
+    runs = segments(indices)
+    if len(runs) == 1 and runs[0][1:] == (0, x.shape[0]):  # one adapter for every token
+        return F.linear(x, weights[runs[0][0]].to(dtype))
+    out = x.new_zeros(x.shape[0], weights.shape[1])
+    for slot, start, end in runs:
+        out[start:end] = F.linear(x[start:end], weights[slot].to(dtype))
+    return out
 
 
 def batch_segments(wrapper) -> list[tuple[int, int, int]]:
