@@ -13,10 +13,10 @@ gateway) over an item-token base, and measures, side by side in one run, recomme
   (an adapter, or under a merged export often none);
 - ``cold_load_ms``: validating a stored adapter and loading it into vLLM (the gateway's own
   timer, ``llmrec_adapter_load_seconds``), for users never served before;
-- ``warm_swap_ms``: what switching between loaded adapters adds to a request: the median
-  latency of one request at a time cycling through 16 loaded adapters (more than the
-  engine's ``--max-loras`` slots, so every request swaps one in) minus that of the same
-  adapter again and again;
+- ``warm_swap_ms``: what switching between loaded adapters adds to a request: one request
+  at a time, each history sent to the next of 16 loaded adapters (more than the engine's
+  ``--max-loras`` slots, so every such request swaps one in) and then to one adapter that
+  keeps its slot; the median of the pairs' differences;
 - ``first_byte_s``: a streamed recommendation with reasons (``stream=true``): the first
   byte (the ranked items), the first reason and the whole answer.
 
@@ -314,11 +314,16 @@ def measure(args, model_dir: Path, store_dir: Path, dataset, split, layout: str)
                   f"  p99 {row['p99_s']:.3f} s  loads {row['adapter_loads']:.0f}  "
                   f"errors {row['errors']}")  # fmt: skip
 
-        # Warm swaps: 16 loaded adapters in turn against one adapter again, one at a time.
+        # Warm swaps, one request at a time: each history goes to the next of 16 loaded
+        # adapters (more than the slots: each swaps one in), then to one adapter that
+        # stays in its slot; the pairs share a prompt, so their difference is the swap.
+        swapped, kept = adapter_users[1 : 1 + SWAP_ADAPTERS], adapter_users[0]
+        run([(u, histories.take()[-1:]) for u in [kept, *swapped]], 1)  # all loaded
         n = max(args.requests, 2 * SWAP_ADAPTERS)
-        cycle = run(fresh(adapter_users[:SWAP_ADAPTERS], n), 1)
-        same = run(fresh(adapter_users[:1], n), 1)
-        swap_s = statistics.median(cycle.latencies) - statistics.median(same.latencies)
+        pairs = [(swapped[i % SWAP_ADAPTERS], kept, histories.take()) for i in range(n)]
+        timed = run([(user, h) for a, b, h in pairs for user in (a, b)], 1)
+        cycle, same = timed.latencies[0::2], timed.latencies[1::2]
+        swap_s = statistics.median(c - s for c, s in zip(cycle, same, strict=True))
 
         streams = [streamed(url, admin, job, args.k) for job in fresh(adapter_users, args.streams)]
         quality = (
@@ -349,8 +354,9 @@ def measure(args, model_dir: Path, store_dir: Path, dataset, split, layout: str)
         "cold_first_request_s": statistics.median(cold.latencies),
         "warm_swap_ms": 1000 * swap_s,
         "warm_swap": {
-            "cycle16_p50_s": statistics.median(cycle.latencies),
-            "same_p50_s": statistics.median(same.latencies),
+            "cycle16_p50_s": statistics.median(cycle),
+            "same_p50_s": statistics.median(same),
+            "pairs": n,
         },
         "first_byte_s": stream["first_byte_s"],
         "stream": stream | {"requests": len(streams), "reasons": cfg.serve.reasons},

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llmrec.adapters import AdapterStore, AdapterValidationError, module_shapes_for
+from llmrec.config import ConfigError
 from llmrec.data import Catalog
 from llmrec.launch import free_ports
 from llmrec.model import (
@@ -50,6 +51,7 @@ from llmrec_serving.engines import (
     ResetListeners,
     VLLMBackend,
 )
+from llmrec_serving.engines.launcher import cpu_has_4bit_gemm
 from llmrec_serving.prometheus import Metrics
 from llmrec_serving.ranking import ItemReading, Ranker
 from llmrec_serving.replicas import Engine, Replicas
@@ -170,6 +172,11 @@ def build_backends(
         return [
             VLLMBackend(url, BASE_NAME, serve.max_model_len, api_key=key) for url in serve.vllm_urls
         ]
+    if serve.quantization == "w4a16" and not cpu_has_4bit_gemm():
+        raise ConfigError(
+            "serve.quantization=w4a16: this CPU has no AVX-512, and vLLM's kernels for it "
+            "have no 4-bit matmul; serve with serve.quantization=none"
+        )
     threads = [serve.cpu_threads] * serve.replicas
     if serve.replicas > 1 and serve.cpu_threads == "auto":
         threads = cpu_shares(serve.replicas, sorted(os.sched_getaffinity(0)))

@@ -172,3 +172,26 @@ def test_add_lora_linear_leaves_base_tokens_alone():
     base = TOKEN_SLOTS == NO_LORA
     assert torch.equal(y[base], before[base])
     assert not torch.equal(y[~base], before[~base])
+
+
+def test_a_slots_cached_weights_follow_its_next_adapter():
+    """A slot's stacked A and block-diagonal B are cached per wrapper; a write into any of
+    the layer's slots (vLLM's reset, or ``torch._foreach_copy_`` as ``cpu_lora_slots``
+    writes them) makes the next call read the new weights."""
+    slots = torch.tensor([2, 2, 2, 0, 0, 2, 1, 1, 1, 1, 3, 3, 0, 0])
+    x, a, b, sizes = linear_world(60)
+    ours, theirs = decode_wrapper(slots), decode_wrapper(slots, vllms_own_wrapper_class())
+    _, new_a, new_b, _ = linear_world(70)
+    writes = [
+        lambda: None,
+        lambda: torch._foreach_copy_(
+            [t[2, 0] for t in (*a, *b)], [t[2, 0] for t in (*new_a, *new_b)]
+        ),
+        lambda: a[1].__setitem__(0, 0),  # vLLM's reset_lora of slot 0, one slice of it
+    ]
+    for write in writes:
+        write()
+        y_ours, y_theirs = weights((TOKENS, sum(sizes)), 80), weights((TOKENS, sum(sizes)), 80)
+        cpu_lora_ops.add_lora_linear(ours, y_ours, x, a, b, 0.5, sizes)
+        theirs.add_lora_linear(y_theirs, x, a, b, 0.5, sizes)
+        torch.testing.assert_close(y_ours, y_theirs, rtol=2e-2, atol=2e-2)

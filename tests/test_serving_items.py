@@ -17,9 +17,11 @@ from llmrec.model.item_vocab import ItemVocab
 from llmrec.model.quantized import use_quantized_weights
 from llmrec.prompts import PromptBuilder
 from llmrec.recommend.item_scorer import ItemScorer
+from llmrec_serving import releases
 from llmrec_serving.app import create_app, serve_in_thread
 from llmrec_serving.config import load_serving_config
 from llmrec_serving.engines.cpu_lora_ops import INSTALLED_MESSAGE
+from llmrec_serving.engines.launcher import cpu_has_4bit_gemm
 from llmrec_serving.services import build_services
 
 
@@ -105,6 +107,9 @@ def test_one_vllm_request_ranks_with_the_users_adapter(item_serving_world, vllm_
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not cpu_has_4bit_gemm(), reason="vLLM's CPU kernels here (no AVX-512) have no 4-bit matmul"
+)
 def test_the_4bit_version_serves_the_adapters_trained_on_the_model(
     item_serving_world, vllm_overrides
 ):
@@ -123,6 +128,18 @@ def test_the_4bit_version_serves_the_adapters_trained_on_the_model(
     assert [i["item_id"] for i in reply["items"]] == [i for i, _ in expected]
     # The engine computes in bfloat16, the library in float32.
     assert [i["score"] for i in reply["items"]] == pytest.approx([s for _, s in expected], abs=1e-2)
+
+
+def test_4bit_serving_without_the_kernel_is_refused_by_name(
+    item_serving_world, vllm_overrides, monkeypatch
+):
+    """A CPU whose vLLM kernels have no 4-bit matmul (the hardware: the one thing faked) gets
+    a config error naming the field, not an engine that dies at its first forward."""
+    monkeypatch.setattr(releases, "cpu_has_4bit_gemm", lambda: False)
+    overrides = [*item_serving_world.overrides, *vllm_overrides, "serve.quantization=w4a16"]
+    cfg = load_serving_config(None, [*overrides, "model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="serve.quantization=w4a16: this CPU has no AVX-512"):
+        build_services(cfg)
 
 
 def test_quantized_serving_computes_in_16_bits():

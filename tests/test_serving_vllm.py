@@ -16,6 +16,7 @@ import pytest
 from llmrec.recommend.reasons import write_reason
 from llmrec_serving.app import create_app, serve_in_thread
 from llmrec_serving.config import load_serving_config
+from llmrec_serving.engines import cpu_lora_slots
 from llmrec_serving.services import build_services
 
 pytestmark = pytest.mark.slow
@@ -69,6 +70,27 @@ def test_each_user_is_ranked_by_vllm_with_their_own_adapter(
     assert scores != pytest.approx([s for _, s in base], abs=1e-2)
     seen = set(history)
     assert all(i["item_id"] in services.catalog and i["item_id"] not in seen for i in mine["items"])
+
+
+def test_an_adapter_swapped_out_and_back_ranks_as_before(gateway, serving_world, library_ranking):
+    """More adapters than the engine's slots (``serve.max_loras=2``): user 1's adapter leaves
+    its slot and is written back (``cpu_lora_slots``), and still ranks as the library does."""
+    url, services = gateway
+    history = list(services.profiles.base_histories["1"])
+    for user, seed in (("7", 70), ("8", 80)):
+        serving_world.publish(user, seed=seed)
+    first = recommend(url, serving_world, "1", history=history)
+    for user in ("7", "8", "2", "7"):
+        recommend(url, serving_world, user, history=history)
+    again = recommend(url, serving_world, "1", history=history)
+    expected = library_ranking(services.catalog, serving_world.store.current("1").path, history)
+    for reply in (first, again):
+        assert [i["item_id"] for i in reply["items"]] == [i for i, _ in expected]
+        assert [i["score"] for i in reply["items"]] == pytest.approx(
+            [s for _, s in expected], abs=2e-2
+        )
+    log = services.engines[0].backend.server.log_file.read_text()
+    assert cpu_lora_slots.INSTALLED_MESSAGE in log
 
 
 def test_the_engine_log_names_no_user(gateway, serving_world):

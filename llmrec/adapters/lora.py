@@ -243,8 +243,9 @@ def _target_modules(path: Path, config: dict[str, Any], modules: list[str]) -> t
     return tuple(sorted(set(targets)))
 
 
-def read_adapter(path: str | Path) -> LoraWeights:
-    """Read a PEFT LoRA folder (safetensors only) into :class:`LoraWeights`.
+def read_adapter(path: str | Path, weights_bytes: bytes | None = None) -> LoraWeights:
+    """Read a PEFT LoRA folder (safetensors only) into :class:`LoraWeights`; the weights
+    from ``weights_bytes`` when given (the file's content, already read and hashed).
 
     Raises :class:`AdapterValidationError` for anything that is not a plain LoRA: a pickled
     ``adapter_model.bin`` (never unpickled), DoRA, LoRA bias, ``modules_to_save``, per-module
@@ -252,19 +253,19 @@ def read_adapter(path: str | Path) -> LoraWeights:
     ``alpha/sqrt(r)``) is folded into an equivalent plain ``alpha`` so the update is unchanged.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     path = Path(path)
     config = read_adapter_config(path)
     weights_file = path / ADAPTER_WEIGHTS
-    if not weights_file.is_file():
+    if weights_bytes is None and not weights_file.is_file():
         if (path / PICKLE_WEIGHTS).exists():
             raise AdapterValidationError(
                 path, f"only {ADAPTER_WEIGHTS} is accepted; refusing pickled {PICKLE_WEIGHTS}"
             )
         raise AdapterValidationError(path, f"no {ADAPTER_WEIGHTS}")
     try:
-        state = load_file(weights_file, device="cpu")
+        state = load(weights_bytes) if weights_bytes is not None else load_file(weights_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterValidationError(path, f"unreadable {ADAPTER_WEIGHTS}: {e}") from e
 

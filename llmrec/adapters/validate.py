@@ -6,6 +6,7 @@ everything the store writes or reads back goes through :func:`validate_adapter` 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmrec.adapters.constants import ADAPTER_CONFIG, MANIFEST
+from llmrec.adapters.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST
 from llmrec.adapters.lora import (
     AdapterValidationError,
     LoraWeights,
@@ -22,7 +23,6 @@ from llmrec.adapters.lora import (
     read_adapter_config,
 )
 from llmrec.adapters.manifest import AdapterManifest, read_manifest
-from llmrec.atomic import sha256_file
 
 _NUMPY_FLOATS = frozenset({torch.float16, torch.float32, torch.float64})
 _PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
@@ -69,7 +69,8 @@ def validate_adapter(
     non-finite values, or a manifest fingerprint other than ``base_fingerprint`` (skipped
     when None). A folder without ``manifest.json`` passes only if neither
     ``require_manifest`` nor ``base_fingerprint`` is set. Files are hashed before they are
-    parsed, and tensors are read last.
+    parsed, and tensors are read last, from the very bytes that were hashed: nothing can
+    swap the file between the check and the parse, and a cold load reads it once.
     """
     path = Path(path)
     if not path.is_dir():
@@ -77,7 +78,9 @@ def validate_adapter(
     pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
     if pickles:
         raise AdapterValidationError(path, f"pickle files are never loaded: {pickles}")
-    manifest = _hashed_manifest(path, required=require_manifest or base_fingerprint is not None)
+    manifest, hashed = _hashed_manifest(
+        path, required=require_manifest or base_fingerprint is not None
+    )
     if base_fingerprint is not None and manifest is not None:
         if manifest.base_fingerprint != base_fingerprint:
             raise AdapterValidationError(
@@ -90,7 +93,7 @@ def validate_adapter(
     if config["r"] > max_rank:
         raise AdapterValidationError(path, f"rank {config['r']} exceeds max_rank {max_rank}")
 
-    weights = read_adapter(path)
+    weights = read_adapter(path, hashed.get(ADAPTER_WEIGHTS))
     if manifest is not None:
         _check_manifest_fits(path, manifest, weights)
     _check_modules(path, weights, module_shapes)
@@ -108,24 +111,27 @@ def _finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def _hashed_manifest(path: Path, required: bool) -> AdapterManifest | None:
-    """The folder's manifest once every file it lists matches its sha256 (None if absent).
+def _hashed_manifest(path: Path, required: bool) -> tuple[AdapterManifest | None, dict[str, bytes]]:
+    """The folder's manifest once every file it lists matches its sha256 (None if absent),
+    and those files' bytes as hashed.
 
     Hashing comes before parsing anything else: a tampered file is refused without being read.
     """
     if not (path / MANIFEST).exists():
         if required:
             raise AdapterValidationError(path, f"no {MANIFEST}")
-        return None
+        return None, {}
     manifest = read_manifest(path)
+    hashed: dict[str, bytes] = {}
     for name, digest in sorted(manifest.files.items()):
         try:
-            actual = sha256_file(path / name)
+            data = (path / name).read_bytes()
         except FileNotFoundError:
             raise AdapterValidationError(path, f"{name} listed in {MANIFEST} is missing") from None
-        if actual != digest:
+        if hashlib.sha256(data).hexdigest() != digest:
             raise AdapterValidationError(path, f"sha256 mismatch for {name}")
-    return manifest
+        hashed[name] = data
+    return manifest, hashed
 
 
 def _check_manifest_fits(path: Path, manifest: AdapterManifest, weights: LoraWeights) -> None:

@@ -9,7 +9,9 @@ one adapter and sit next to each other, so here:
 
 - an adapted linear layer (:func:`add_lora_linear`, the hot path) takes each run of tokens
   on one slot as one segment: a single shrink over all of the layer's slices (q, k, v
-  together), then each slice's expand added in place into its columns of the output;
+  together), then a single expand through the slices' B block-diagonal, added in place
+  into the output (the stacked A and block-diagonal B of a slot are built once per
+  adapter written into it, not once per call);
 - the other ops (logits, embeddings) take the same runs, one matmul each.
 
 The GPU path runs Triton kernels and is left alone.
@@ -75,6 +77,25 @@ def batch_segments(wrapper) -> list[tuple[int, int, int]]:
     return cached[1]
 
 
+def slot_weights(wrapper, lora_a_stacked, lora_b_stacked, slot: int, dtype) -> tuple:
+    """``(A, B)`` of one layer's adapter in ``slot``, every slice at once: the slices' A rows
+    stacked (``[n r, in]``) and their B block-diagonal (``[sum out_i, n r]``), so a segment
+    costs one shrink and one expand. A single slice is its own slot's views; several are
+    copied once and cached on the wrapper until any of the layer's stacked tensors is
+    written again (their version counters: vLLM writes slots in place)."""
+    if len(lora_a_stacked) == 1:
+        return lora_a_stacked[0][slot, 0].to(dtype), lora_b_stacked[0][slot, 0].to(dtype)
+    cache = wrapper.__dict__.setdefault("_llmrec_slot_weights", {})
+    key = (lora_a_stacked[0].data_ptr(), slot, dtype)
+    versions = tuple(t._version for t in (*lora_a_stacked, *lora_b_stacked))
+    hit = cache.get(key)
+    if hit is None or hit[0] != versions:
+        a = torch.cat([a_i[slot, 0] for a_i in lora_a_stacked]).to(dtype)
+        b = torch.block_diag(*(b_i[slot, 0] for b_i in lora_b_stacked)).to(dtype)
+        hit = cache[key] = (versions, a, b)
+    return hit[1], hit[2]
+
+
 def add_lora_linear(
     self,
     y: torch.Tensor,
@@ -96,17 +117,12 @@ def add_lora_linear(
         y2.zero_()
     if self.no_lora:
         return
-    rank = lora_b_stacked[0].shape[-1]
+    width = sum(output_slices)
     for slot, start, end in batch_segments(self):
-        a = torch.cat([a_i[slot, 0] for a_i in lora_a_stacked]).to(y2.dtype)
+        a, b = slot_weights(self, lora_a_stacked, lora_b_stacked, slot, y2.dtype)
         h = F.linear(x2[start:end].to(y2.dtype), a)
-        offset = 0
-        for i, (b_i, size) in enumerate(zip(lora_b_stacked, output_slices, strict=True)):
-            # addmm_ writes a column block of y in place (BLAS's leading dimension).
-            y2[start:end, offset : offset + size].addmm_(
-                h[:, i * rank : (i + 1) * rank], b_i[slot, 0].to(y2.dtype).T, alpha=scale
-            )
-            offset += size
+        # addmm_ writes the slices' columns of y in place (BLAS's leading dimension).
+        y2[start:end, :width].addmm_(h, b.T, alpha=scale)
 
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling=1.0):
@@ -173,6 +189,10 @@ OPS = {
 
 INSTALLED_MESSAGE = "llmrec: vLLM's CPU LoRA ops grouped by adapter"
 
+VLLM_OWN: dict[tuple[object, str], object] = {}
+"""What :func:`install` replaced: ``(class or module, name) -> vLLM's own`` (for
+``bench/lora_cpu.py``, which runs the two side by side)."""
+
 
 def install() -> None:
     """Point vLLM's CPU punica wrapper at these ops (idempotent: vLLM calls general plugins
@@ -183,6 +203,8 @@ def install() -> None:
     if wrapper.add_lora_linear is add_lora_linear:
         return
     for name, op in OPS.items():
+        VLLM_OWN[(punica_cpu, name)] = getattr(punica_cpu, name)
         setattr(punica_cpu, name, op)
+    VLLM_OWN[(wrapper, "add_lora_linear")] = wrapper.add_lora_linear
     wrapper.add_lora_linear = add_lora_linear
     log.info(INSTALLED_MESSAGE)

@@ -37,6 +37,19 @@ class EngineStartError(RuntimeError):
     """The vLLM server exited or never became healthy; the message ends with its log."""
 
 
+def cpu_has_4bit_gemm() -> bool:
+    """Whether the vLLM this host runs has its CPU 4-bit GEMM (``serve.quantization=w4a16``):
+    on a CPU without AVX-512 vLLM loads its AVX2 kernels, which have none. True off the CPU
+    platform."""
+    import torch
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return True
+    current_platform.import_kernels()
+    return hasattr(torch.ops._C, "cpu_gemm_wna16")
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """How to start one vLLM server."""
