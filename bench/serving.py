@@ -320,7 +320,7 @@ def measure(args, model_dir: Path, store_dir: Path, dataset, split, layout: str)
         swapped, kept = adapter_users[1 : 1 + SWAP_ADAPTERS], adapter_users[0]
         run([(u, histories.take()[-1:]) for u in [kept, *swapped]], 1)  # all loaded
         n = max(args.requests, 2 * SWAP_ADAPTERS)
-        pairs = [(swapped[i % SWAP_ADAPTERS], kept, histories.take()) for i in range(n)]
+        pairs = [(swapped[i % len(swapped)], kept, histories.take()) for i in range(n)]
         timed = run([(user, h) for a, b, h in pairs for user in (a, b)], 1)
         cycle, same = timed.latencies[0::2], timed.latencies[1::2]
         swap_s = statistics.median(c - s for c, s in zip(cycle, same, strict=True))
