@@ -258,13 +258,17 @@ def _accelerate_run(cfg) -> None:
 def _max_shared_diff(acc: Path, flw: Path, rounds: int) -> float:
     """The largest difference between the two runs' shared states over ``rounds`` rounds;
     fails at once on a round past the tolerance: FedAvg of weights (Flower) == weights +
-    FedAvg of deltas (the accelerate runner), up to one rounding."""
+    FedAvg of deltas (the accelerate runner), up to rounding. The two formulations round
+    differently in float32 (below 1e-6 after round 1), and each later round's local steps
+    start from those weights: on a CPU with AVX2 alone round 2 differed by up to 3.5e-6, in
+    a fresh clone as in a long-lived venv. A wrong average or a missing client moves the
+    weights by orders of magnitude more."""
     worst = 0.0
     for r in range(1, rounds + 1):
         a, b = _shared_after(acc, r), _shared_after(flw, r)
         assert a.keys() == b.keys()
         diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-        assert diff < 1e-6, (r, diff)
+        assert diff < 1e-5, (r, diff)
         worst = max(worst, diff)
     return worst
 
