@@ -62,6 +62,11 @@ def _filled(layer) -> dict[int, int]:
     return layer.__dict__.setdefault(_FILLED, {})
 
 
+def _written_rank(layer, index: int) -> int:
+    """How many rows of slot ``index`` may hold an adapter (the full rank when unknown)."""
+    return _filled(layer).get(index, layer.lora_a_stacked[0].shape[-2])
+
+
 def _as_slices(weights) -> list:
     return list(weights) if isinstance(weights, (list, tuple)) else [weights]
 
@@ -94,8 +99,7 @@ def _patched_set_lora(original):
             filled.pop(index, None)
             return
         rank = a[0].shape[0]
-        full = self.lora_a_stacked[0].shape[-2]
-        a_heads, b_heads, tails = slot_views(self, index, rank, filled.get(index, full))
+        a_heads, b_heads, tails = slot_views(self, index, rank, _written_rank(self, index))
         torch._foreach_copy_(a_heads + b_heads, a + b)
         if tails:
             torch._foreach_zero_(tails)
@@ -107,11 +111,10 @@ def _patched_set_lora(original):
 
 def reset_lora(self, index: int) -> None:
     """Zero slot ``index`` of every slice (vLLM's ``BaseLinearLayerWithLoRA.reset_lora``)."""
-    filled = _filled(self)
-    _, _, tails = slot_views(self, index, 0, filled.get(index, self.lora_a_stacked[0].shape[-2]))
+    _, _, tails = slot_views(self, index, 0, _written_rank(self, index))
     if tails:
         torch._foreach_zero_(tails)
-    filled[index] = 0
+    _filled(self)[index] = 0
 
 
 def install() -> None:
